@@ -1,0 +1,5 @@
+import sys
+
+from altgrad._cli import main
+
+sys.exit(main())

@@ -1,0 +1,183 @@
+"""The `altgrad` command line: `altgrad compare` trains one model with several rules."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+
+import optax
+from flax import nnx
+
+from altgrad import data as data_lib
+from altgrad import losses, nn, rules, train
+
+OPTIMIZERS = {
+    "sgd": optax.sgd,
+    "momentum": lambda lr: optax.sgd(lr, momentum=0.9),
+    "nesterov": lambda lr: optax.sgd(lr, momentum=0.9, nesterov=True),
+    "rmsprop": optax.rmsprop,
+    "adam": optax.adam,
+}
+MODELS = ("auto", "mlp", "conv", "rnn")
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+  try:
+    sizes = tuple(int(s) for s in text.split(",") if s.strip())
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected comma-separated widths such as 128,128, got {text!r}") from None
+  if any(s < 1 for s in sizes):
+    raise argparse.ArgumentTypeError(f"widths must be positive, got {text!r}")
+  return sizes
+
+
+def _rule_names(text: str) -> tuple[str, ...]:
+  names = tuple(s.strip() for s in text.split(",") if s.strip())
+  unknown = [n for n in names if n not in rules.RULES]
+  if unknown or not names:
+    raise argparse.ArgumentTypeError(f"unknown rule(s) {unknown}; available: {', '.join(rules.RULES)}")
+  return names
+
+
+def _positive(kind):
+  def parse(text: str):
+    value = kind(text)
+    if not value > 0:
+      raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+  return parse
+
+
+def build_model(dataset: data_lib.Dataset, kind: str, hidden: Sequence[int], activation: str, seed: int):
+  """The model `compare` trains: an MLP for flat inputs, a SimpleRNN for sequences, a small
+  conv net for images."""
+  rngs = nnx.Rngs(seed)
+  shape, out = dataset.input_shape, dataset.output_size
+  if kind == "auto":
+    kind = {1: "mlp", 2: "rnn", 3: "conv"}.get(len(shape), "mlp")
+  if kind == "rnn":
+    if len(shape) != 2:
+      raise ValueError(f"--model rnn needs sequences (time, features); {dataset.name} has inputs {shape}")
+    return nn.SimpleRNN(shape[1], hidden[0], out, activation=activation, rngs=rngs)
+  if kind == "conv":
+    if len(shape) != 3:
+      raise ValueError(f"--model conv needs images (height, width, channels); {dataset.name} has {shape}")
+    return nn.Sequential(
+        nn.Conv(shape[-1], 16, 3, strides=2, activation=activation, rngs=rngs),
+        nn.Conv(16, 32, 3, strides=2, activation=activation, rngs=rngs),
+        nn.Flatten(),
+        nn.MLP((32 * -(-shape[0] // 4) * -(-shape[1] // 4), *hidden, out), activation=activation, rngs=rngs),
+    )
+  if len(shape) != 1:
+    return nn.Sequential(nn.Flatten(), nn.MLP((math.prod(shape), *hidden, out), activation=activation, rngs=rngs))
+  return nn.MLP((shape[0], *hidden, out), activation=activation, rngs=rngs)
+
+
+def compare(args: argparse.Namespace) -> dict:
+  dataset = data_lib.load(args.dataset)
+  loss_fn = losses.squared_error if dataset.num_classes is None else losses.softmax_cross_entropy
+  names = ("backprop", *(n for n in args.rules if n != "backprop"))
+  results = {}
+  for name in names:
+    model = build_model(dataset, args.model, args.hidden, args.activation, args.seed)
+    tx = optax.chain(rules.RULES[name](model, loss_fn), OPTIMIZERS[args.optimizer](args.lr))
+    history = train.fit(
+        model,
+        tx,
+        dataset,
+        loss_fn=loss_fn,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        progress=False if args.no_progress else None,
+    )
+    results[name] = history.as_dict()
+  reference = results["backprop"]["median_step_time"]
+  for result in results.values():
+    result["step_time_ratio"] = result["median_step_time"] / reference
+  _print_table(dataset.name, results, sys.stdout)
+  if args.plot:
+    _plot(dataset.name, results, args.plot)
+    print(f"plot written to {args.plot}")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"dataset": dataset.name, "settings": _settings(args), "results": results}, f, indent=1)
+    print(f"results written to {args.json}")
+  return results
+
+
+def _settings(args: argparse.Namespace) -> dict:
+  return {k: v for k, v in vars(args).items() if k not in ("func",)}
+
+
+def _print_table(title: str, results: dict, out) -> None:
+  header = f"{'rule':<16} {'test acc':>9} {'test loss':>10} {'ms/step':>9} {'x backprop':>11}"
+  print(f"\n{title}", file=out)
+  print(header, file=out)
+  print("-" * len(header), file=out)
+  for name, r in results.items():
+    print(
+        f"{name:<16} {r['test_accuracy'][-1]:>9.4f} {r['test_loss'][-1]:>10.4f} "
+        f"{1e3 * r['median_step_time']:>9.3f} {r['step_time_ratio']:>11.2f}",
+        file=out,
+    )
+
+
+def _plot(title: str, results: dict, path: str) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for name, r in results.items():
+    ax.plot(r["epoch"], r["test_accuracy"], marker="o", markersize=3, label=name)
+  ax.set_xlabel("epoch")
+  ax.set_ylabel("test accuracy")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def make_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="altgrad", description=__doc__)
+  commands = parser.add_subparsers(dest="command", required=True)
+  p = commands.add_parser(
+      "compare",
+      help="train one model with several rules and print a table",
+      description="Train the same model (same initialization, same batches) with each rule followed "
+      "by the same optimizer, then print final test accuracy, test loss, median time per step "
+      "and the step-time ratio to backprop, and plot test accuracy against epoch.",
+  )
+  p.add_argument("--dataset", default="digits", choices=sorted(data_lib.LOADERS), help="data set (default: digits, embedded in scikit-learn)")
+  p.add_argument("--rules", type=_rule_names, default=tuple(rules.RULES), help=f"comma-separated rules (default: all: {','.join(rules.RULES)}); backprop always runs as the reference")
+  p.add_argument("--model", choices=MODELS, default="auto", help="model family; auto picks mlp for vectors, rnn for sequences, conv for images")
+  p.add_argument("--hidden", type=_sizes, default=(128, 128), help="hidden widths, comma-separated (the RNN uses the first) (default: 128,128)")
+  p.add_argument("--activation", default="tanh", choices=nn.ACTIVATIONS, help="hidden activation (default: tanh)")
+  p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam", help="optimizer after each rule (default: adam)")
+  p.add_argument("--lr", type=_positive(float), default=3e-3, help="learning rate (default: 3e-3)")
+  p.add_argument("--epochs", type=_positive(int), default=20, help="epochs (default: 20)")
+  p.add_argument("--batch-size", type=_positive(int), default=64, help="batch size (default: 64)")
+  p.add_argument("--seed", type=int, default=0, help="seed of the initialization and the shuffling (default: 0)")
+  p.add_argument("--plot", default="altgrad-compare.png", help="PNG of test accuracy against epoch; '' for none (default: altgrad-compare.png)")
+  p.add_argument("--json", default="", help="also write all histories to this JSON file")
+  p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+  p.set_defaults(func=compare)
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = make_parser().parse_args(argv)
+  try:
+    args.func(args)
+  except (ValueError, FileNotFoundError) as error:
+    print(f"altgrad {args.command}: error: {error}", file=sys.stderr)
+    return 2
+  return 0

@@ -1,0 +1,71 @@
+"""The synthetic long-range sequence tasks of spec/tp.md (after Manchev and Spratling, JMLR 2020)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from altgrad.data._dataset import Dataset
+
+TEMPORAL_ORDER_SYMBOLS = 6  # two informative symbols (X, Y) and four distractors
+
+
+def _check_length(length: int, minimum: int, task: str) -> None:
+  if not isinstance(length, (int, np.integer)) or length < minimum:
+    raise ValueError(f"{task} needs a sequence length of at least {minimum}, got {length!r}")
+
+
+def _temporal_order_split(rng: np.random.Generator, n: int, length: int):
+  tenth = max(1, length // 10)
+  symbols = rng.integers(2, TEMPORAL_ORDER_SYMBOLS, size=(n, length))
+  first_pos = rng.integers(0, tenth, size=n) + length // 10
+  second_pos = rng.integers(0, tenth, size=n) + length // 2
+  first, second = rng.integers(0, 2, size=n), rng.integers(0, 2, size=n)
+  rows = np.arange(n)
+  symbols[rows, first_pos] = first
+  symbols[rows, second_pos] = second
+  x = np.eye(TEMPORAL_ORDER_SYMBOLS, dtype=np.float32)[symbols]
+  return x, (first + 2 * second).astype(np.int32)
+
+
+def temporal_order(
+    length: int = 60, *, num_train: int = 10_000, num_test: int = 2_000, seed: int = 0
+) -> Dataset:
+  """Temporal order: which of X, Y appear at two marked periods, in which order (4 classes).
+
+  Each step is a one-hot symbol out of six: four distractors, and X or Y placed once in
+  ``[0.1, 0.2) * length`` and once in ``[0.5, 0.6) * length``. The class is
+  ``first + 2 * second`` (X = 0, Y = 1). x ``(n, length, 6)`` float32, y ``(n,)`` int32.
+  """
+  _check_length(length, 10, "temporal_order")
+  rng = np.random.default_rng(seed)
+  x_train, y_train = _temporal_order_split(rng, num_train, length)
+  x_test, y_test = _temporal_order_split(rng, num_test, length)
+  return Dataset(x_train, y_train, x_test, y_test, 4, f"temporal_order_{length}")
+
+
+def _adding_split(rng: np.random.Generator, n: int, length: int):
+  tenth = max(1, length // 10)
+  values = rng.random((n, length), dtype=np.float32)
+  first_pos = rng.integers(0, tenth, size=n)
+  second_pos = rng.integers(tenth, max(tenth + 1, length // 2), size=n)
+  rows = np.arange(n)
+  markers = np.zeros((n, length), np.float32)
+  markers[rows, first_pos] = 1.0
+  markers[rows, second_pos] = 1.0
+  x = np.stack([markers, values], axis=-1)
+  y = (values[rows, first_pos] + values[rows, second_pos]) / 2
+  return x, y[:, None].astype(np.float32)
+
+
+def adding(length: int = 30, *, num_train: int = 10_000, num_test: int = 2_000, seed: int = 0) -> Dataset:
+  """Adding problem: the mean of the two values marked in a sequence of uniform [0, 1) values.
+
+  Channel 0 holds the markers (one in the first tenth, one before the middle), channel 1 the
+  values. x ``(n, length, 2)`` float32, y ``(n, 1)`` float32 in [0, 1). A prediction counts as
+  correct within 0.04 of the target (spec/tp.md).
+  """
+  _check_length(length, 4, "adding")
+  rng = np.random.default_rng(seed)
+  x_train, y_train = _adding_split(rng, num_train, length)
+  x_test, y_test = _adding_split(rng, num_test, length)
+  return Dataset(x_train, y_train, x_test, y_test, None, f"adding_{length}")

@@ -1,0 +1,57 @@
+"""Diagnostics the field reports: how well a rule's update aligns with the backprop gradient."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from altgrad.nn import Layer
+from altgrad.rules import backprop
+
+Array = jax.Array
+
+
+def _layer_name(path) -> str:
+  """``layers/0`` for the leaf path ``layers, 0, kernel, value``: the owning module's path."""
+  names = []
+  for key in path:
+    if isinstance(key, jax.tree_util.DictKey):
+      names.append(str(key.key))
+    elif isinstance(key, jax.tree_util.SequenceKey):
+      names.append(str(key.idx))
+    elif isinstance(key, jax.tree_util.GetAttrKey) and key.name != "value":
+      names.append(key.name)
+  return "/".join(names[:-1]) or "/"
+
+
+def layer_cosines(updates: Any, reference: Any) -> dict[str, Array]:
+  """Cosine between ``updates`` and ``reference`` per layer (all parameters of a module together).
+
+  Both are pytrees shaped like the params. A layer where either side is zero gets 0.
+  """
+  if jax.tree.structure(updates) != jax.tree.structure(reference):
+    raise ValueError("updates and reference must have the same structure (both shaped like params)")
+  dots: dict[str, Array] = {}
+  norms_u: dict[str, Array] = {}
+  norms_r: dict[str, Array] = {}
+  pairs = zip(jax.tree_util.tree_leaves_with_path(updates), jax.tree.leaves(reference))
+  for (path, u), r in pairs:
+    name = _layer_name(path)
+    u32, r32 = jnp.ravel(u).astype(jnp.float32), jnp.ravel(r).astype(jnp.float32)
+    dots[name] = dots.get(name, 0.0) + jnp.vdot(u32, r32)
+    norms_u[name] = norms_u.get(name, 0.0) + jnp.vdot(u32, u32)
+    norms_r[name] = norms_r.get(name, 0.0) + jnp.vdot(r32, r32)
+  cosines = {}
+  for name, dot in dots.items():
+    denom = jnp.sqrt(norms_u[name] * norms_r[name])
+    cosines[name] = jnp.where(denom > 0, dot / jnp.where(denom > 0, denom, 1.0), 0.0)
+  return cosines
+
+
+def cosine_to_backprop(model: Layer, loss_fn, updates: Any, params: Any, batch) -> dict[str, Array]:
+  """Per-layer cosine between a rule's ``updates`` and the backprop gradient on ``batch``."""
+  tx = backprop(model, loss_fn)
+  gradient, _ = tx.update(None, tx.init(params), params, batch=batch)
+  return layer_cosines(updates, gradient)

@@ -1,0 +1,105 @@
+"""The layer protocol: sites, taps, and the one function that turns per-site errors into updates.
+
+A *site* is a place where a layer computes a pre-activation ``z = linear(inputs)`` from its own
+parameters. A rule reads and perturbs the network only there, through ``tapped``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+from flax import nnx
+
+from altgrad._linalg import RidgeSolver
+from altgrad.nn._activations import Activation
+
+Array = jax.Array
+
+
+class Tap(NamedTuple):
+  """What a forward pass recorded at one site.
+
+  Attributes:
+    inputs: what entered the site's linear part (an array; for a recurrent cell the pair
+      ``(h_prev, x)`` stacked over time).
+    preact: the site's pre-activation, including any injected perturbation.
+  """
+
+  inputs: Any
+  preact: Array
+
+
+def split_perturbations(perturbations: Sequence[Any] | None, count: int) -> tuple[Any, ...]:
+  """One entry per site (``None`` means no perturbation there)."""
+  if perturbations is None:
+    return (None,) * count
+  perturbations = tuple(perturbations)
+  if len(perturbations) != count:
+    raise ValueError(f"expected {count} perturbations (one per site), got {len(perturbations)}")
+  return perturbations
+
+
+def describe_shape(x: Any) -> str:
+  """``shape (a, b)`` for an array, ``a <type>`` for anything else: for error messages."""
+  shape = getattr(x, "shape", None)
+  return f"a {type(x).__name__}" if shape is None else f"shape {tuple(shape)}"
+
+
+def check_reg(reg: Any) -> None:
+  """Rejects a negative or non-finite ridge given as a Python number."""
+  if isinstance(reg, (int, float)) and not (reg >= 0 and reg < float("inf")):
+    raise ValueError(f"reg must be a finite number >= 0, got {reg}")
+
+
+class Layer(nnx.Module):
+  """Base of every altgrad layer and model: a chain of sites with a tapped forward pass."""
+
+  def sites(self) -> tuple[Any, ...]:
+    """The sites of this layer in forward order; each has ``linear(inputs)`` and ``activation``."""
+    raise NotImplementedError
+
+  def tapped(self, x: Array, perturbations: Sequence[Any] | None = None) -> tuple[Array, tuple[Tap, ...]]:
+    """Forward pass that adds ``perturbations[i]`` to site ``i``'s pre-activation and records taps."""
+    raise NotImplementedError
+
+  def check_input(self, x: Any) -> None:
+    """Raises ``ValueError`` naming the problem when ``x`` cannot be this layer's input."""
+    raise NotImplementedError
+
+  def __call__(self, x: Array) -> Array:
+    return self.tapped(x)[0]
+
+
+class SingleSite(Layer):
+  """A layer that is one site: ``activation(linear(x))``.
+
+  Subclasses set ``activation`` and implement ``linear`` and ``check_input``.
+  """
+
+  activation: Activation
+
+  def linear(self, x: Array) -> Array:
+    """The pre-activation, a function of this layer's parameters and its input only."""
+    raise NotImplementedError
+
+  def sites(self) -> tuple[SingleSite]:
+    return (self,)
+
+  def tapped(self, x, perturbations=None):
+    (delta,) = split_perturbations(perturbations, 1)
+    z = self.linear(x)
+    if delta is not None:
+      z = z + delta
+    return self.activation(z), (Tap(x, z),)
+
+
+def ridge_solver(kernel: Array, reg: Any = None, solver: RidgeSolver | None = None) -> RidgeSolver:
+  """The solver a layer's inverse uses: ``solver`` if given, else one factored from ``reg``."""
+  if (reg is None) == (solver is None):
+    raise ValueError("give exactly one of reg (the ridge) or solver (from layer.ridge_solver(reg))")
+  if solver is not None:
+    return solver
+  check_reg(reg)
+  return RidgeSolver.create(kernel, reg)

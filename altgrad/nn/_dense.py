@@ -1,0 +1,91 @@
+"""Dense layer with an exposed linear part and a regularized inverse."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from altgrad._linalg import RidgeSolver
+from altgrad.nn._activations import Activation, get_activation
+from altgrad.nn._base import SingleSite, describe_shape, ridge_solver
+
+Array = jax.Array
+
+
+class Dense(SingleSite):
+  """``y = activation(x @ kernel + bias)`` on inputs shaped ``(..., in_features)``.
+
+  Args:
+    in_features: width of the input.
+    out_features: width of the output.
+    activation: a name from ``altgrad.nn.ACTIVATIONS`` or a function.
+    use_bias: whether to add a bias.
+    kernel_init: initializer of the ``(in_features, out_features)`` kernel.
+    param_dtype: dtype of the parameters.
+    rngs: Flax NNX random streams.
+  """
+
+  def __init__(
+      self,
+      in_features: int,
+      out_features: int,
+      *,
+      activation: str | Callable[[Array], Array] | Activation = "tanh",
+      use_bias: bool = True,
+      kernel_init: Callable[..., Array] = nnx.initializers.lecun_normal(),
+      param_dtype: Any = jnp.float32,
+      rngs: nnx.Rngs,
+  ):
+    if in_features < 1 or out_features < 1:
+      raise ValueError(f"Dense needs positive sizes, got {in_features} -> {out_features}")
+    self.in_features = in_features
+    self.out_features = out_features
+    self.activation = get_activation(activation)
+    self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype))
+    self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+
+  def linear(self, x: Array) -> Array:
+    z = x @ self.kernel[...]
+    return z if self.bias is None else z + self.bias[...]
+
+  def check_input(self, x: Any) -> None:
+    shape = getattr(x, "shape", None)
+    if shape is None or len(shape) < 2 or shape[-1] != self.in_features:
+      raise ValueError(
+          f"Dense expects inputs shaped (batch, {self.in_features}), got {describe_shape(x)}"
+      )
+
+  def ridge_solver(self, reg: float | Array) -> RidgeSolver:
+    """The factored regularized normal matrix of the kernel, to reuse across inverse calls."""
+    return ridge_solver(self.kernel[...], reg)
+
+  def inverse(self, target: Array, *, reg: float | Array | None = None, solver: RidgeSolver | None = None) -> Array:
+    """Regularized inverse (spec/tp.md 2.2): ``argmin_x ||a^-1(target) - linear(x)||^2 + reg ||x||^2``.
+
+    Give ``reg``, or a ``solver`` from :meth:`ridge_solver` to factor once for many calls.
+    """
+    solver = ridge_solver(self.kernel[...], reg, solver)
+    z = self.activation.inverse(target)
+    if self.bias is not None:
+      z = z - self.bias[...]
+    return solver(z)
+
+  def inverse_linearized(
+      self,
+      displacement: Array,
+      output: Array,
+      *,
+      reg: float | Array | None = None,
+      solver: RidgeSolver | None = None,
+  ) -> Array:
+    """The inverse's first-order change at ``output`` for an output ``displacement``.
+
+    ``(displacement * (a^-1)'(output)) K^T (K K^T + reg I)^-1``: the Jacobian of
+    :meth:`inverse` at ``output`` applied to ``displacement``.
+    """
+    solver = ridge_solver(self.kernel[...], reg, solver)
+    return solver(displacement * self.activation.inverse_derivative(output))

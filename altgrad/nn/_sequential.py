@@ -1,0 +1,96 @@
+"""Chains of layers: Sequential, Flatten and the MLP."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+from flax import nnx
+
+from altgrad.nn._activations import Activation
+from altgrad.nn._base import Layer, describe_shape, split_perturbations
+from altgrad.nn._dense import Dense
+
+Array = jax.Array
+
+
+class Flatten(Layer):
+  """Reshapes ``(batch, ...)`` to ``(batch, features)``; has no site."""
+
+  def sites(self):
+    return ()
+
+  def tapped(self, x, perturbations=None):
+    split_perturbations(perturbations, 0)
+    return x.reshape(x.shape[0], -1), ()
+
+  def check_input(self, x: Any) -> None:
+    if getattr(x, "ndim", 0) < 2:
+      raise ValueError(f"Flatten expects inputs with a batch axis and features, got {describe_shape(x)}")
+
+
+class Sequential(Layer):
+  """Applies ``layers`` in order; its sites are theirs, concatenated in forward order."""
+
+  def __init__(self, *layers: Layer):
+    if not layers:
+      raise ValueError("Sequential needs at least one layer")
+    for layer in layers:
+      if not isinstance(layer, Layer):
+        raise TypeError(
+            f"Sequential takes altgrad.nn layers (Dense, Conv, SimpleRNN, Flatten, ...), "
+            f"got {type(layer).__name__}"
+        )
+    self.layers = nnx.List(layers)
+
+  def sites(self):
+    return tuple(site for layer in self.layers for site in layer.sites())
+
+  def tapped(self, x, perturbations=None):
+    perturbations = split_perturbations(perturbations, len(self.sites()))
+    taps = ()
+    for layer in self.layers:
+      count = len(layer.sites())
+      x, layer_taps = layer.tapped(x, perturbations[len(taps) : len(taps) + count])
+      taps += layer_taps
+    return x, taps
+
+  def check_input(self, x: Any) -> None:
+    self.layers[0].check_input(x)
+
+
+class MLP(Sequential):
+  """A stack of :class:`Dense` layers of widths ``sizes = (in, hidden..., out)``.
+
+  Args:
+    sizes: layer widths, input first; at least two.
+    activation: activation of the hidden layers.
+    output_activation: activation of the last layer; ``None`` gives raw outputs (logits).
+    rngs: Flax NNX random streams.
+  """
+
+  def __init__(
+      self,
+      sizes: Sequence[int],
+      *,
+      activation: str | Callable[[Array], Array] | Activation = "tanh",
+      output_activation: str | Callable[[Array], Array] | Activation | None = None,
+      rngs: nnx.Rngs,
+  ):
+    sizes = tuple(int(s) for s in sizes)
+    if len(sizes) < 2:
+      raise ValueError(f"MLP needs at least an input and an output size, got {sizes}")
+    last = len(sizes) - 2
+    super().__init__(
+        *(
+            Dense(
+                n_in,
+                n_out,
+                activation=activation if i < last else (output_activation or "identity"),
+                rngs=rngs,
+            )
+            for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:]))
+        )
+    )
+    self.sizes = sizes

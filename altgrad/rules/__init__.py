@@ -1,0 +1,12 @@
+"""Learning rules: factories that return optax transformations producing pseudo-gradients.
+
+Every rule has the same contract: ``tx = rule(model, ...)``; ``state = tx.init(params)``;
+``updates, state = tx.update(None, state, params, batch=(x, y))``. The incoming updates are
+ignored (a rule is the source of the update, as ``jax.grad`` is); the output is shaped like
+``params`` and carries a gradient's sign, so any optax optimizer can follow it in a chain.
+"""
+
+from altgrad.rules._backprop import backprop
+from altgrad.rules._registry import RULES
+
+__all__ = ["RULES", "backprop"]

@@ -1,0 +1,18 @@
+"""Every rule under a name, with its default hyperparameters: what `altgrad compare` and the
+common test suite run. A rule's issue adds its entries here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import optax
+
+from altgrad.nn import Layer
+from altgrad.rules._backprop import backprop
+from altgrad.rules._common import LossFn
+
+RuleFactory = Callable[[Layer, LossFn], optax.GradientTransformationExtraArgs]
+
+RULES: dict[str, RuleFactory] = {
+    "backprop": backprop,
+}
