@@ -15,11 +15,11 @@ from altgrad import data as data_lib
 from altgrad import losses, nn, rules, train
 
 OPTIMIZERS = {
-    "sgd": optax.sgd,
-    "momentum": lambda lr: optax.sgd(lr, momentum=0.9),
-    "nesterov": lambda lr: optax.sgd(lr, momentum=0.9, nesterov=True),
-    "rmsprop": optax.rmsprop,
-    "adam": optax.adam,
+  "sgd": optax.sgd,
+  "momentum": lambda lr: optax.sgd(lr, momentum=0.9),
+  "nesterov": lambda lr: optax.sgd(lr, momentum=0.9, nesterov=True),
+  "rmsprop": optax.rmsprop,
+  "adam": optax.adam,
 }
 MODELS = ("auto", "mlp", "conv", "rnn")
 
@@ -28,7 +28,9 @@ def _sizes(text: str) -> tuple[int, ...]:
   try:
     sizes = tuple(int(s) for s in text.split(",") if s.strip())
   except ValueError:
-    raise argparse.ArgumentTypeError(f"expected comma-separated widths such as 128,128, got {text!r}") from None
+    raise argparse.ArgumentTypeError(
+      f"expected comma-separated widths such as 128,128, got {text!r}"
+    ) from None
   if any(s < 1 for s in sizes):
     raise argparse.ArgumentTypeError(f"widths must be positive, got {text!r}")
   return sizes
@@ -67,13 +69,15 @@ def build_model(dataset: data_lib.Dataset, kind: str, hidden: Sequence[int], act
     if len(shape) != 3:
       raise ValueError(f"--model conv needs images (height, width, channels); {dataset.name} has {shape}")
     return nn.Sequential(
-        nn.Conv(shape[-1], 16, 3, strides=2, activation=activation, rngs=rngs),
-        nn.Conv(16, 32, 3, strides=2, activation=activation, rngs=rngs),
-        nn.Flatten(),
-        nn.MLP((32 * -(-shape[0] // 4) * -(-shape[1] // 4), *hidden, out), activation=activation, rngs=rngs),
+      nn.Conv(shape[-1], 16, 3, strides=2, activation=activation, rngs=rngs),
+      nn.Conv(16, 32, 3, strides=2, activation=activation, rngs=rngs),
+      nn.Flatten(),
+      nn.MLP((32 * -(-shape[0] // 4) * -(-shape[1] // 4), *hidden, out), activation=activation, rngs=rngs),
     )
   if len(shape) != 1:
-    return nn.Sequential(nn.Flatten(), nn.MLP((math.prod(shape), *hidden, out), activation=activation, rngs=rngs))
+    return nn.Sequential(
+      nn.Flatten(), nn.MLP((math.prod(shape), *hidden, out), activation=activation, rngs=rngs)
+    )
   return nn.MLP((shape[0], *hidden, out), activation=activation, rngs=rngs)
 
 
@@ -86,14 +90,14 @@ def compare(args: argparse.Namespace) -> dict:
     model = build_model(dataset, args.model, args.hidden, args.activation, args.seed)
     tx = optax.chain(rules.RULES[name](model, loss_fn), OPTIMIZERS[args.optimizer](args.lr))
     history = train.fit(
-        model,
-        tx,
-        dataset,
-        loss_fn=loss_fn,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        progress=False if args.no_progress else None,
+      model,
+      tx,
+      dataset,
+      loss_fn=loss_fn,
+      epochs=args.epochs,
+      batch_size=args.batch_size,
+      seed=args.seed,
+      progress=False if args.no_progress else None,
     )
     results[name] = history.as_dict()
   reference = results["backprop"]["median_step_time"]
@@ -121,9 +125,9 @@ def _print_table(title: str, results: dict, out) -> None:
   print("-" * len(header), file=out)
   for name, r in results.items():
     print(
-        f"{name:<16} {r['test_accuracy'][-1]:>9.4f} {r['test_loss'][-1]:>10.4f} "
-        f"{1e3 * r['median_step_time']:>9.3f} {r['step_time_ratio']:>11.2f}",
-        file=out,
+      f"{name:<16} {r['test_accuracy'][-1]:>9.4f} {r['test_loss'][-1]:>10.4f} "
+      f"{1e3 * r['median_step_time']:>9.3f} {r['step_time_ratio']:>11.2f}",
+      file=out,
     )
 
 
@@ -150,23 +154,56 @@ def make_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="altgrad", description=__doc__)
   commands = parser.add_subparsers(dest="command", required=True)
   p = commands.add_parser(
-      "compare",
-      help="train one model with several rules and print a table",
-      description="Train the same model (same initialization, same batches) with each rule followed "
-      "by the same optimizer, then print final test accuracy, test loss, median time per step "
-      "and the step-time ratio to backprop, and plot test accuracy against epoch.",
+    "compare",
+    help="train one model with several rules and print a table",
+    description="Train the same model (same initialization, same batches) with each rule followed "
+    "by the same optimizer, then print final test accuracy, test loss, median time per step "
+    "and the step-time ratio to backprop, and plot test accuracy against epoch.",
   )
-  p.add_argument("--dataset", default="digits", choices=sorted(data_lib.LOADERS), help="data set (default: digits, embedded in scikit-learn)")
-  p.add_argument("--rules", type=_rule_names, default=tuple(rules.RULES), help=f"comma-separated rules (default: all: {','.join(rules.RULES)}); backprop always runs as the reference")
-  p.add_argument("--model", choices=MODELS, default="auto", help="model family; auto picks mlp for vectors, rnn for sequences, conv for images")
-  p.add_argument("--hidden", type=_sizes, default=(128, 128), help="hidden widths, comma-separated (the RNN uses the first) (default: 128,128)")
-  p.add_argument("--activation", default="tanh", choices=nn.ACTIVATIONS, help="hidden activation (default: tanh)")
-  p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam", help="optimizer after each rule (default: adam)")
+  p.add_argument(
+    "--dataset",
+    default="digits",
+    choices=sorted(data_lib.LOADERS),
+    help="data set (default: digits, embedded in scikit-learn)",
+  )
+  p.add_argument(
+    "--rules",
+    type=_rule_names,
+    default=tuple(rules.RULES),
+    help=f"comma-separated rules (default: all: {','.join(rules.RULES)}); backprop always runs as the reference",
+  )
+  p.add_argument(
+    "--model",
+    choices=MODELS,
+    default="auto",
+    help="model family; auto picks mlp for vectors, rnn for sequences, conv for images",
+  )
+  p.add_argument(
+    "--hidden",
+    type=_sizes,
+    default=(128, 128),
+    help="hidden widths, comma-separated (the RNN uses the first) (default: 128,128)",
+  )
+  p.add_argument(
+    "--activation", default="tanh", choices=nn.ACTIVATIONS, help="hidden activation (default: tanh)"
+  )
+  p.add_argument(
+    "--optimizer",
+    choices=sorted(OPTIMIZERS),
+    default="adam",
+    help="optimizer after each rule (default: adam)",
+  )
   p.add_argument("--lr", type=_positive(float), default=3e-3, help="learning rate (default: 3e-3)")
   p.add_argument("--epochs", type=_positive(int), default=20, help="epochs (default: 20)")
   p.add_argument("--batch-size", type=_positive(int), default=64, help="batch size (default: 64)")
-  p.add_argument("--seed", type=int, default=0, help="seed of the initialization and the shuffling (default: 0)")
-  p.add_argument("--plot", default="altgrad-compare.png", help="PNG of test accuracy against epoch; '' for none (default: altgrad-compare.png)")
+  p.add_argument(
+    "--seed", type=int, default=0, help="seed of the initialization and the shuffling (default: 0)"
+  )
+  p.add_argument(
+    "--plot",
+    default="altgrad-compare.png",
+    help="PNG of test accuracy against epoch; '' for none (default: altgrad-compare.png)",
+  )
   p.add_argument("--json", default="", help="also write all histories to this JSON file")
   p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
   p.set_defaults(func=compare)

@@ -36,7 +36,7 @@ def layer_cosines(updates: Any, reference: Any) -> dict[str, Array]:
   dots: dict[str, Array] = {}
   norms_u: dict[str, Array] = {}
   norms_r: dict[str, Array] = {}
-  pairs = zip(jax.tree_util.tree_leaves_with_path(updates), jax.tree.leaves(reference))
+  pairs = zip(jax.tree_util.tree_leaves_with_path(updates), jax.tree.leaves(reference), strict=True)
   for (path, u), r in pairs:
     name = _layer_name(path)
     u32, r32 = jnp.ravel(u).astype(jnp.float32), jnp.ravel(r).astype(jnp.float32)

@@ -19,15 +19,15 @@ def softmax_cross_entropy(logits: Array, labels: Array) -> Array:
     raise TypeError(f"softmax_cross_entropy needs integer class labels, got dtype {labels.dtype}")
   if logits.ndim != 2 or labels.shape != logits.shape[:1]:
     raise ValueError(
-        f"softmax_cross_entropy needs logits (batch, classes) and labels (batch,), "
-        f"got {tuple(logits.shape)} and {tuple(labels.shape)}"
+      f"softmax_cross_entropy needs logits (batch, classes) and labels (batch,), "
+      f"got {tuple(logits.shape)} and {tuple(labels.shape)}"
     )
   if not isinstance(labels, jax.core.Tracer):
     low, high = int(jnp.min(labels, initial=0)), int(jnp.max(labels, initial=0))
     if low < 0 or high >= logits.shape[1]:
       raise ValueError(
-          f"labels must lie in [0, {logits.shape[1]}) for {logits.shape[1]} classes, "
-          f"got values from {low} to {high}"
+        f"labels must lie in [0, {logits.shape[1]}) for {logits.shape[1]} classes, "
+        f"got values from {low} to {high}"
       )
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
@@ -36,8 +36,8 @@ def squared_error(outputs: Array, targets: Array) -> Array:
   """``0.5 * sum((outputs - targets)^2)`` over the features of each example."""
   if outputs.shape != jnp.shape(targets):
     raise ValueError(
-        f"squared_error needs targets shaped like the outputs {tuple(outputs.shape)}, "
-        f"got {tuple(jnp.shape(targets))}"
+      f"squared_error needs targets shaped like the outputs {tuple(outputs.shape)}, "
+      f"got {tuple(jnp.shape(targets))}"
     )
   diff = outputs - targets
   return 0.5 * jnp.sum(diff.reshape(diff.shape[0], -1) ** 2, axis=-1)

@@ -92,16 +92,16 @@ def make_evaluate(model: Layer, loss_fn: Callable, num_classes: int | None, chun
 
 
 def fit(
-    model: Layer,
-    tx: optax.GradientTransformation,
-    data: Dataset,
-    *,
-    loss_fn: Callable,
-    epochs: int = 10,
-    batch_size: int = 64,
-    seed: int = 0,
-    train_eval_size: int = 10_000,
-    progress: bool | None = None,
+  model: Layer,
+  tx: optax.GradientTransformation,
+  data: Dataset,
+  *,
+  loss_fn: Callable,
+  epochs: int = 10,
+  batch_size: int = 64,
+  seed: int = 0,
+  train_eval_size: int = 10_000,
+  progress: bool | None = None,
 ) -> History:
   """Trains ``model`` in place with the rule chain ``tx`` and returns the per-epoch history.
 

@@ -6,12 +6,12 @@ from altgrad.data._sequences import adding, temporal_order
 from altgrad.data._tabular import breast_cancer, digits, mnist1d
 
 LOADERS = {
-    "digits": digits,
-    "breast_cancer": breast_cancer,
-    "mnist1d": mnist1d,
-    "fashion_mnist": fashion_mnist,
-    "temporal_order": temporal_order,
-    "adding": adding,
+  "digits": digits,
+  "breast_cancer": breast_cancer,
+  "mnist1d": mnist1d,
+  "fashion_mnist": fashion_mnist,
+  "temporal_order": temporal_order,
+  "adding": adding,
 }
 
 
@@ -25,15 +25,15 @@ def load(name: str, **options) -> Dataset:
 
 
 __all__ = [
-    "LOADERS",
-    "NORMALIZATIONS",
-    "Dataset",
-    "adding",
-    "breast_cancer",
-    "digits",
-    "fashion_mnist",
-    "load",
-    "mnist1d",
-    "read_idx",
-    "temporal_order",
+  "LOADERS",
+  "NORMALIZATIONS",
+  "Dataset",
+  "adding",
+  "breast_cancer",
+  "digits",
+  "fashion_mnist",
+  "load",
+  "mnist1d",
+  "read_idx",
+  "temporal_order",
 ]

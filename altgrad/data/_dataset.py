@@ -36,7 +36,9 @@ class Dataset(NamedTuple):
     return self.num_classes if self.num_classes is not None else int(np.prod(self.y_train.shape[1:]))
 
 
-def normalize_splits(x_train: np.ndarray, x_test: np.ndarray, mode: str | None, *, scale: float | None = None):
+def normalize_splits(
+  x_train: np.ndarray, x_test: np.ndarray, mode: str | None, *, scale: float | None = None
+):
   """Applies ``mode`` with statistics of the training split only.
 
   ``"standardize"``: zero mean, unit variance per feature (constant features are only centred).

@@ -13,10 +13,10 @@ from altgrad.data._dataset import Dataset, normalize_splits
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 ENV_VAR = "ALTGRAD_FASHION_MNIST"
 _FILES = {
-    "x_train": "train-images-idx3-ubyte",
-    "y_train": "train-labels-idx1-ubyte",
-    "x_test": "t10k-images-idx3-ubyte",
-    "y_test": "t10k-labels-idx1-ubyte",
+  "x_train": "train-images-idx3-ubyte",
+  "y_train": "train-labels-idx1-ubyte",
+  "x_test": "t10k-images-idx3-ubyte",
+  "y_test": "t10k-labels-idx1-ubyte",
 }
 _MAGIC = {1: 2049, 3: 2051}  # labels, images
 
@@ -45,14 +45,14 @@ def _find(directory: Path, stem: str) -> Path:
     if (directory / name).is_file():
       return directory / name
   raise FileNotFoundError(
-      f"Fashion-MNIST file {stem}[.gz] not found in {directory}: install it with "
-      f"'apt-get install dataset-fashion-mnist', or point path= or ${ENV_VAR} at a directory "
-      "holding the four IDX files."
+    f"Fashion-MNIST file {stem}[.gz] not found in {directory}: install it with "
+    f"'apt-get install dataset-fashion-mnist', or point path= or ${ENV_VAR} at a directory "
+    "holding the four IDX files."
   )
 
 
 def fashion_mnist(
-    path: str | os.PathLike | None = None, *, normalize: str | None = "unit", flatten: bool = True
+  path: str | os.PathLike | None = None, *, normalize: str | None = "unit", flatten: bool = True
 ) -> Dataset:
   """Fashion-MNIST, 60,000 train and 10,000 test images, 10 classes.
 
@@ -71,10 +71,10 @@ def fashion_mnist(
   x_train, x_test = normalize_splits(x_train, x_test, normalize, scale=255.0)
   shape = (-1, 28 * 28) if flatten else (-1, 28, 28, 1)
   return Dataset(
-      x_train.reshape(shape),
-      arrays["y_train"].astype(np.int32),
-      x_test.reshape(shape),
-      arrays["y_test"].astype(np.int32),
-      10,
-      "fashion_mnist",
+    x_train.reshape(shape),
+    arrays["y_train"].astype(np.int32),
+    x_test.reshape(shape),
+    arrays["y_test"].astype(np.int32),
+    10,
+    "fashion_mnist",
   )

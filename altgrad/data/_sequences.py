@@ -28,7 +28,7 @@ def _temporal_order_split(rng: np.random.Generator, n: int, length: int):
 
 
 def temporal_order(
-    length: int = 60, *, num_train: int = 10_000, num_test: int = 2_000, seed: int = 0
+  length: int = 60, *, num_train: int = 10_000, num_test: int = 2_000, seed: int = 0
 ) -> Dataset:
   """Temporal order: which of X, Y appear at two marked periods, in which order (4 classes).
 

@@ -24,7 +24,9 @@ def digits(*, test_fraction: float = 0.2, seed: int = 0, normalize: str | None =
   return _sklearn("digits", load_digits, test_fraction, seed, normalize)
 
 
-def breast_cancer(*, test_fraction: float = 0.3, seed: int = 0, normalize: str | None = "standardize") -> Dataset:
+def breast_cancer(
+  *, test_fraction: float = 0.3, seed: int = 0, normalize: str | None = "standardize"
+) -> Dataset:
   """scikit-learn's bundled Wisconsin breast cancer set: x ``(n, 30)`` float32, y ``(n,)`` int32 in {0, 1}.
 
   569 examples; a seeded shuffle puts ``test_fraction`` of them in the test split.
@@ -35,7 +37,7 @@ def breast_cancer(*, test_fraction: float = 0.3, seed: int = 0, normalize: str |
 
 
 def mnist1d(
-    *, num_samples: int = 5000, train_split: float = 0.8, seed: int = 42, as_sequence: bool = False
+  *, num_samples: int = 5000, train_split: float = 0.8, seed: int = 42, as_sequence: bool = False
 ) -> Dataset:
   """MNIST-1D generated locally by ``mnist1d.data.make_dataset`` (never downloaded).
 

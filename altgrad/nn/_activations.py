@@ -43,8 +43,8 @@ class Activation:
   def _require_inverse(self) -> None:
     if not self.invertible:
       raise ValueError(
-          f"activation {self.name!r} has no inverse; use one of "
-          f"{sorted(n for n, a in _NAMED.items() if a.invertible)} for a rule that inverts layers"
+        f"activation {self.name!r} has no inverse; use one of "
+        f"{sorted(n for n, a in _NAMED.items() if a.invertible)} for a rule that inverts layers"
       )
 
   def inverse(self, a: Array) -> Array:
@@ -99,27 +99,25 @@ def _leaky_relu_inverse_derivative(a):
 
 
 _NAMED: dict[str, Activation] = {
-    "tanh": Activation(
-        "tanh", jnp.tanh, lambda z: 1.0 - jnp.tanh(z) ** 2, _tanh_inverse, _tanh_inverse_derivative
-    ),
-    "sigmoid": Activation(
-        "sigmoid",
-        jax.nn.sigmoid,
-        lambda z: jax.nn.sigmoid(z) * (1.0 - jax.nn.sigmoid(z)),
-        _sigmoid_inverse,
-        _sigmoid_inverse_derivative,
-    ),
-    "relu": Activation("relu", jax.nn.relu, lambda z: (z > 0).astype(z.dtype)),
-    "leaky_relu": Activation(
-        "leaky_relu",
-        _leaky_relu,
-        _leaky_relu_derivative,
-        _leaky_relu_inverse,
-        _leaky_relu_inverse_derivative,
-    ),
-    "identity": Activation(
-        "identity", lambda z: z, jnp.ones_like, lambda a: a, jnp.ones_like
-    ),
+  "tanh": Activation(
+    "tanh", jnp.tanh, lambda z: 1.0 - jnp.tanh(z) ** 2, _tanh_inverse, _tanh_inverse_derivative
+  ),
+  "sigmoid": Activation(
+    "sigmoid",
+    jax.nn.sigmoid,
+    lambda z: jax.nn.sigmoid(z) * (1.0 - jax.nn.sigmoid(z)),
+    _sigmoid_inverse,
+    _sigmoid_inverse_derivative,
+  ),
+  "relu": Activation("relu", jax.nn.relu, lambda z: (z > 0).astype(z.dtype)),
+  "leaky_relu": Activation(
+    "leaky_relu",
+    _leaky_relu,
+    _leaky_relu_derivative,
+    _leaky_relu_inverse,
+    _leaky_relu_inverse_derivative,
+  ),
+  "identity": Activation("identity", lambda z: z, jnp.ones_like, lambda a: a, jnp.ones_like),
 }
 
 ACTIVATIONS: tuple[str, ...] = tuple(_NAMED)
@@ -137,7 +135,7 @@ def get_activation(activation: str | Callable[[Array], Array] | Activation) -> A
       return _NAMED[activation]
     except KeyError:
       raise ValueError(
-          f"unknown activation {activation!r}; expected one of {list(_NAMED)} or a function"
+        f"unknown activation {activation!r}; expected one of {list(_NAMED)} or a function"
       ) from None
   if callable(activation):
     fn = activation

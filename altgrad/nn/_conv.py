@@ -39,18 +39,18 @@ class Conv(SingleSite):
   """
 
   def __init__(
-      self,
-      in_features: int,
-      out_features: int,
-      kernel_size: int | Sequence[int] = 3,
-      *,
-      strides: int | Sequence[int] = 1,
-      padding: str | Sequence[tuple[int, int]] = "SAME",
-      activation: str | Callable[[Array], Array] | Activation = "relu",
-      use_bias: bool = True,
-      kernel_init: Callable[..., Array] = nnx.initializers.lecun_normal(),
-      param_dtype: Any = jnp.float32,
-      rngs: nnx.Rngs,
+    self,
+    in_features: int,
+    out_features: int,
+    kernel_size: int | Sequence[int] = 3,
+    *,
+    strides: int | Sequence[int] = 1,
+    padding: str | Sequence[tuple[int, int]] = "SAME",
+    activation: str | Callable[[Array], Array] | Activation = "relu",
+    use_bias: bool = True,
+    kernel_init: Callable[..., Array] = nnx.initializers.lecun_normal(),
+    param_dtype: Any = jnp.float32,
+    rngs: nnx.Rngs,
   ):
     if in_features < 1 or out_features < 1:
       raise ValueError(f"Conv needs positive channel counts, got {in_features} -> {out_features}")
@@ -66,11 +66,11 @@ class Conv(SingleSite):
 
   def linear(self, x: Array) -> Array:
     z = jax.lax.conv_general_dilated(
-        x,
-        self.kernel[...],
-        window_strides=self.strides,
-        padding=self.padding,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      x,
+      self.kernel[...],
+      window_strides=self.strides,
+      padding=self.padding,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
     )
     return z if self.bias is None else z + self.bias[...]
 
@@ -78,5 +78,5 @@ class Conv(SingleSite):
     shape = getattr(x, "shape", None)
     if shape is None or len(shape) != 4 or shape[-1] != self.in_features:
       raise ValueError(
-          f"Conv expects inputs shaped (batch, height, width, {self.in_features}), got {describe_shape(x)}"
+        f"Conv expects inputs shaped (batch, height, width, {self.in_features}), got {describe_shape(x)}"
       )

@@ -30,15 +30,15 @@ class Dense(SingleSite):
   """
 
   def __init__(
-      self,
-      in_features: int,
-      out_features: int,
-      *,
-      activation: str | Callable[[Array], Array] | Activation = "tanh",
-      use_bias: bool = True,
-      kernel_init: Callable[..., Array] = nnx.initializers.lecun_normal(),
-      param_dtype: Any = jnp.float32,
-      rngs: nnx.Rngs,
+    self,
+    in_features: int,
+    out_features: int,
+    *,
+    activation: str | Callable[[Array], Array] | Activation = "tanh",
+    use_bias: bool = True,
+    kernel_init: Callable[..., Array] = nnx.initializers.lecun_normal(),
+    param_dtype: Any = jnp.float32,
+    rngs: nnx.Rngs,
   ):
     if in_features < 1 or out_features < 1:
       raise ValueError(f"Dense needs positive sizes, got {in_features} -> {out_features}")
@@ -55,15 +55,15 @@ class Dense(SingleSite):
   def check_input(self, x: Any) -> None:
     shape = getattr(x, "shape", None)
     if shape is None or len(shape) < 2 or shape[-1] != self.in_features:
-      raise ValueError(
-          f"Dense expects inputs shaped (batch, {self.in_features}), got {describe_shape(x)}"
-      )
+      raise ValueError(f"Dense expects inputs shaped (batch, {self.in_features}), got {describe_shape(x)}")
 
   def ridge_solver(self, reg: float | Array) -> RidgeSolver:
     """The factored regularized normal matrix of the kernel, to reuse across inverse calls."""
     return ridge_solver(self.kernel[...], reg)
 
-  def inverse(self, target: Array, *, reg: float | Array | None = None, solver: RidgeSolver | None = None) -> Array:
+  def inverse(
+    self, target: Array, *, reg: float | Array | None = None, solver: RidgeSolver | None = None
+  ) -> Array:
     """Regularized inverse (spec/tp.md 2.2): ``argmin_x ||a^-1(target) - linear(x)||^2 + reg ||x||^2``.
 
     Give ``reg``, or a ``solver`` from :meth:`ridge_solver` to factor once for many calls.
@@ -75,12 +75,12 @@ class Dense(SingleSite):
     return solver(z)
 
   def inverse_linearized(
-      self,
-      displacement: Array,
-      output: Array,
-      *,
-      reg: float | Array | None = None,
-      solver: RidgeSolver | None = None,
+    self,
+    displacement: Array,
+    output: Array,
+    *,
+    reg: float | Array | None = None,
+    solver: RidgeSolver | None = None,
   ) -> Array:
     """The inverse's first-order change at ``output`` for an output ``displacement``.
 

@@ -28,8 +28,8 @@ class PureModel:
   def __init__(self, model: Layer):
     if not isinstance(model, Layer):
       raise TypeError(
-          "altgrad rules need a model built of altgrad.nn layers (MLP, Sequential of Dense/Conv/"
-          f"Flatten, SimpleRNN), got {type(model).__name__}"
+        "altgrad rules need a model built of altgrad.nn layers (MLP, Sequential of Dense/Conv/"
+        f"Flatten, SimpleRNN), got {type(model).__name__}"
       )
     self.graphdef, _, self.rest = nnx.split(model, nnx.Param, ...)
     self.num_sites = len(model.sites())
@@ -42,7 +42,7 @@ class PureModel:
     return self.bind(params)(x)
 
   def tapped(
-      self, params: Any, x: Array, perturbations: Sequence[Any] | None = None
+    self, params: Any, x: Array, perturbations: Sequence[Any] | None = None
   ) -> tuple[Array, tuple[Tap, ...]]:
     """Outputs and per-site taps, with ``perturbations[i]`` added to site ``i``'s pre-activation."""
     return self.bind(params).tapped(x, perturbations)
@@ -53,7 +53,7 @@ class PureModel:
     return tuple(jnp.zeros(t.preact.shape, t.preact.dtype) for t in taps)
 
   def errors(
-      self, params: Any, x: Array, targets: Array, loss_fn: LossFn
+    self, params: Any, x: Array, targets: Array, loss_fn: LossFn
   ) -> tuple[Array, Array, tuple[Tap, ...], tuple[Array, ...]]:
     """Backprop's per-site errors ``dL/dz`` of the mean loss, from a zero perturbation.
 
@@ -65,7 +65,7 @@ class PureModel:
       return jnp.mean(loss_fn(outputs, targets)), (outputs, taps)
 
     (loss, (outputs, taps)), errors = jax.value_and_grad(mean_loss, has_aux=True)(
-        self.zero_perturbations(params, x)
+      self.zero_perturbations(params, x)
     )
     return loss, outputs, taps, errors
 
@@ -78,7 +78,7 @@ class PureModel:
 
     def replay(p):
       sites = self.bind(p).sites()
-      return tuple(site.linear(tap.inputs) for site, tap in zip(sites, taps))
+      return tuple(site.linear(tap.inputs) for site, tap in zip(sites, taps, strict=True))
 
     _, vjp = jax.vjp(replay, params)
     (updates,) = vjp(tuple(errors))
@@ -90,8 +90,7 @@ class PureModel:
       raise ValueError(f"rule {rule!r} needs params: call tx.update(updates, state, params, batch=...)")
     if batch is None:
       raise ValueError(
-          f"rule {rule!r} needs the batch: call tx.update(updates, state, params, "
-          "batch=(inputs, targets))"
+        f"rule {rule!r} needs the batch: call tx.update(updates, state, params, batch=(inputs, targets))"
       )
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
       raise ValueError(f"rule {rule!r}: batch must be a pair (inputs, targets), got {type(batch).__name__}")
@@ -101,7 +100,7 @@ class PureModel:
     self.bind(params).check_input(x)
     if not hasattr(targets, "shape") or targets.ndim < 1 or targets.shape[0] != x.shape[0]:
       raise ValueError(
-          f"rule {rule!r}: targets must have one row per input ({x.shape[0]}), got {describe_shape(targets)}"
+        f"rule {rule!r}: targets must have one row per input ({x.shape[0]}), got {describe_shape(targets)}"
       )
     if x.shape[0] == 0:
       raise ValueError(f"rule {rule!r}: the batch is empty")

@@ -25,20 +25,20 @@ class RNNCell(nnx.Module):
   """
 
   def __init__(
-      self,
-      in_features: int,
-      hidden_features: int,
-      *,
-      activation: str | Callable[[Array], Array] | Activation = "tanh",
-      kernel_init: Callable[..., Array] = nnx.initializers.orthogonal(),
-      param_dtype: Any = jnp.float32,
-      rngs: nnx.Rngs,
+    self,
+    in_features: int,
+    hidden_features: int,
+    *,
+    activation: str | Callable[[Array], Array] | Activation = "tanh",
+    kernel_init: Callable[..., Array] = nnx.initializers.orthogonal(),
+    param_dtype: Any = jnp.float32,
+    rngs: nnx.Rngs,
   ):
     self.in_features = in_features
     self.hidden_features = hidden_features
     self.activation = get_activation(activation)
     self.recurrent_kernel = nnx.Param(
-        kernel_init(rngs.params(), (hidden_features, hidden_features), param_dtype)
+      kernel_init(rngs.params(), (hidden_features, hidden_features), param_dtype)
     )
     self.input_kernel = nnx.Param(kernel_init(rngs.params(), (in_features, hidden_features), param_dtype))
     self.bias = nnx.Param(jnp.zeros((hidden_features,), param_dtype))
@@ -56,24 +56,24 @@ class RNNCell(nnx.Module):
     return ridge_solver(self.recurrent_kernel[...], reg)
 
   def inverse(
-      self,
-      target: Array,
-      x: Array,
-      *,
-      reg: float | Array | None = None,
-      solver: RidgeSolver | None = None,
+    self,
+    target: Array,
+    x: Array,
+    *,
+    reg: float | Array | None = None,
+    solver: RidgeSolver | None = None,
   ) -> Array:
     """``argmin_h ||a^-1(target) - (h W + x U + b)||^2 + reg ||h||^2`` (spec/tp.md 2.2)."""
     solver = ridge_solver(self.recurrent_kernel[...], reg, solver)
     return solver(self.activation.inverse(target) - self.input_drive(x))
 
   def inverse_linearized(
-      self,
-      displacement: Array,
-      output: Array,
-      *,
-      reg: float | Array | None = None,
-      solver: RidgeSolver | None = None,
+    self,
+    displacement: Array,
+    output: Array,
+    *,
+    reg: float | Array | None = None,
+    solver: RidgeSolver | None = None,
   ) -> Array:
     """The inverse's Jacobian at ``output = h_t`` applied to ``displacement``:
     ``(displacement * (a^-1)'(h_t)) W^T (W W^T + reg I)^-1``."""
@@ -96,26 +96,26 @@ class SimpleRNN(Layer):
   """
 
   def __init__(
-      self,
-      in_features: int,
-      hidden_features: int,
-      out_features: int,
-      *,
-      activation: str | Callable[[Array], Array] | Activation = "tanh",
-      rngs: nnx.Rngs,
+    self,
+    in_features: int,
+    hidden_features: int,
+    out_features: int,
+    *,
+    activation: str | Callable[[Array], Array] | Activation = "tanh",
+    rngs: nnx.Rngs,
   ):
     if min(in_features, hidden_features, out_features) < 1:
       raise ValueError(
-          f"SimpleRNN needs positive sizes, got {in_features}, {hidden_features}, {out_features}"
+        f"SimpleRNN needs positive sizes, got {in_features}, {hidden_features}, {out_features}"
       )
     self.in_features = in_features
     self.cell = RNNCell(in_features, hidden_features, activation=activation, rngs=rngs)
     self.readout = Dense(
-        hidden_features,
-        out_features,
-        activation="identity",
-        kernel_init=nnx.initializers.orthogonal(),
-        rngs=rngs,
+      hidden_features,
+      out_features,
+      activation="identity",
+      kernel_init=nnx.initializers.orthogonal(),
+      rngs=rngs,
     )
 
   def sites(self):
@@ -148,5 +148,5 @@ class SimpleRNN(Layer):
     shape = getattr(x, "shape", None)
     if shape is None or len(shape) != 3 or shape[-1] != self.in_features or shape[1] < 1:
       raise ValueError(
-          f"SimpleRNN expects inputs shaped (batch, time >= 1, {self.in_features}), got {describe_shape(x)}"
+        f"SimpleRNN expects inputs shaped (batch, time >= 1, {self.in_features}), got {describe_shape(x)}"
       )

@@ -39,8 +39,8 @@ class Sequential(Layer):
     for layer in layers:
       if not isinstance(layer, Layer):
         raise TypeError(
-            f"Sequential takes altgrad.nn layers (Dense, Conv, SimpleRNN, Flatten, ...), "
-            f"got {type(layer).__name__}"
+          f"Sequential takes altgrad.nn layers (Dense, Conv, SimpleRNN, Flatten, ...), "
+          f"got {type(layer).__name__}"
         )
     self.layers = nnx.List(layers)
 
@@ -71,26 +71,26 @@ class MLP(Sequential):
   """
 
   def __init__(
-      self,
-      sizes: Sequence[int],
-      *,
-      activation: str | Callable[[Array], Array] | Activation = "tanh",
-      output_activation: str | Callable[[Array], Array] | Activation | None = None,
-      rngs: nnx.Rngs,
+    self,
+    sizes: Sequence[int],
+    *,
+    activation: str | Callable[[Array], Array] | Activation = "tanh",
+    output_activation: str | Callable[[Array], Array] | Activation | None = None,
+    rngs: nnx.Rngs,
   ):
     sizes = tuple(int(s) for s in sizes)
     if len(sizes) < 2:
       raise ValueError(f"MLP needs at least an input and an output size, got {sizes}")
     last = len(sizes) - 2
     super().__init__(
-        *(
-            Dense(
-                n_in,
-                n_out,
-                activation=activation if i < last else (output_activation or "identity"),
-                rngs=rngs,
-            )
-            for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:]))
+      *(
+        Dense(
+          n_in,
+          n_out,
+          activation=activation if i < last else (output_activation or "identity"),
+          rngs=rngs,
         )
+        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))
+      )
     )
     self.sizes = sizes

@@ -14,5 +14,5 @@ from altgrad.rules._common import LossFn
 RuleFactory = Callable[[Layer, LossFn], optax.GradientTransformationExtraArgs]
 
 RULES: dict[str, RuleFactory] = {
-    "backprop": backprop,
+  "backprop": backprop,
 }
