@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 Array = jax.Array
@@ -23,7 +24,8 @@ def softmax_cross_entropy(logits: Array, labels: Array) -> Array:
       f"got {tuple(logits.shape)} and {tuple(labels.shape)}"
     )
   if not isinstance(labels, jax.core.Tracer):
-    low, high = int(jnp.min(labels, initial=0)), int(jnp.max(labels, initial=0))
+    values = np.asarray(labels)
+    low, high = int(values.min(initial=0)), int(values.max(initial=0))
     if low < 0 or high >= logits.shape[1]:
       raise ValueError(
         f"labels must lie in [0, {logits.shape[1]}) for {logits.shape[1]} classes, "

@@ -1,0 +1,55 @@
+"""Tests run on the CPU, whatever the machine has."""
+
+import os
+
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from altgrad import nn  # noqa: E402
+
+# Small models of every family the rules must handle, with a matching batch:
+# name -> (make_model(seed), make_batch(seed)) for a 3-class classification problem.
+CLASSES = 3
+
+
+def _mlp(seed):
+  return nn.MLP((6, 16, 12, CLASSES), rngs=nnx.Rngs(seed))
+
+
+def _conv(seed):
+  rngs = nnx.Rngs(seed)
+  return nn.Sequential(
+    nn.Conv(2, 4, 3, activation="tanh", rngs=rngs),
+    nn.Conv(4, 5, 3, strides=2, activation="tanh", rngs=rngs),
+    nn.Flatten(),
+    nn.Dense(5 * 3 * 3, CLASSES, activation="identity", rngs=rngs),
+  )
+
+
+def _rnn(seed):
+  return nn.SimpleRNN(3, 8, CLASSES, rngs=nnx.Rngs(seed))
+
+
+INPUT_SHAPES = {"mlp": (6,), "conv": (6, 6, 2), "rnn": (7, 3)}
+MODELS = {"mlp": _mlp, "conv": _conv, "rnn": _rnn}
+
+
+def make_batch(kind, batch_size=16, seed=0, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(batch_size, *INPUT_SHAPES[kind])).astype(dtype)
+  y = rng.integers(0, CLASSES, size=batch_size).astype(np.int32)
+  return jnp.asarray(x), jnp.asarray(y)
+
+
+@pytest.fixture(params=sorted(MODELS))
+def model_kind(request):
+  return request.param
+
+
+def tree_allclose(a, b, rtol, atol):
+  return all(jax.tree.leaves(jax.tree.map(lambda u, v: bool(np.allclose(u, v, rtol=rtol, atol=atol)), a, b)))

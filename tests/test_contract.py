@@ -1,0 +1,115 @@
+"""One suite, every rule: the optax contract of DESIGN.md."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from conftest import MODELS, make_batch
+from flax import nnx
+
+from altgrad import losses, rules
+
+RULE_NAMES = sorted(rules.RULES)
+
+
+def _setup(rule_name, kind, seed=0):
+  model = MODELS[kind](seed)
+  tx = rules.RULES[rule_name](model, losses.softmax_cross_entropy)
+  return model, tx, nnx.state(model, nnx.Param)
+
+
+@pytest.mark.parametrize("rule_name", RULE_NAMES)
+def test_update_is_shaped_like_params_finite_and_float32(rule_name, model_kind):
+  _, tx, params = _setup(rule_name, model_kind)
+  updates, _ = tx.update(None, tx.init(params), params, batch=make_batch(model_kind))
+  chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
+  chex.assert_tree_all_finite(updates)
+  assert jax.tree.structure(updates) == jax.tree.structure(params)
+
+
+@pytest.mark.parametrize("rule_name", RULE_NAMES)
+def test_incoming_updates_are_ignored(rule_name):
+  _, tx, params = _setup(rule_name, "mlp")
+  state = tx.init(params)
+  batch = make_batch("mlp")
+  a, _ = tx.update(None, state, params, batch=batch)
+  b, _ = tx.update(jax.tree.map(lambda p: 1e3 * jnp.ones_like(p), params), state, params, batch=batch)
+  chex.assert_trees_all_close(a, b)
+
+
+@pytest.mark.parametrize("rule_name", RULE_NAMES)
+def test_jitted_chain_compiles_once_and_lowers_the_loss(rule_name, model_kind):
+  model, rule, params = _setup(rule_name, model_kind)
+  tx = optax.chain(rule, optax.adam(1e-2))
+  x, y = make_batch(model_kind, batch_size=32)
+  graphdef = nnx.graphdef(model)
+  traces = []
+
+  @jax.jit
+  def step(params, state):
+    traces.append(1)
+    updates, state = tx.update(None, state, params, batch=(x, y))
+    return optax.apply_updates(params, updates), state
+
+  def loss(params):
+    return float(jnp.mean(losses.softmax_cross_entropy(nnx.merge(graphdef, params)(x), y)))
+
+  state = tx.init(params)
+  before = loss(params)
+  for _ in range(30):
+    params, state = step(params, state)
+  assert len(traces) == 1
+  chex.assert_tree_all_finite(params)
+  chex.assert_trees_all_equal_dtypes(params, nnx.state(model, nnx.Param))
+  assert loss(params) < 0.9 * before
+
+
+@pytest.mark.parametrize("rule_name", RULE_NAMES)
+def test_works_through_nnx_optimizer(rule_name):
+  model, rule, _ = _setup(rule_name, "mlp")
+  params = nnx.as_pure(nnx.state(model, nnx.Param))  # arrays, not the model's live Variables
+  optimizer = nnx.Optimizer(model, optax.chain(rule, optax.sgd(0.1)), wrt=nnx.Param)
+  batch = make_batch("mlp")
+  expected, _ = rule.update(None, rule.init(params), params, batch=batch)
+  optimizer.update(model, None, batch=batch)
+  moved = jax.tree.map(lambda new, old: (old - new) / 0.1, nnx.as_pure(nnx.state(model, nnx.Param)), params)
+  chex.assert_trees_all_close(moved, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule_name", RULE_NAMES)
+def test_float64_stays_float64(rule_name):
+  with jax.enable_x64(True):
+    model = MODELS["mlp"](0)
+    model = jax.tree.map(lambda p: p.astype(jnp.float64), model)
+    tx = rules.RULES[rule_name](model, losses.softmax_cross_entropy)
+    params = nnx.state(model, nnx.Param)
+    updates, _ = tx.update(None, tx.init(params), params, batch=make_batch("mlp", dtype=jnp.float64))
+    assert {u.dtype for u in jax.tree.leaves(updates)} == {jnp.dtype(jnp.float64)}
+
+
+@pytest.mark.parametrize("rule_name", RULE_NAMES)
+@pytest.mark.parametrize(
+  "batch, message",
+  [
+    (None, "needs the batch"),
+    ((jnp.ones((4, 6)),), "pair"),
+    ((jnp.ones((4, 5)), jnp.zeros(4, jnp.int32)), "Dense expects inputs shaped"),
+    ((jnp.ones((4, 6)), jnp.zeros(3, jnp.int32)), "one row per input"),
+    ((jnp.ones((4, 6), jnp.int32), jnp.zeros(4, jnp.int32)), "floating-point"),
+    ((jnp.full((4, 6), jnp.nan), jnp.zeros(4, jnp.int32)), "NaN"),
+    ((jnp.ones((4, 6)), jnp.full(4, 7, jnp.int32)), "labels must lie in"),
+    ((jnp.ones((4, 6)), jnp.zeros(4, jnp.float32)), "integer class labels"),
+    ((jnp.ones((0, 6)), jnp.zeros(0, jnp.int32)), "empty"),
+  ],
+)
+def test_bad_batch_is_a_clear_error(rule_name, batch, message):
+  _, tx, params = _setup(rule_name, "mlp")
+  with pytest.raises((ValueError, TypeError), match=message):
+    tx.update(None, tx.init(params), params, batch=batch)
+
+
+@pytest.mark.parametrize("rule_name", RULE_NAMES)
+def test_rejects_a_model_not_built_of_altgrad_layers(rule_name):
+  with pytest.raises(TypeError, match="altgrad.nn layers"):
+    rules.RULES[rule_name](nnx.Linear(2, 2, rngs=nnx.Rngs(0)), losses.softmax_cross_entropy)

@@ -1,0 +1,120 @@
+"""The training helper and the command line, end to end on small settings."""
+
+import json
+
+import numpy as np
+import optax
+import pytest
+from conftest import MODELS
+from flax import nnx
+
+from altgrad import _cli, data, losses, nn, rules, train
+
+
+def _small_digits():
+  ds = data.digits()
+  return ds._replace(x_train=ds.x_train[:512], y_train=ds.y_train[:512])
+
+
+def test_fit_trains_in_place_without_recompiling():
+  ds = _small_digits()
+  model = nn.MLP((64, 32, 10), rngs=nnx.Rngs(0))
+  before = nnx.as_pure(nnx.state(model, nnx.Param))
+  tx = optax.chain(rules.backprop(model, losses.softmax_cross_entropy), optax.adam(1e-2))
+  history = train.fit(model, tx, ds, loss_fn=losses.softmax_cross_entropy, epochs=3, batch_size=64)
+  assert history.epoch == [1, 2, 3] and history.compilations == 1
+  assert len(history.test_accuracy) == len(history.step_time) == len(history.wall_time) == 3
+  assert history.test_accuracy[-1] > 0.85
+  assert history.train_loss[-1] < history.train_loss[0]
+  assert np.all(np.diff(history.wall_time) > 0) and history.median_step_time > 0
+  after = nnx.as_pure(nnx.state(model, nnx.Param))
+  assert not np.allclose(before["layers"][0]["kernel"], after["layers"][0]["kernel"])
+  assert json.dumps(history.as_dict())
+
+
+def test_fit_is_reproducible_from_its_seed():
+  ds = _small_digits()
+  runs = []
+  for _ in range(2):
+    model = nn.MLP((64, 16, 10), rngs=nnx.Rngs(0))
+    tx = optax.chain(rules.backprop(model, losses.softmax_cross_entropy), optax.sgd(0.1))
+    runs.append(train.fit(model, tx, ds, loss_fn=losses.softmax_cross_entropy, epochs=2, seed=5).test_loss)
+  assert runs[0] == runs[1]
+
+
+def test_fit_regression_on_a_sequence_task():
+  ds = data.adding(10, num_train=256, num_test=64)
+  model = nn.SimpleRNN(2, 16, 1, rngs=nnx.Rngs(0))
+  tx = optax.chain(rules.backprop(model, losses.squared_error), optax.adam(1e-2))
+  history = train.fit(model, tx, ds, loss_fn=losses.squared_error, epochs=3, batch_size=32)
+  assert history.test_loss[-1] < history.test_loss[0]
+  assert 0.0 <= history.test_accuracy[-1] <= 1.0
+
+
+def test_fit_rejects_bad_data():
+  ds = _small_digits()
+  model = nn.MLP((64, 10), rngs=nnx.Rngs(0))
+  tx = rules.backprop(model, losses.softmax_cross_entropy)
+  fit = lambda d, **kw: train.fit(model, tx, d, loss_fn=losses.softmax_cross_entropy, epochs=1, **kw)  # noqa: E731
+  with pytest.raises(ValueError, match="labels must be integers in"):
+    fit(ds._replace(y_train=ds.y_train + 10))
+  with pytest.raises(ValueError, match="NaN or infinite"):
+    fit(ds._replace(x_test=np.full_like(ds.x_test, np.nan)))
+  with pytest.raises(ValueError, match="batch_size must lie in"):
+    fit(ds, batch_size=0)
+  with pytest.raises(ValueError, match="Dense expects inputs shaped"):
+    fit(ds._replace(x_train=ds.x_train[:, :10]))
+
+
+def test_compare_runs_end_to_end(tmp_path, capsys):
+  plot, out = tmp_path / "acc.png", tmp_path / "results.json"
+  code = _cli.main(
+    ["compare", "--epochs", "2", "--hidden", "16", "--plot", str(plot), "--json", str(out), "--no-progress"]
+  )
+  assert code == 0
+  printed = capsys.readouterr().out
+  assert "backprop" in printed and "x backprop" in printed
+  assert plot.stat().st_size > 1000
+  results = json.loads(out.read_text())["results"]
+  assert set(results) == set(rules.RULES)
+  assert results["backprop"]["step_time_ratio"] == 1.0
+  assert results["backprop"]["test_accuracy"][-1] > 0.5
+
+
+def test_compare_builds_the_model_for_the_data():
+  seq = data.temporal_order(20, num_train=8, num_test=4)
+  assert isinstance(_cli.build_model(seq, "auto", (8,), "tanh", 0), nn.SimpleRNN)
+  images = data.Dataset(
+    np.zeros((4, 8, 8, 1), np.float32),
+    np.zeros(4, np.int32),
+    np.zeros((2, 8, 8, 1), np.float32),
+    np.zeros(2, np.int32),
+    3,
+    "imgs",
+  )
+  conv = _cli.build_model(images, "auto", (8,), "tanh", 0)
+  assert conv(np.zeros((2, 8, 8, 1), np.float32)).shape == (2, 3)
+  with pytest.raises(ValueError, match="--model rnn needs sequences"):
+    _cli.build_model(data.digits(), "rnn", (8,), "tanh", 0)
+
+
+def test_command_line_errors_are_clear(capsys):
+  with pytest.raises(SystemExit):
+    _cli.main(["compare", "--rules", "nonsense"])
+  assert "unknown rule" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    _cli.main(["compare", "--lr", "-1"])
+  assert "must be positive" in capsys.readouterr().err
+
+
+def test_models_fixture_kinds_all_fit():
+  # every model family of the contract suite trains through fit's compiled epoch
+  for kind, shape in (("conv", (6, 6, 2)), ("rnn", (7, 3))):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, *shape)).astype(np.float32)
+    y = rng.integers(0, 3, 64).astype(np.int32)
+    ds = data.Dataset(x, y, x[:16], y[:16], 3, kind)
+    model = MODELS[kind](0)
+    tx = optax.chain(rules.backprop(model, losses.softmax_cross_entropy), optax.adam(1e-2))
+    history = train.fit(model, tx, ds, loss_fn=losses.softmax_cross_entropy, epochs=2, batch_size=16)
+    assert history.compilations == 1 and np.isfinite(history.test_loss[-1])
