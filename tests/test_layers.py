@@ -207,3 +207,22 @@ def test_mlp_validates_its_sizes():
   model = nn.MLP((4, 8, 2), activation="relu", output_activation="sigmoid", rngs=nnx.Rngs(0))
   assert [layer.activation.name for layer in model.layers] == ["relu", "sigmoid"]
   assert np.all(np.asarray(model(jnp.ones((3, 4)))) > 0)
+
+
+def test_every_site_is_affine_in_its_matrix(model_kind):
+  model = MODELS[model_kind](0)
+  x, _ = make_batch(model_kind)
+  _, taps = model.tapped(x)
+  for site, tap in zip(model.sites(), taps, strict=True):
+    rows = site.design(tap.inputs)
+    z = tap.preact.reshape(rows.shape[0], -1)
+    chex.assert_trees_all_close(rows @ site.matrix(), z, rtol=1e-5, atol=1e-5)
+
+
+def test_updates_from_matrices_places_each_matrix_in_its_site(model_kind):
+  model = MODELS[model_kind](0)
+  pure = nn.PureModel(model)
+  params = nnx.state(model, nnx.Param)
+  matrices = tuple(2.0 * site.matrix() for site in model.sites())
+  doubled = pure.updates_from_matrices(params, matrices)
+  chex.assert_trees_all_close(doubled, jax.tree.map(lambda p: 2.0 * p, params))

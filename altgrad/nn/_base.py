@@ -1,7 +1,9 @@
-"""The layer protocol: sites, taps, and the one function that turns per-site errors into updates.
+"""The layer protocol: sites and taps.
 
 A *site* is a place where a layer computes a pre-activation ``z = linear(inputs)`` from its own
-parameters. A rule reads and perturbs the network only there, through ``tapped``.
+parameters. A rule reads and perturbs the network only there, through ``tapped``. A site is
+affine in its parameters: ``linear(inputs).reshape(-1, out) == design(inputs) @ matrix()``, which
+is what rules that solve least-squares problems per site (CW, ER) work with.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from altgrad._linalg import RidgeSolver
@@ -84,6 +87,14 @@ class SingleSite(Layer):
     """The pre-activation, a function of this layer's parameters and its input only."""
     raise NotImplementedError
 
+  def design(self, x: Array) -> Array:
+    """The input as rows ``X`` with ``linear(x).reshape(-1, out) == X @ matrix()``."""
+    raise NotImplementedError
+
+  def matrix(self) -> Array:
+    """The parameters as one ``(features, out)`` matrix (kernel rows, then the bias row)."""
+    raise NotImplementedError
+
   def sites(self) -> tuple[SingleSite]:
     return (self,)
 
@@ -93,6 +104,17 @@ class SingleSite(Layer):
     if delta is not None:
       z = z + delta
     return self.activation(z), (Tap(x, z),)
+
+
+def design_rows(features: Array, bias: bool) -> Array:
+  """``features`` as rows ``(n, d)``, with a column of ones appended when the site has a bias."""
+  rows = features.reshape(-1, features.shape[-1])
+  return jnp.concatenate([rows, jnp.ones((rows.shape[0], 1), rows.dtype)], axis=1) if bias else rows
+
+
+def stacked_matrix(kernel: Array, bias: Array | None) -> Array:
+  """``[kernel; bias]``: a site's parameters as the one matrix its design rows multiply."""
+  return kernel if bias is None else jnp.concatenate([kernel, bias[None]], axis=0)
 
 
 def ridge_solver(kernel: Array, reg: Any = None, solver: RidgeSolver | None = None) -> RidgeSolver:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from altgrad.nn._activations import Activation, get_activation
-from altgrad.nn._base import SingleSite, describe_shape
+from altgrad.nn._base import SingleSite, describe_shape, design_rows, stacked_matrix
 
 Array = jax.Array
 
@@ -73,6 +73,23 @@ class Conv(SingleSite):
       dimension_numbers=("NHWC", "HWIO", "NHWC"),
     )
     return z if self.bias is None else z + self.bias[...]
+
+  def design(self, x: Array) -> Array:
+    """One row per output position: the input patch, features ordered (in, kh, kw)."""
+    patches = jax.lax.conv_general_dilated_patches(
+      x,
+      self.kernel_size,
+      self.strides,
+      self.padding,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    return design_rows(patches, self.bias is not None)
+
+  def matrix(self) -> Array:
+    kernel = jnp.transpose(self.kernel[...], (2, 0, 1, 3))  # HWIO -> the patches' (in, kh, kw) order
+    return stacked_matrix(
+      kernel.reshape(-1, self.out_features), None if self.bias is None else self.bias[...]
+    )
 
   def check_input(self, x: Any) -> None:
     shape = getattr(x, "shape", None)

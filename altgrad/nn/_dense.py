@@ -11,7 +11,7 @@ from flax import nnx
 
 from altgrad._linalg import RidgeSolver
 from altgrad.nn._activations import Activation, get_activation
-from altgrad.nn._base import SingleSite, describe_shape, ridge_solver
+from altgrad.nn._base import SingleSite, describe_shape, design_rows, ridge_solver, stacked_matrix
 
 Array = jax.Array
 
@@ -51,6 +51,12 @@ class Dense(SingleSite):
   def linear(self, x: Array) -> Array:
     z = x @ self.kernel[...]
     return z if self.bias is None else z + self.bias[...]
+
+  def design(self, x: Array) -> Array:
+    return design_rows(x, self.bias is not None)
+
+  def matrix(self) -> Array:
+    return stacked_matrix(self.kernel[...], None if self.bias is None else self.bias[...])
 
   def check_input(self, x: Any) -> None:
     shape = getattr(x, "shape", None)

@@ -84,6 +84,20 @@ class PureModel:
     (updates,) = vjp(tuple(errors))
     return updates
 
+  def updates_from_matrices(self, params: Any, matrices: Sequence[Array]) -> Any:
+    """The params-shaped update whose sites read ``matrices[i]`` through ``site.matrix()``.
+
+    ``matrix()`` only stacks and reorders parameters, so the VJP of ``params -> matrices`` is
+    its inverse: this places per-site matrix updates (CW, ER) back into the params tree.
+    """
+
+    def as_matrices(p):
+      return tuple(site.matrix() for site in self.bind(p).sites())
+
+    _, vjp = jax.vjp(as_matrices, params)
+    (updates,) = vjp(tuple(matrices))
+    return updates
+
   def check_batch(self, params: Any, batch: Any, *, rule: str) -> tuple[Array, Array]:
     """Returns ``(inputs, targets)`` or raises an error naming what is wrong with them."""
     if params is None:

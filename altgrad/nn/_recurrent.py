@@ -11,7 +11,15 @@ from flax import nnx
 
 from altgrad._linalg import RidgeSolver
 from altgrad.nn._activations import Activation, get_activation
-from altgrad.nn._base import Layer, Tap, describe_shape, ridge_solver, split_perturbations
+from altgrad.nn._base import (
+  Layer,
+  Tap,
+  describe_shape,
+  design_rows,
+  ridge_solver,
+  split_perturbations,
+  stacked_matrix,
+)
 from altgrad.nn._dense import Dense
 
 Array = jax.Array
@@ -50,6 +58,16 @@ class RNNCell(nnx.Module):
   def linear(self, inputs: tuple[Array, Array]) -> Array:
     h_prev, x = inputs
     return h_prev @ self.recurrent_kernel[...] + self.input_drive(x)
+
+  def design(self, inputs: tuple[Array, Array]) -> Array:
+    """Rows ``[h_prev, x, 1]``, one per (example, time step): a shared layer stacks its uses."""
+    h_prev, x = inputs
+    return design_rows(jnp.concatenate([h_prev, x], axis=-1), True)
+
+  def matrix(self) -> Array:
+    return stacked_matrix(
+      jnp.concatenate([self.recurrent_kernel[...], self.input_kernel[...]], axis=0), self.bias[...]
+    )
 
   def ridge_solver(self, reg: float | Array) -> RidgeSolver:
     """The factored ``W W^T + reg I``: factor once per step, reuse for every time step."""

@@ -7,6 +7,7 @@ ignored (a rule is the source of the update, as ``jax.grad`` is); the output is 
 """
 
 from altgrad.rules._backprop import backprop
+from altgrad.rules._consequentialism import consequentialism
 from altgrad.rules._registry import RULES
 
-__all__ = ["RULES", "backprop"]
+__all__ = ["RULES", "backprop", "consequentialism"]

@@ -10,9 +10,11 @@ import optax
 from altgrad.nn import Layer
 from altgrad.rules._backprop import backprop
 from altgrad.rules._common import LossFn
+from altgrad.rules._consequentialism import consequentialism
 
 RuleFactory = Callable[[Layer, LossFn], optax.GradientTransformationExtraArgs]
 
 RULES: dict[str, RuleFactory] = {
   "backprop": backprop,
+  "consequentialism": consequentialism,
 }

@@ -1,0 +1,135 @@
+"""Consequentialism weight updates (CW): backprop's update emended over the mini-batch (NLMS / APA).
+
+Paeedeh and Ghiasi-Shirazi, "Improving the Backpropagation Algorithm with Consequentialism
+Weight Updates over Mini-Batches", arXiv:2003.05164 (Neurocomputing 461, 2021).
+
+Reconstruction: only the paper's abstracts were available and no code was published, so the
+equations here are reconstructed (spec/cw.md) from the abstracts and standard NLMS /
+affine-projection theory. Unconfirmed: the scaling of eps, sum versus mean, and how the paper
+combines the rule with momentum or Adam.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import jax.scipy.linalg as jsl
+import optax
+
+from altgrad.nn import Layer, PureModel
+from altgrad.rules._common import LossFn, check_loss_fn
+
+Array = jax.Array
+
+FORMS = ("auto", "dual", "primal")
+EPS_MODES = ("relative", "absolute")
+
+
+def _solve_spd(matrix: Array, rhs: Array, eps: Array) -> Array:
+  """``(matrix + eps I)^-1 rhs`` by Cholesky (``matrix`` is a Gram matrix, so this is SPD)."""
+  factor = jnp.linalg.cholesky(matrix + eps * jnp.eye(matrix.shape[0], dtype=matrix.dtype))
+  return jsl.cho_solve((factor, True), rhs)
+
+
+def emend(
+  rows: Array,
+  errors: Array,
+  *,
+  eps: float,
+  eps_mode: str = "relative",
+  form: str = "auto",
+  diag: bool = False,
+) -> Array:
+  """The CW update of one site in matrix form, ``X^T (X X^T + eps I)^-1 D``.
+
+  Args:
+    rows: the site's design rows ``X`` (rows, features), bias column included.
+    errors: ``D`` (rows, out), the errors of the loss summed over the batch.
+    eps: the ridge; with ``eps_mode="relative"`` it is multiplied by ``tr(X X^T) / rows``, the
+      mean of ``||x_i||^2 + 1``, which makes the rule invariant to the input scale.
+    form: ``"dual"`` solves the (rows x rows) system, ``"primal"`` the (features x features)
+      one, ``X^T X``; ``"auto"`` the smaller. Both give the same matrix.
+    diag: the ablation that keeps only the diagonal of ``X X^T``: per-example NLMS steps.
+
+  Returns:
+    the emended update (features, out), gradient-signed: ``sgd(eta)`` after it moves every
+    example's output by ``-eta * D`` as far as the ridge allows.
+  """
+  dtype = errors.dtype
+  compute = jnp.promote_types(dtype, jnp.float32)  # Grams and factors never in half precision
+  rows, errors = rows.astype(compute), errors.astype(compute)
+  squared_norms = jnp.sum(rows * rows, axis=1)
+  ridge = eps * jnp.mean(squared_norms) if eps_mode == "relative" else jnp.asarray(eps, compute)
+  if diag:
+    return (rows.T @ (errors / (ridge + squared_norms)[:, None])).astype(dtype)
+  side = form if form != "auto" else ("dual" if rows.shape[0] < rows.shape[1] else "primal")
+  if side == "dual":
+    update = rows.T @ _solve_spd(rows @ rows.T, errors, ridge)
+  else:
+    update = _solve_spd(rows.T @ rows, rows.T @ errors, ridge)
+  return update.astype(dtype)
+
+
+def consequentialism(
+  model: Layer,
+  loss_fn: LossFn,
+  *,
+  eps: float = 1.0,
+  eps_mode: str = "relative",
+  form: str = "auto",
+  diag: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  """Consequentialism weight updates: backprop's errors, with each site's update emended so
+  that the step's consequence on every example of the batch is what that example asked for.
+
+  Per site, with design rows ``X`` (inputs plus a bias column; a conv's patches, a recurrent
+  cell's every time step) and backprop errors ``D`` of the summed loss:
+  ``update = X^T (X X^T + eps I)^-1 D = (X^T X + eps I)^-1 X^T D``. With batch size 1 this is
+  NLMS, ``delta x^T / (eps + ||x||^2)``; as ``eps`` grows it tends to ``B / eps`` times the
+  gradient of the mean loss. The errors sent down are backprop's: only the weight update
+  changes. Reconstructed from the paper's abstract (spec/cw.md); see the module docstring.
+
+  Follow it with any optimizer ("emend, then optimize"): with ``optax.sgd(eta)``, ``eta`` in
+  (0, 1] is the fraction of each example's virtual error corrected (the mean loss's ``1/B`` is
+  undone, so ``eta`` keeps that meaning). Momentum and Nesterov act on the emended update;
+  Adam and RMSProp rescale per coordinate, which cancels CW's normalization and keeps its
+  decorrelation. The library never right-multiplies an optimizer's step by the inverse Gram,
+  which blows up outside the batch's span when the batch is smaller than the fan-in.
+
+  Args:
+    model: an ``altgrad.nn`` model (Dense, Conv and SimpleRNN sites).
+    loss_fn: ``loss_fn(outputs, targets) -> (batch,)``.
+    eps: the ridge (``lam`` of the spec), relative to the mean squared input norm by default.
+    eps_mode: ``"relative"`` or ``"absolute"``.
+    form: ``"auto"`` (smaller solve per site), ``"dual"`` or ``"primal"``. The primal form's
+      statistics are sums over rows, so it is exact across micro-batches and devices.
+    diag: per-example NLMS (the diagonal of the Gram matrix only): fixes the step's scale,
+      not the interference between examples.
+  """
+  pure = PureModel(model)
+  check_loss_fn(loss_fn)
+  if not (isinstance(eps, (int, float)) and 0 < eps < math.inf):
+    raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+  if eps_mode not in EPS_MODES:
+    raise ValueError(f"eps_mode must be one of {EPS_MODES}, got {eps_mode!r}")
+  if form not in FORMS:
+    raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None, *, batch=None, **extra_args):
+    del updates, extra_args
+    x, targets = pure.check_batch(params, batch, rule="consequentialism")
+    _, _, taps, errors = pure.errors(params, x, targets, loss_fn)
+    matrices = []
+    for site, tap, error in zip(pure.bind(params).sites(), taps, errors, strict=True):
+      rows = site.design(tap.inputs)
+      summed = x.shape[0] * error.reshape(rows.shape[0], -1)  # errors of the summed loss
+      matrices.append(emend(rows, summed, eps=eps, eps_mode=eps_mode, form=form, diag=diag))
+    return pure.updates_from_matrices(params, matrices), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
