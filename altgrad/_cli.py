@@ -1,27 +1,18 @@
-"""The `altgrad` command line: `altgrad compare` trains one model with several rules."""
+"""The `altgrad` command line: `altgrad compare` trains one model with several rules; `altgrad bench`
+runs a benchmark suite."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Sequence
 
 import optax
-from flax import nnx
 
+from altgrad import _bench, nn, rules, train
 from altgrad import data as data_lib
-from altgrad import losses, nn, rules, train
-
-OPTIMIZERS = {
-  "sgd": optax.sgd,
-  "momentum": lambda lr: optax.sgd(lr, momentum=0.9),
-  "nesterov": lambda lr: optax.sgd(lr, momentum=0.9, nesterov=True),
-  "rmsprop": optax.rmsprop,
-  "adam": optax.adam,
-}
-MODELS = ("auto", "mlp", "conv", "rnn")
+from altgrad._experiment import MODELS, OPTIMIZERS, build_model, loss_for
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -54,36 +45,9 @@ def _positive(kind):
   return parse
 
 
-def build_model(dataset: data_lib.Dataset, kind: str, hidden: Sequence[int], activation: str, seed: int):
-  """The model `compare` trains: an MLP for flat inputs, a SimpleRNN for sequences, a small
-  conv net for images."""
-  rngs = nnx.Rngs(seed)
-  shape, out = dataset.input_shape, dataset.output_size
-  if kind == "auto":
-    kind = {1: "mlp", 2: "rnn", 3: "conv"}.get(len(shape), "mlp")
-  if kind == "rnn":
-    if len(shape) != 2:
-      raise ValueError(f"--model rnn needs sequences (time, features); {dataset.name} has inputs {shape}")
-    return nn.SimpleRNN(shape[1], hidden[0], out, activation=activation, rngs=rngs)
-  if kind == "conv":
-    if len(shape) != 3:
-      raise ValueError(f"--model conv needs images (height, width, channels); {dataset.name} has {shape}")
-    return nn.Sequential(
-      nn.Conv(shape[-1], 16, 3, strides=2, activation=activation, rngs=rngs),
-      nn.Conv(16, 32, 3, strides=2, activation=activation, rngs=rngs),
-      nn.Flatten(),
-      nn.MLP((32 * -(-shape[0] // 4) * -(-shape[1] // 4), *hidden, out), activation=activation, rngs=rngs),
-    )
-  if len(shape) != 1:
-    return nn.Sequential(
-      nn.Flatten(), nn.MLP((math.prod(shape), *hidden, out), activation=activation, rngs=rngs)
-    )
-  return nn.MLP((shape[0], *hidden, out), activation=activation, rngs=rngs)
-
-
 def compare(args: argparse.Namespace) -> dict:
   dataset = data_lib.load(args.dataset)
-  loss_fn = losses.squared_error if dataset.num_classes is None else losses.softmax_cross_entropy
+  loss_fn = loss_for(dataset)
   names = ("backprop", *(n for n in args.rules if n != "backprop"))
   results = {}
   for name in names:
@@ -207,7 +171,28 @@ def make_parser() -> argparse.ArgumentParser:
   p.add_argument("--json", default="", help="also write all histories to this JSON file")
   p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
   p.set_defaults(func=compare)
+
+  b = commands.add_parser(
+    "bench",
+    help="run a benchmark suite and write JSON and markdown",
+    description="Run a named suite of training runs; every step time is divided by backprop's on the "
+    "same data, model and batch size in the same process. Writes OUT/SUITE.json (resumable: finished runs "
+    "are skipped when it is run again) and OUT/SUITE.md.",
+  )
+  b.add_argument(
+    "--suite", default="smoke", choices=sorted(_bench.SUITES), help="suite to run (default: smoke)"
+  )
+  b.add_argument("--out", default="results", help="output directory (default: results)")
+  b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+  b.set_defaults(func=bench)
   return parser
+
+
+def bench(args: argparse.Namespace) -> dict:
+  results = _bench.run_suite(args.suite, args.out, progress=False if args.no_progress else None)
+  print(_bench.markdown(results))
+  print(f"results written to {args.out}/{args.suite}.json and .md")
+  return results
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,186 @@
+"""`altgrad bench`: named suites of training runs, compared with backprop in the same process.
+
+A suite is a list of :class:`Run`. Every run's step time is divided by that of the backprop run
+on the same data, model and batch size in the same suite. Results go to ``<out>/<suite>.json``
+(resumable: finished runs are kept and skipped) and ``<out>/<suite>.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import resource
+import time
+from pathlib import Path
+
+import jax
+import optax
+
+from altgrad import data as data_lib
+from altgrad import rules, train
+from altgrad._experiment import OPTIMIZERS, build_model, loss_for
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One training run: data set, model, rule (with options), optimizer and schedule."""
+
+  dataset: str
+  hidden: tuple[int, ...]
+  rule: str
+  optimizer: str
+  lr: float
+  epochs: int
+  batch_size: int
+  model: str = "auto"
+  activation: str = "tanh"
+  rule_options: tuple[tuple[str, object], ...] = ()
+  dataset_options: tuple[tuple[str, object], ...] = ()
+  seed: int = 0
+
+  @property
+  def name(self) -> str:
+    options = ",".join(f"{k}={v}" for k, v in self.rule_options)
+    rule = f"{self.rule}({options})" if options else self.rule
+    hidden = "-".join(map(str, self.hidden))
+    return f"{self.dataset}/{self.model}:{hidden}/b{self.batch_size}/{rule}+{self.optimizer}({self.lr:g})/s{self.seed}"
+
+  @property
+  def reference_key(self) -> tuple:
+    """Runs with the same key are timed against the same backprop run."""
+    return (self.dataset, self.dataset_options, self.model, self.hidden, self.activation, self.batch_size)
+
+
+def _cw_suite(epochs: int) -> list[Run]:
+  runs = []
+  for hidden in ((256, 256), (1024, 1024)):
+    for opt, lr_bp, lr_cw in (("sgd", 0.05, 0.5), ("momentum", 0.01, 0.05), ("adam", 1e-3, 1e-3)):
+      runs.append(Run("fashion_mnist", hidden, "backprop", opt, lr_bp, epochs, 128))
+      runs.append(Run("fashion_mnist", hidden, "consequentialism", opt, lr_cw, epochs, 128))
+  conv_options = (("flatten", False),)
+  for rule, lr in (("backprop", 1e-3), ("consequentialism", 1e-3)):
+    runs.append(
+      Run(
+        "fashion_mnist",
+        (128,),
+        rule,
+        "adam",
+        lr,
+        max(1, epochs // 2),
+        128,
+        model="conv",
+        activation="relu",
+        dataset_options=conv_options,
+      )
+    )
+  return runs
+
+
+SUITES = {
+  "smoke": lambda: [Run("digits", (64,), rule, "adam", 3e-3, 3, 64) for rule in rules.RULES],
+  "cw": lambda: _cw_suite(epochs=5),
+}
+
+
+def environment() -> dict:
+  import flax
+
+  return {
+    "jax": jax.__version__,
+    "optax": optax.__version__,
+    "flax": flax.__version__,
+    "device": str(jax.devices()[0]),
+    "device_count": jax.device_count(),
+    "platform": platform.platform(),
+    "processor": platform.processor() or platform.machine(),
+  }
+
+
+def execute(run: Run) -> dict:
+  dataset = data_lib.load(run.dataset, **dict(run.dataset_options))
+  loss_fn = loss_for(dataset)
+  model = build_model(dataset, run.model, run.hidden, run.activation, run.seed)
+  rule = rules.RULES[run.rule](model, loss_fn, **dict(run.rule_options))
+  tx = optax.chain(rule, OPTIMIZERS[run.optimizer](run.lr))
+  history = train.fit(
+    model,
+    tx,
+    dataset,
+    loss_fn=loss_fn,
+    epochs=run.epochs,
+    batch_size=run.batch_size,
+    seed=run.seed,
+    progress=False,
+  )
+  return (
+    dataclasses.asdict(run)
+    | history.as_dict()
+    | {"name": run.name, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+  )
+
+
+def run_suite(suite: str, out_dir: str | Path, *, progress: bool | None = None) -> dict:
+  """Runs (or resumes) ``suite``, writes its JSON and markdown, and returns the results."""
+  if suite not in SUITES:
+    raise ValueError(f"unknown suite {suite!r}; expected one of {sorted(SUITES)}")
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  path = out_dir / f"{suite}.json"
+  previous = json.loads(path.read_text()).get("runs", {}) if path.exists() else {}
+  runs = SUITES[suite]()
+  missing_references = {r.reference_key for r in runs} - {
+    r.reference_key for r in runs if r.rule == "backprop"
+  }
+  runs += [
+    dataclasses.replace(next(r for r in runs if r.reference_key == k), rule="backprop", rule_options=())
+    for k in missing_references
+  ]
+  results = {"suite": suite, "environment": environment(), "runs": {}}
+  from tqdm.auto import tqdm
+
+  for run in tqdm(runs, desc=f"bench {suite}", unit="run", disable=progress is False):
+    if run.name in previous:
+      results["runs"][run.name] = previous[run.name]
+      continue
+    start = time.perf_counter()
+    results["runs"][run.name] = execute(run) | {"total_seconds": time.perf_counter() - start}
+    path.write_text(json.dumps(results, indent=1))  # resumable after every run
+  _add_ratios(runs, results["runs"])
+  path.write_text(json.dumps(results, indent=1))
+  (out_dir / f"{suite}.md").write_text(markdown(results))
+  return results
+
+
+def _add_ratios(runs: list[Run], records: dict) -> None:
+  """Divides each run's step time by backprop's with the same key, the same optimizer if there."""
+  backprop = [r for r in runs if r.rule == "backprop"]
+  for r in runs:
+    same_key = [b for b in backprop if b.reference_key == r.reference_key]
+    reference = next((b for b in same_key if b.optimizer == r.optimizer), same_key[0])
+    records[r.name]["step_time_ratio"] = (
+      records[r.name]["median_step_time"] / records[reference.name]["median_step_time"]
+    )
+
+
+def markdown(results: dict) -> str:
+  env = results["environment"]
+  lines = [
+    f"# altgrad bench: {results['suite']}",
+    "",
+    f"jax {env['jax']}, optax {env['optax']}, flax {env['flax']}; device {env['device']} ({env['processor']}).",
+    "Step time is the median over epochs of the mean step time (compilation excluded); the ratio divides it by backprop's on the same data, model and batch size in the same run.",
+    "",
+    "| data | model | batch | rule | optimizer (lr) | epochs | test acc (per epoch) | final test loss | ms/step | x backprop |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+  ]
+  for r in results["runs"].values():
+    options = ", ".join(f"{k}={v}" for k, v in r["rule_options"])
+    rule = f"{r['rule']} ({options})" if options else r["rule"]
+    accs = " ".join(f"{a:.3f}" for a in r["test_accuracy"])
+    lines.append(
+      f"| {r['dataset']} | {r['model']} {'-'.join(map(str, r['hidden']))} | {r['batch_size']} | {rule} | "
+      f"{r['optimizer']} ({r['lr']:g}) | {r['epochs']} | {accs} | {r['test_loss'][-1]:.4f} | "
+      f"{1e3 * r['median_step_time']:.3f} | {r['step_time_ratio']:.2f} |"
+    )
+  return "\n".join(lines) + "\n"

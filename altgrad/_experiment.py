@@ -1,0 +1,54 @@
+"""What `altgrad compare` and `altgrad bench` share: named optimizers, the model for a data set,
+and its loss."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import optax
+from flax import nnx
+
+from altgrad import data as data_lib
+from altgrad import losses, nn
+
+OPTIMIZERS = {
+  "sgd": optax.sgd,
+  "momentum": lambda lr: optax.sgd(lr, momentum=0.9),
+  "nesterov": lambda lr: optax.sgd(lr, momentum=0.9, nesterov=True),
+  "rmsprop": optax.rmsprop,
+  "adam": optax.adam,
+}
+MODELS = ("auto", "mlp", "conv", "rnn")
+
+
+def loss_for(dataset: data_lib.Dataset):
+  """Cross-entropy for classification, squared error for regression."""
+  return losses.squared_error if dataset.num_classes is None else losses.softmax_cross_entropy
+
+
+def build_model(dataset: data_lib.Dataset, kind: str, hidden: Sequence[int], activation: str, seed: int):
+  """The model `compare` trains: an MLP for flat inputs, a SimpleRNN for sequences, a small
+  conv net for images."""
+  rngs = nnx.Rngs(seed)
+  shape, out = dataset.input_shape, dataset.output_size
+  if kind == "auto":
+    kind = {1: "mlp", 2: "rnn", 3: "conv"}.get(len(shape), "mlp")
+  if kind == "rnn":
+    if len(shape) != 2:
+      raise ValueError(f"--model rnn needs sequences (time, features); {dataset.name} has inputs {shape}")
+    return nn.SimpleRNN(shape[1], hidden[0], out, activation=activation, rngs=rngs)
+  if kind == "conv":
+    if len(shape) != 3:
+      raise ValueError(f"--model conv needs images (height, width, channels); {dataset.name} has {shape}")
+    return nn.Sequential(
+      nn.Conv(shape[-1], 16, 3, strides=2, activation=activation, rngs=rngs),
+      nn.Conv(16, 32, 3, strides=2, activation=activation, rngs=rngs),
+      nn.Flatten(),
+      nn.MLP((32 * -(-shape[0] // 4) * -(-shape[1] // 4), *hidden, out), activation=activation, rngs=rngs),
+    )
+  if len(shape) != 1:
+    return nn.Sequential(
+      nn.Flatten(), nn.MLP((math.prod(shape), *hidden, out), activation=activation, rngs=rngs)
+    )
+  return nn.MLP((shape[0], *hidden, out), activation=activation, rngs=rngs)
