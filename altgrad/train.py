@@ -15,7 +15,7 @@ import optax
 from flax import nnx
 
 from altgrad.data import Dataset
-from altgrad.nn import Layer
+from altgrad.nn import Decorrelation, Layer
 
 Array = jax.Array
 
@@ -63,11 +63,12 @@ def _check_data(model: Layer, data: Dataset, batch_size: int) -> None:
 
 
 def make_evaluate(model: Layer, loss_fn: Callable, num_classes: int | None, chunk: int = 1024):
-  """A jitted ``evaluate(params, x, y) -> (mean loss, accuracy)`` over chunks of ``chunk`` examples."""
-  graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+  """A jitted ``evaluate(params, variables, x, y) -> (mean loss, accuracy)`` over chunks of
+  ``chunk`` examples; ``variables`` are the model's decorrelation matrices."""
+  graphdef, _, _, rest = nnx.split(model, nnx.Param, Decorrelation, ...)
 
   @jax.jit
-  def evaluate(params, x, y):
+  def evaluate(params, variables, x, y):
     n = x.shape[0]
     size = min(chunk, n)
     pad = -n % size
@@ -77,7 +78,7 @@ def make_evaluate(model: Layer, loss_fn: Callable, num_classes: int | None, chun
 
     def one(args):
       xs, ys, ms = args
-      out = nnx.merge(graphdef, params, rest)(xs)
+      out = nnx.merge(graphdef, params, variables, rest)(xs)
       loss = loss_fn(out, ys)
       if num_classes is None:
         correct = jnp.all(jnp.abs(out - ys) < REGRESSION_TOLERANCE, axis=-1)
@@ -107,7 +108,8 @@ def fit(
 
   Each epoch shuffles the training set (seeded), drops the last partial batch, and runs all its
   steps as one compiled ``lax.scan``; after it the test set and up to ``train_eval_size``
-  training examples are evaluated. ``tx`` is a rule, possibly chained with optimizers, called
+  training examples are evaluated. Decorrelation matrices that the rule trains (in its state)
+  are used for evaluation and written back to the model with the params. ``tx`` is a rule, possibly chained with optimizers, called
   as ``tx.update(None, state, params, batch=(x, y))``.
 
   Args:
@@ -158,8 +160,9 @@ def fit(
     jax.block_until_ready(params)
     seconds = time.perf_counter() - start
     elapsed += seconds
-    test_loss, test_acc = (float(v) for v in evaluate(params, x_test, y_test))
-    train_loss, _ = evaluate(params, x_eval, y_eval)
+    variables = model_variables(opt_state, model)
+    test_loss, test_acc = (float(v) for v in evaluate(params, variables, x_test, y_test))
+    train_loss, _ = evaluate(params, variables, x_eval, y_eval)
     history.epoch.append(epoch)
     history.train_loss.append(float(train_loss))
     history.test_loss.append(test_loss)
@@ -169,8 +172,13 @@ def fit(
     bar.update(1)
     bar.set_postfix(test_acc=f"{test_acc:.3f}", loss=f"{test_loss:.3f}")
   bar.close()
-  nnx.update(model, params)
+  nnx.update(model, params, model_variables(opt_state, model))
   return history
+
+
+def model_variables(opt_state, model: Layer):
+  """The decorrelation matrices a rule carries in ``opt_state`` (the model's own if none does)."""
+  return optax.tree_utils.tree_get(opt_state, "model_variables", default=nnx.state(model, Decorrelation))
 
 
 def _progress_bar(total: int, description: str, show: bool):

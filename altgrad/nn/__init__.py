@@ -5,7 +5,7 @@ tapped forward pass; :class:`PureModel` is the pure ``(graphdef, params)`` view 
 """
 
 from altgrad.nn._activations import ACTIVATIONS, Activation, get_activation
-from altgrad.nn._base import Layer, SingleSite, Tap
+from altgrad.nn._base import Decorrelation, Layer, SingleSite, Tap
 from altgrad.nn._conv import Conv
 from altgrad.nn._dense import Dense
 from altgrad.nn._pure import PureModel
@@ -16,6 +16,7 @@ __all__ = [
   "ACTIVATIONS",
   "Activation",
   "Conv",
+  "Decorrelation",
   "Dense",
   "Flatten",
   "Layer",

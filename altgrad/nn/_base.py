@@ -21,6 +21,11 @@ from altgrad.nn._activations import Activation
 Array = jax.Array
 
 
+class Decorrelation(nnx.Variable):
+  """A layer's decorrelating matrix ``R``: model state that rules update, never an ``nnx.Param``,
+  so an optax optimizer never sees it."""
+
+
 class Tap(NamedTuple):
   """What a forward pass recorded at one site.
 
@@ -115,6 +120,11 @@ def design_rows(features: Array, bias: bool) -> Array:
 def stacked_matrix(kernel: Array, bias: Array | None) -> Array:
   """``[kernel; bias]``: a site's parameters as the one matrix its design rows multiply."""
   return kernel if bias is None else jnp.concatenate([kernel, bias[None]], axis=0)
+
+
+def check_learning_rate(value: Any, name: str) -> None:
+  if not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
+    raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def ridge_solver(kernel: Array, reg: Any = None, solver: RidgeSolver | None = None) -> RidgeSolver:

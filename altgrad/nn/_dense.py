@@ -11,7 +11,15 @@ from flax import nnx
 
 from altgrad._linalg import RidgeSolver
 from altgrad.nn._activations import Activation, get_activation
-from altgrad.nn._base import SingleSite, describe_shape, design_rows, ridge_solver, stacked_matrix
+from altgrad.nn._base import (
+  Decorrelation,
+  SingleSite,
+  check_learning_rate,
+  describe_shape,
+  design_rows,
+  ridge_solver,
+  stacked_matrix,
+)
 
 Array = jax.Array
 
@@ -26,6 +34,10 @@ class Dense(SingleSite):
     use_bias: whether to add a bias.
     kernel_init: initializer of the ``(in_features, out_features)`` kernel.
     param_dtype: dtype of the parameters.
+    decorrelation_lr: if given, a decorrelating matrix ``R`` (identity at first, a
+      :class:`Decorrelation` variable, never an ``nnx.Param``) is applied to the input before the
+      kernel, ``linear(x) = (x R) K + b``, and every rule moves it by this learning rate after
+      each step, ``R <- R - lr R C`` with ``C`` the off-diagonal second moment of ``x R`` (spec/np.md 2.3).
     rngs: Flax NNX random streams.
   """
 
@@ -38,6 +50,7 @@ class Dense(SingleSite):
     use_bias: bool = True,
     kernel_init: Callable[..., Array] = nnx.initializers.lecun_normal(),
     param_dtype: Any = jnp.float32,
+    decorrelation_lr: float | None = None,
     rngs: nnx.Rngs,
   ):
     if in_features < 1 or out_features < 1:
@@ -47,13 +60,36 @@ class Dense(SingleSite):
     self.activation = get_activation(activation)
     self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype))
     self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+    if decorrelation_lr is not None:
+      check_learning_rate(decorrelation_lr, "decorrelation_lr")
+    self.decorrelation_lr = decorrelation_lr
+    self.decorrelation = (
+      None if decorrelation_lr is None else Decorrelation(jnp.eye(in_features, dtype=param_dtype))
+    )
+
+  def decorrelated(self, x: Array) -> Array:
+    """``x R``: the input as the kernel sees it (``x`` itself without decorrelation)."""
+    return x if self.decorrelation is None else x @ self.decorrelation[...]
+
+  def decorrelation_step(self, x: Array) -> Array:
+    """The next ``R`` from a batch of inputs ``x`` (spec/np.md 2.3, in row layout)."""
+    xs = self.decorrelated(x).reshape(-1, self.in_features)
+    moment = (xs.T @ xs) / xs.shape[0]
+    moment = moment * (1.0 - jnp.eye(self.in_features, dtype=moment.dtype))
+    r = self.decorrelation[...]
+    return r - self.decorrelation_lr * (r @ moment)
+
+  def effective_kernel(self) -> Array:
+    """``R K``: the map from the raw input to the pre-activation (minus the bias)."""
+    kernel = self.kernel[...]
+    return kernel if self.decorrelation is None else self.decorrelation[...] @ kernel
 
   def linear(self, x: Array) -> Array:
-    z = x @ self.kernel[...]
+    z = self.decorrelated(x) @ self.kernel[...]
     return z if self.bias is None else z + self.bias[...]
 
   def design(self, x: Array) -> Array:
-    return design_rows(x, self.bias is not None)
+    return design_rows(self.decorrelated(x), self.bias is not None)
 
   def matrix(self) -> Array:
     return stacked_matrix(self.kernel[...], None if self.bias is None else self.bias[...])
@@ -65,7 +101,7 @@ class Dense(SingleSite):
 
   def ridge_solver(self, reg: float | Array) -> RidgeSolver:
     """The factored regularized normal matrix of the kernel, to reuse across inverse calls."""
-    return ridge_solver(self.kernel[...], reg)
+    return ridge_solver(self.effective_kernel(), reg)
 
   def inverse(
     self, target: Array, *, reg: float | Array | None = None, solver: RidgeSolver | None = None
@@ -74,7 +110,7 @@ class Dense(SingleSite):
 
     Give ``reg``, or a ``solver`` from :meth:`ridge_solver` to factor once for many calls.
     """
-    solver = ridge_solver(self.kernel[...], reg, solver)
+    solver = ridge_solver(self.effective_kernel(), reg, solver)
     z = self.activation.inverse(target)
     if self.bias is not None:
       z = z - self.bias[...]
@@ -93,5 +129,5 @@ class Dense(SingleSite):
     ``(displacement * (a^-1)'(output)) K^T (K K^T + reg I)^-1``: the Jacobian of
     :meth:`inverse` at ``output`` applied to ``displacement``.
     """
-    solver = ridge_solver(self.kernel[...], reg, solver)
+    solver = ridge_solver(self.effective_kernel(), reg, solver)
     return solver(displacement * self.activation.inverse_derivative(output))

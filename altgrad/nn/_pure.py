@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from altgrad.nn._base import Layer, Tap, describe_shape
+from altgrad.nn._base import Decorrelation, Layer, Tap, describe_shape
 
 Array = jax.Array
 LossFn = Callable[[Array, Array], Array]
@@ -21,8 +22,9 @@ class PureModel:
 
   ``params`` is the ``nnx.Param`` state, ``nnx.state(model, nnx.Param)``, with or without its
   Variable wrappers (``nnx.Optimizer`` passes it without); everything returned that is shaped
-  like ``params`` has exactly its structure. Other variables of the model are frozen at their
-  values at construction.
+  like ``params`` has exactly its structure. ``variables`` holds the model's
+  :class:`Decorrelation` matrices, which rules carry in their state and advance with
+  :meth:`decorrelation_step`; any other variable is frozen at its value at construction.
   """
 
   def __init__(self, model: Layer):
@@ -31,12 +33,26 @@ class PureModel:
         "altgrad rules need a model built of altgrad.nn layers (MLP, Sequential of Dense/Conv/"
         f"Flatten, SimpleRNN), got {type(model).__name__}"
       )
-    self.graphdef, _, self.rest = nnx.split(model, nnx.Param, ...)
+    self.graphdef, _, self.variables, self.rest = nnx.split(model, nnx.Param, Decorrelation, ...)
     self.num_sites = len(model.sites())
+
+  def with_variables(self, variables: Any) -> PureModel:
+    """The same model with other decorrelation matrices (from a rule's state)."""
+    view = copy.copy(self)
+    view.variables = variables
+    return view
 
   def bind(self, params: Any) -> Layer:
     """The model with ``params`` (traceable: use it inside jitted code)."""
-    return nnx.merge(self.graphdef, params, self.rest)
+    return nnx.merge(self.graphdef, params, self.variables, self.rest)
+
+  def decorrelation_step(self, params: Any, taps: Sequence[Tap]) -> Any:
+    """The next decorrelation matrices, each from its site's recorded (clean) input."""
+    model = self.bind(params)
+    for site, tap in zip(model.sites(), taps, strict=True):
+      if getattr(site, "decorrelation", None) is not None:
+        site.decorrelation[...] = site.decorrelation_step(tap.inputs)
+    return nnx.state(model, Decorrelation)
 
   def apply(self, params: Any, x: Array) -> Array:
     return self.bind(params)(x)

@@ -67,6 +67,7 @@ class MLP(Sequential):
     sizes: layer widths, input first; at least two.
     activation: activation of the hidden layers.
     output_activation: activation of the last layer; ``None`` gives raw outputs (logits).
+    decorrelation_lr: if given, every layer decorrelates its input (see :class:`Dense`).
     rngs: Flax NNX random streams.
   """
 
@@ -76,6 +77,7 @@ class MLP(Sequential):
     *,
     activation: str | Callable[[Array], Array] | Activation = "tanh",
     output_activation: str | Callable[[Array], Array] | Activation | None = None,
+    decorrelation_lr: float | None = None,
     rngs: nnx.Rngs,
   ):
     sizes = tuple(int(s) for s in sizes)
@@ -88,6 +90,7 @@ class MLP(Sequential):
           n_in,
           n_out,
           activation=activation if i < last else (output_activation or "identity"),
+          decorrelation_lr=decorrelation_lr,
           rngs=rngs,
         )
         for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))

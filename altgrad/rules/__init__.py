@@ -8,6 +8,7 @@ ignored (a rule is the source of the update, as ``jax.grad`` is); the output is 
 
 from altgrad.rules._backprop import backprop
 from altgrad.rules._consequentialism import consequentialism
+from altgrad.rules._node_perturbation import node_perturbation
 from altgrad.rules._registry import RULES
 
-__all__ = ["RULES", "backprop", "consequentialism"]
+__all__ = ["RULES", "backprop", "consequentialism", "node_perturbation"]

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import optax
 
 from altgrad.nn import Layer, PureModel
 from altgrad.rules._common import LossFn, check_loss_fn
+
+
+class BackpropState(NamedTuple):
+  model_variables: Any  # the model's decorrelation matrices (empty without decorrelation)
 
 
 def backprop(model: Layer, loss_fn: LossFn) -> optax.GradientTransformationExtraArgs:
@@ -19,6 +25,9 @@ def backprop(model: Layer, loss_fn: LossFn) -> optax.GradientTransformationExtra
     model: an ``altgrad.nn`` model; its structure is fixed here, its params come to ``update``.
     loss_fn: ``loss_fn(outputs, targets) -> (batch,)`` per-example losses.
 
+  With a decorrelating model (``decorrelation_lr`` on its layers) this is decorrelated
+  backprop: the gradient at the current ``R``, then ``R`` moves by its own rule.
+
   Returns:
     An optax transformation whose ``update(updates, state, params, *, batch=(x, y))`` ignores
     ``updates`` and returns the gradient, shaped like ``params``.
@@ -28,12 +37,14 @@ def backprop(model: Layer, loss_fn: LossFn) -> optax.GradientTransformationExtra
 
   def init_fn(params):
     del params
-    return optax.EmptyState()
+    return BackpropState(pure.variables)
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del updates, extra_args
-    x, targets = pure.check_batch(params, batch, rule="backprop")
-    _, _, taps, errors = pure.errors(params, x, targets, loss_fn)
-    return pure.updates_from_errors(params, taps, errors), state
+    model = pure.with_variables(state.model_variables)
+    x, targets = model.check_batch(params, batch, rule="backprop")
+    _, _, taps, errors = model.errors(params, x, targets, loss_fn)
+    updates = model.updates_from_errors(params, taps, errors)
+    return updates, BackpropState(model.decorrelation_step(params, taps))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

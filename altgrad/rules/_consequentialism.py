@@ -12,6 +12,7 @@ combines the rule with momentum or Adam.
 from __future__ import annotations
 
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +73,10 @@ def emend(
   return update.astype(dtype)
 
 
+class ConsequentialismState(NamedTuple):
+  model_variables: Any  # the model's decorrelation matrices (empty without decorrelation)
+
+
 def consequentialism(
   model: Layer,
   loss_fn: LossFn,
@@ -119,17 +124,19 @@ def consequentialism(
 
   def init_fn(params):
     del params
-    return optax.EmptyState()
+    return ConsequentialismState(pure.variables)
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del updates, extra_args
-    x, targets = pure.check_batch(params, batch, rule="consequentialism")
-    _, _, taps, errors = pure.errors(params, x, targets, loss_fn)
+    model = pure.with_variables(state.model_variables)
+    x, targets = model.check_batch(params, batch, rule="consequentialism")
+    _, _, taps, errors = model.errors(params, x, targets, loss_fn)
     matrices = []
-    for site, tap, error in zip(pure.bind(params).sites(), taps, errors, strict=True):
+    for site, tap, error in zip(model.bind(params).sites(), taps, errors, strict=True):
       rows = site.design(tap.inputs)
       summed = x.shape[0] * error.reshape(rows.shape[0], -1)  # errors of the summed loss
       matrices.append(emend(rows, summed, eps=eps, eps_mode=eps_mode, form=form, diag=diag))
-    return pure.updates_from_matrices(params, matrices), state
+    updates = model.updates_from_matrices(params, matrices)
+    return updates, ConsequentialismState(model.decorrelation_step(params, taps))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -3,6 +3,7 @@ common test suite run. A rule's issue adds its entries here."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import optax
@@ -11,10 +12,14 @@ from altgrad.nn import Layer
 from altgrad.rules._backprop import backprop
 from altgrad.rules._common import LossFn
 from altgrad.rules._consequentialism import consequentialism
+from altgrad.rules._node_perturbation import node_perturbation
 
 RuleFactory = Callable[[Layer, LossFn], optax.GradientTransformationExtraArgs]
 
 RULES: dict[str, RuleFactory] = {
   "backprop": backprop,
   "consequentialism": consequentialism,
+  "np": functools.partial(node_perturbation, variant="np"),
+  "inp": functools.partial(node_perturbation, variant="inp"),
+  "anp": functools.partial(node_perturbation, variant="anp"),
 }

@@ -1,0 +1,174 @@
+"""Node perturbation (NP), iterative NP (INP) and activity-based NP (ANP), with decorrelation.
+
+Dalm, van Gerven and Ahmad, "Effective Learning with Node Perturbation in Multi-Layer Neural
+Networks", arXiv:2310.00965 (v4). The equations and defaults follow the authors' public code
+(SanderDalm/DANP_open_source), as spec/np.md records; the bias analysis of ANP and the extension
+to convolutional and recurrent sites are reconstructions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from altgrad.nn import Layer, PureModel
+from altgrad.rules._common import LossFn, check_loss_fn
+
+Array = jax.Array
+NoiseFn = Callable[[Array, tuple[int, ...], Any], Array]
+
+VARIANTS = ("np", "inp", "anp")
+
+
+class NodePerturbationState(NamedTuple):
+  key: Array  # the PRNG key of the next step's noise
+  model_variables: Any  # the model's decorrelation matrices (empty without decorrelation)
+
+
+def _per_example(values: Array) -> Array:
+  """Sum over all but the batch axis: ``(B, ...) -> (B,)``."""
+  return jnp.sum(values.reshape(values.shape[0], -1), axis=1)
+
+
+def _broadcast(per_example: Array, like: Array) -> Array:
+  return per_example.reshape(per_example.shape + (1,) * (like.ndim - 1))
+
+
+def _safe_ratio(numerator: Array, denominator: Array) -> Array:
+  """``numerator / denominator`` where the denominator is positive, 0 where it is 0 (no noise)."""
+  positive = denominator > 0
+  return jnp.where(positive, numerator / jnp.where(positive, denominator, 1.0), 0.0)
+
+
+def node_perturbation(
+  model: Layer,
+  loss_fn: LossFn,
+  *,
+  variant: str = "anp",
+  sigma: float = 1e-3,
+  samples: int = 1,
+  measured: bool = False,
+  noise_fn: NoiseFn | None = None,
+  key: int | Array = 0,
+) -> optax.GradientTransformationExtraArgs:
+  """Node perturbation: credit from the change in loss that noise at the pre-activations causes.
+
+  Every site's pre-activation ``a_l`` gets noise ``eps_l`` (per example and node) in a noisy
+  forward pass; with ``dL`` the per-example loss difference to the clean pass, the error is
+
+  - ``"np"``: ``e_l = dL eps_l / sigma^2`` (all sites noisy in one pass; unbiased, high variance);
+  - ``"inp"``: one noisy pass per site, noise in that site only,
+    ``e_l = N_l dL_l eps_l / ||eps_l||^2`` with ``N_l`` the site's node count (unbiased);
+  - ``"anp"``: one pass, all sites noisy, only *measured* activity changes
+    ``da_l = a~_l - a_l`` (noise from below included): ``e_l = N dL da_l / sum_k ||da_k||^2``,
+    ``N`` all nodes. Biased toward a descent direction that is not the gradient (spec/np.md 2.4).
+
+  The update is ``e_l`` through the site's linear map at its clean input, averaged over the batch
+  (for a dense layer ``X^T E / B``), as backprop's would be. With a decorrelating model
+  (``decorrelation_lr`` on its layers) this is DNP / DINP / DANP: the pseudo-gradient is taken at
+  the current ``R``, then ``R`` moves by its own rule.
+
+  Args:
+    model: an ``altgrad.nn`` model (Dense, Conv and SimpleRNN sites).
+    loss_fn: ``loss_fn(outputs, targets) -> (batch,)``; the per-example values matter here.
+    variant: ``"np"``, ``"inp"`` or ``"anp"``.
+    sigma: noise scale (standard deviation of the default Gaussian noise).
+    samples: independent noisy passes per step (K), vmapped and averaged; one clean pass.
+    measured: the inaccessible-noise mode (ANP only): two noisy passes, credit from their
+      differences in activity and loss, and the update at the first pass's (noisy) inputs; the
+      rule never reads the noise.
+    noise_fn: ``noise_fn(key, shape, dtype) -> noise`` replaces the Gaussian, e.g. a model of
+      a noisy device. ``"np"`` divides by ``sigma^2``, so there it must have variance ``sigma^2``.
+    key: seed or PRNG key of the noise; it lives in the rule's state.
+  """
+  pure = PureModel(model)
+  check_loss_fn(loss_fn)
+  if variant not in VARIANTS:
+    raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+  if not (isinstance(sigma, (int, float)) and 0 < sigma < math.inf):
+    raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
+  if not (isinstance(samples, int) and samples >= 1):
+    raise ValueError(f"samples must be an int >= 1, got {samples!r}")
+  if measured and variant != "anp":
+    raise ValueError(
+      "measured (inaccessible) noise needs variant='anp': NP and INP read the noise they inject"
+    )
+  if noise_fn is None:
+
+    def noise_fn(noise_key, shape, dtype):
+      return sigma * jax.random.normal(noise_key, shape, dtype)
+
+  elif not callable(noise_fn):
+    raise TypeError(
+      f"noise_fn must be a function (key, shape, dtype) -> noise, got {type(noise_fn).__name__}"
+    )
+
+  def init_fn(params):
+    del params
+    seed = jax.random.key(key) if isinstance(key, int) else key
+    return NodePerturbationState(seed, pure.variables)
+
+  def update_fn(updates, state, params=None, *, batch=None, **extra_args):
+    del updates, extra_args
+    model = pure.with_variables(state.model_variables)
+    x, targets = model.check_batch(params, batch, rule="node_perturbation")
+    next_key, step_key = jax.random.split(state.key)
+
+    def run(perturbations):
+      outputs, taps = model.tapped(params, x, perturbations)
+      return loss_fn(outputs, targets), taps
+
+    clean_loss, clean_taps = run(None)
+    widths = [math.prod(t.preact.shape[1:]) for t in clean_taps]
+
+    def draw(noise_key):
+      keys = jax.random.split(noise_key, len(clean_taps))
+      return tuple(noise_fn(k, t.preact.shape, t.preact.dtype) for k, t in zip(keys, clean_taps, strict=True))
+
+    def anp_errors(loss_a, taps_a, loss_b, taps_b):
+      diffs = [a.preact - b.preact for a, b in zip(taps_a, taps_b, strict=True)]
+      scale = _safe_ratio(sum(widths) * (loss_a - loss_b), sum(_per_example(d * d) for d in diffs))
+      return tuple(_broadcast(scale, d) * d for d in diffs)
+
+    def one_sample(noise_key):
+      noise = draw(noise_key)
+      if variant == "np":
+        loss, _ = run(noise)
+        return tuple(_broadcast(loss - clean_loss, e) * e / sigma**2 for e in noise)
+      if variant == "anp":
+        return anp_errors(*run(noise), clean_loss, clean_taps)
+      # "inp": one pass per site, vmapped over one-hot masks that keep the noise at that site.
+      masks = jnp.eye(len(noise), dtype=noise[0].dtype)
+      losses, _ = jax.vmap(lambda m: run(tuple(mi * e for mi, e in zip(m, noise, strict=True))))(masks)
+      return tuple(
+        _broadcast(_safe_ratio(n * (losses[i] - clean_loss), _per_example(e * e)), e) * e
+        for i, (n, e) in enumerate(zip(widths, noise, strict=True))
+      )
+
+    def measured_sample(noise_key):
+      first, second = jax.random.split(noise_key)
+      loss_1, taps_1 = run(draw(first))
+      return anp_errors(loss_1, taps_1, *run(draw(second))), taps_1
+
+    keys = jax.random.split(step_key, samples)
+    batch_size = x.shape[0]
+    if measured:
+      errors, taps = jax.vmap(measured_sample)(keys)
+      # Each noisy pass has its own inputs: one update per sample, then the mean.
+      per_sample = jax.vmap(
+        lambda t, e: model.updates_from_errors(params, t, jax.tree.map(lambda v: v / batch_size, e))
+      )
+      updates = jax.tree.map(lambda u: jnp.mean(u, axis=0), per_sample(taps, errors))
+      variables_taps = jax.tree.map(lambda v: v[0], taps)
+    else:
+      errors = jax.tree.map(lambda e: jnp.mean(e, axis=0) / batch_size, jax.vmap(one_sample)(keys))
+      updates = model.updates_from_errors(params, clean_taps, errors)
+      variables_taps = clean_taps
+    return updates, NodePerturbationState(next_key, model.decorrelation_step(params, variables_taps))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

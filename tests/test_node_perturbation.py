@@ -1,0 +1,225 @@
+"""Oracles of spec/np.md for node perturbation (NP, INP, ANP) and decorrelation."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import MODELS, make_batch
+from flax import nnx
+
+from altgrad import losses, nn, rules
+
+CE = losses.softmax_cross_entropy
+
+
+def _flat(tree):
+  return jnp.concatenate([jnp.ravel(a) for a in jax.tree.leaves(tree)])
+
+
+def _cos(a, b):
+  a, b = _flat(a), _flat(b)
+  return float(a @ b / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
+
+
+def _problem(seed=0, batch=32, sizes=(10, 16, 16, 4)):
+  """A small float64 MLP on correlated inputs (call inside jax.enable_x64)."""
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(batch, sizes[0])) @ rng.normal(size=(sizes[0], sizes[0])) / 3)
+  y = jnp.asarray(rng.integers(0, sizes[-1], batch))
+  model = jax.tree.map(lambda p: p.astype(jnp.float64), nn.MLP(sizes, rngs=nnx.Rngs(seed)))
+  return model, nnx.state(model, nnx.Param), (x, y)
+
+
+def _update(model, params, batch, **kw):
+  tx = rules.node_perturbation(model, CE, **kw)
+  return tx.update(None, tx.init(params), params, batch=batch)[0]
+
+
+def _grad(model, params, batch):
+  tx = rules.backprop(model, CE)
+  return tx.update(None, tx.init(params), params, batch=batch)[0]
+
+
+@pytest.mark.parametrize("variant, samples", [("np", 4000), ("inp", 1000)])
+def test_np_and_inp_are_unbiased(variant, samples):
+  with jax.enable_x64(True):
+    model, params, batch = _problem()
+    mean = _update(model, params, batch, variant=variant, sigma=1e-4, samples=samples)
+    assert _cos(mean, _grad(model, params, batch)) > 0.99
+
+
+def test_error_shrinks_as_one_over_sqrt_samples():
+  with jax.enable_x64(True):
+    model, params, batch = _problem()
+    grad = _flat(_grad(model, params, batch))
+
+    def rms_error(samples):
+      errors = [
+        jnp.linalg.norm(_flat(_update(model, params, batch, variant="inp", samples=samples, key=k)) - grad)
+        for k in range(6)
+      ]
+      return float(jnp.sqrt(jnp.mean(jnp.square(jnp.array(errors)))))
+
+    ratio = rms_error(32) / rms_error(512)  # 16x the samples: 4x smaller error
+    assert 2.8 < ratio < 5.7
+
+
+def _site_jacobians(model, x):
+  """Per-example Jacobians M[l][k] = d z_l / d z_k of the clean pass, for k < l."""
+  _, taps = model.tapped(x)
+  zeros = [jnp.zeros_like(t.preact) for t in taps]
+  jac = {}
+  for k in range(len(taps)):
+
+    def preacts(delta, k=k):
+      perturbation = [delta if i == k else z for i, z in enumerate(zeros)]
+      return [t.preact for t in model.tapped(x, perturbation)[1]]
+
+    full = jax.jacfwd(preacts)(zeros[k])  # each (B, n_l, B, n_k); examples are independent
+    for i in range(k + 1, len(taps)):
+      jac[i, k] = jnp.einsum("bibj->bij", full[i])
+  return jac
+
+
+def test_anp_mean_follows_the_predicted_biased_descent_direction():
+  with jax.enable_x64(True):
+    model, params, batch = _problem()
+    x, _ = batch
+    pure = nn.PureModel(model)
+    _, _, taps, errors = pure.errors(params, *batch, CE)
+    jac = _site_jacobians(model, x)
+    # spec/np.md 2.4: E[e_l] is proportional to (I + sum_{k<l} M_lk M_lk^T) g_l.
+    predicted = []
+    for i, g in enumerate(errors):
+      p = g
+      for k in range(i):
+        p = p + jnp.einsum("bij,bkj,bk->bi", jac[i, k], jac[i, k], g)
+      predicted.append(p)
+    predicted = pure.updates_from_errors(params, taps, predicted)
+    grad = _grad(model, params, batch)
+    anp = _update(model, params, batch, variant="anp", sigma=1e-4, samples=2000)
+    assert _cos(anp, predicted) > 0.95
+    assert _cos(anp, predicted) > _cos(anp, grad) > 0.7  # biased, yet a clear descent direction
+    assert 1.0 < float(jnp.linalg.norm(_flat(anp)) / jnp.linalg.norm(_flat(grad))) < 3.0
+
+
+def test_one_site_network_anp_equals_inp_exactly():
+  with jax.enable_x64(True):  # float32 rounds a~ - a, the measured change, away from eps
+    model, params, batch = _problem(sizes=(10, 4))
+    anp = _update(model, params, batch, variant="anp", key=3)
+    inp = _update(model, params, batch, variant="inp", key=3)
+    chex.assert_trees_all_close(anp, inp, rtol=1e-9)
+
+
+def test_measured_noise_anp_aligns_without_reading_the_noise():
+  with jax.enable_x64(True):
+    model, params, batch = _problem()
+    seen = []
+
+    def device_noise(key, shape, dtype):  # centred Bernoulli: +-sigma, as a noisy device might give
+      seen.append(shape)
+      return 1e-4 * (2.0 * jax.random.bernoulli(key, 0.5, shape).astype(dtype) - 1.0)
+
+    update = _update(model, params, batch, variant="anp", measured=True, noise_fn=device_noise, samples=2000)
+    assert seen and _cos(update, _grad(model, params, batch)) > 0.8
+
+
+@pytest.mark.parametrize("variant", ["np", "inp", "anp"])
+def test_float32_stays_finite_and_aligned_across_sigma(variant):
+  model = nn.MLP((10, 16, 16, 4), rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  x, y = make_batch("mlp", batch_size=32)
+  x = jnp.concatenate([x, x[:, :4]], axis=1)
+  y = y % 4
+  grad = _grad(model, params, (x, y))
+  cosines = []
+  for sigma in (1e-1, 1e-3, 1e-5):
+    update = _update(model, params, (x, y), variant=variant, sigma=sigma, samples=256)
+    chex.assert_tree_all_finite(update)
+    cosines.append(_cos(update, grad))
+  assert min(cosines) > 0.5 and max(cosines) - min(cosines) < 0.2, cosines
+
+
+def test_decorrelation_removes_input_correlations_and_stays_finite():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(64, 8)) @ rng.normal(size=(8, 8)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 3, 64))
+  model = nn.MLP((8, 12, 3), decorrelation_lr=1e-2, rngs=nnx.Rngs(0))
+  first = model.layers[0]
+
+  def off_diagonal(r):
+    xs = x @ r
+    moment = xs.T @ xs / x.shape[0]
+    return float(jnp.mean(jnp.abs(moment - jnp.diag(jnp.diag(moment)))))
+
+  tx = optax.chain(rules.node_perturbation(model, CE, variant="anp"), optax.sgd(0.0))  # R alone
+  params = nnx.state(model, nnx.Param)
+  state = tx.init(params)
+  step = jax.jit(lambda p, s: tx.update(None, s, p, batch=(x, y)))
+  before = off_diagonal(first.decorrelation[...])
+  for _ in range(300):
+    _, state = step(params, state)
+  r = state[0].model_variables["layers"][0]["decorrelation"][...]
+  chex.assert_tree_all_finite(r)
+  assert off_diagonal(r) < before / 100
+
+
+def test_decorrelated_backprop_trains_r_through_the_same_update():
+  model = nn.MLP((6, 8, 3), decorrelation_lr=1e-2, rngs=nnx.Rngs(0))
+  x, y = make_batch("mlp")
+  params = nnx.state(model, nnx.Param)
+  tx = rules.backprop(model, CE)
+  _, state = tx.update(None, tx.init(params), params, batch=(x, y))
+  assert not np.allclose(state.model_variables["layers"][0]["decorrelation"][...], np.eye(6))
+  # and the gradient is still jax.grad at the current R
+  graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+  want = jax.grad(lambda p: jnp.mean(CE(nnx.merge(graphdef, p, rest)(x), y)))(params)
+  chex.assert_trees_all_close(_grad(model, params, (x, y)), want, rtol=1e-5, atol=1e-7)
+
+
+def test_same_key_same_update_and_the_key_advances():
+  model = MODELS["mlp"](0)
+  params = nnx.state(model, nnx.Param)
+  batch = make_batch("mlp")
+  tx = rules.node_perturbation(model, CE, key=7)
+  state = tx.init(params)
+  a, next_state = tx.update(None, state, params, batch=batch)
+  b, _ = tx.update(None, state, params, batch=batch)
+  c, _ = tx.update(None, next_state, params, batch=batch)
+  other_tx = rules.node_perturbation(model, CE, key=8)
+  other, _ = other_tx.update(None, other_tx.init(params), params, batch=batch)
+  chex.assert_trees_all_equal(a, b)
+  assert not np.allclose(_flat(a), _flat(c)) and not np.allclose(_flat(a), _flat(other))
+
+
+def test_zero_noise_gives_a_zero_update_not_nan():
+  model = MODELS["mlp"](0)
+  params = nnx.state(model, nnx.Param)
+  for variant in ("inp", "anp"):
+    update = _update(
+      model, params, make_batch("mlp"), variant=variant, noise_fn=lambda k, s, d: jnp.zeros(s, d)
+    )
+    chex.assert_trees_all_equal(update, jax.tree.map(jnp.zeros_like, update))
+
+
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
+    ({"sigma": 0.0}, "sigma must be"),
+    ({"sigma": float("inf")}, "sigma must be"),
+    ({"samples": 0}, "samples must be"),
+    ({"variant": "danp"}, "variant must be one of"),
+    ({"variant": "np", "measured": True}, "needs variant='anp'"),
+    ({"noise_fn": 3}, "noise_fn must be a function"),
+  ],
+)
+def test_bad_hyperparameters_are_clear_errors(kwargs, message):
+  with pytest.raises((ValueError, TypeError), match=message):
+    rules.node_perturbation(MODELS["mlp"](0), CE, **kwargs)
+
+
+def test_decorrelation_lr_must_be_a_finite_nonnegative_number():
+  with pytest.raises(ValueError, match="decorrelation_lr must be"):
+    nn.Dense(3, 3, decorrelation_lr=-1.0, rngs=nnx.Rngs(0))
