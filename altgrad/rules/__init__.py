@@ -10,5 +10,13 @@ from altgrad.rules._backprop import backprop
 from altgrad.rules._consequentialism import consequentialism
 from altgrad.rules._node_perturbation import node_perturbation
 from altgrad.rules._registry import RULES
+from altgrad.rules._target_propagation import target_displacements, target_propagation
 
-__all__ = ["RULES", "backprop", "consequentialism", "node_perturbation"]
+__all__ = [
+  "RULES",
+  "backprop",
+  "consequentialism",
+  "node_perturbation",
+  "target_displacements",
+  "target_propagation",
+]

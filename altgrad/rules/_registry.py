@@ -13,6 +13,7 @@ from altgrad.rules._backprop import backprop
 from altgrad.rules._common import LossFn
 from altgrad.rules._consequentialism import consequentialism
 from altgrad.rules._node_perturbation import node_perturbation
+from altgrad.rules._target_propagation import target_propagation
 
 RuleFactory = Callable[[Layer, LossFn], optax.GradientTransformationExtraArgs]
 
@@ -22,4 +23,5 @@ RULES: dict[str, RuleFactory] = {
   "np": functools.partial(node_perturbation, variant="np"),
   "inp": functools.partial(node_perturbation, variant="inp"),
   "anp": functools.partial(node_perturbation, variant="anp"),
+  "tp": target_propagation,
 }

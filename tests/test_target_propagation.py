@@ -1,0 +1,190 @@
+"""Oracles of spec/tp.md for target propagation via regularized inversion."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import MODELS
+from flax import nnx
+
+from altgrad import losses, nn, rules
+
+CE = losses.softmax_cross_entropy
+
+
+def _flat(tree):
+  return jnp.concatenate([jnp.ravel(a) for a in jax.tree.leaves(tree)])
+
+
+def _cos(a, b):
+  a, b = _flat(a), _flat(b)
+  return float(a @ b / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
+
+
+def _f64(model):
+  return jax.tree.map(lambda p: p.astype(jnp.float64), model)
+
+
+def _rnn_problem(time=20, hidden=8, seed=0):
+  model = _f64(nn.SimpleRNN(2, hidden, 3, rngs=nnx.Rngs(seed)))
+  x = jax.random.normal(jax.random.key(seed), (6, time, 2), jnp.float64)
+  y = jnp.arange(6) % 3
+  return model, nnx.state(model, nnx.Param), (x, y)
+
+
+def _tp(model, params, batch, **kw):
+  tx = rules.target_propagation(model, CE, **kw)
+  return tx.update(None, tx.init(params), params, batch=batch)
+
+
+def _grad(model, params, batch):
+  tx = rules.backprop(model, CE)
+  return tx.update(None, tx.init(params), params, batch=batch)[0]
+
+
+def test_through_time_update_is_the_gradient_of_the_surrogate_with_fixed_targets():
+  with jax.enable_x64(True):
+    model, params, (x, y) = _rnn_problem()
+    lr_target = 1e-2
+    (d,) = rules.target_displacements(model, CE, params, (x, y), reg=1.0, lr_target=lr_target)
+    graphdef, _ = nnx.split(model)
+    h = jnp.tanh(model.tapped(x)[1][0].preact)
+    targets = h + d
+
+    def surrogate(p):
+      _, taps = nnx.merge(graphdef, p).tapped(x)
+      return 0.5 * jnp.sum((jnp.tanh(taps[0].preact) - targets) ** 2)
+
+    want_cell = jax.grad(surrogate)(params)["cell"]
+    update, _ = _tp(model, params, (x, y), reg=1.0, lr_target=lr_target)
+    chex.assert_trees_all_close(update["cell"], want_cell, rtol=1e-10)
+    # the readout always gets its ordinary loss gradient
+    chex.assert_trees_all_close(update["readout"], _grad(model, params, (x, y))["readout"], rtol=1e-12)
+
+    # The surrogate's last-step term alone is lr_target times backprop's gradient (spec/tp.md 4).
+    def last_term(p):
+      _, taps = nnx.merge(graphdef, p).tapped(x)
+      return 0.5 * jnp.sum((jnp.tanh(taps[0].preact[:, -1]) - targets[:, -1]) ** 2)
+
+    bp_cell = jax.tree.map(lambda g: lr_target * g, _grad(model, params, (x, y))["cell"])
+    chex.assert_trees_all_close(jax.grad(last_term)(params)["cell"], bp_cell, rtol=1e-10)
+
+
+def test_local_update_is_the_gradient_of_each_layer_loss_at_its_stored_input():
+  with jax.enable_x64(True):
+    model = _f64(nn.MLP((5, 7, 6, 3), rngs=nnx.Rngs(1)))
+    params = nnx.state(model, nnx.Param)
+    x = jax.random.normal(jax.random.key(1), (8, 5), jnp.float64)
+    y = jnp.arange(8) % 3
+    displacements = rules.target_displacements(model, CE, params, (x, y), reg=0.5)
+    update, state = _tp(model, params, (x, y), reg=0.5, update="local")
+    _, taps = model.tapped(x)
+    for i, (layer, tap, d) in enumerate(zip(model.layers[:-1], taps, displacements, strict=False)):
+      target = layer(tap.inputs) + d  # fixed target, stored input
+
+      def layer_loss(kernel, layer=layer, tap=tap, target=target):
+        return 0.5 * jnp.sum((jnp.tanh(tap.inputs @ kernel + layer.bias[...]) - target) ** 2)
+
+      chex.assert_trees_all_close(
+        update["layers"][i]["kernel"][...], jax.grad(layer_loss)(layer.kernel[...]), rtol=1e-10
+      )
+      assert float(state.displacement_norms[i]) == pytest.approx(float(jnp.sqrt(jnp.mean(d * d))), rel=1e-6)
+
+
+def test_large_reg_through_time_tends_to_lr_target_times_backprop():
+  with jax.enable_x64(True):
+    model, params, batch = _rnn_problem(time=30)
+    bp = _grad(model, params, batch)["cell"]
+    cos = {
+      reg: _cos(_tp(model, params, batch, reg=reg, lr_target=1e-3)[0]["cell"], bp) for reg in (1.0, 1e2, 1e5)
+    }
+    assert cos[1e5] > 0.9999 and cos[1e5] >= cos[1e2] >= cos[1.0] - 1e-3, cos
+    update = _tp(model, params, batch, reg=1e5, lr_target=1e-3)[0]["cell"]
+    ratio = float(jnp.linalg.norm(_flat(update)) / jnp.linalg.norm(_flat(bp)))
+    assert ratio == pytest.approx(1e-3, rel=1e-2)
+    # the local update keeps only the last step's signal: it does not tend to backprop
+    local = _tp(model, params, batch, reg=1e5, lr_target=1e-3, update="local")[0]["cell"]
+    assert _cos(local, bp) < 0.99
+
+
+def test_layer_under_the_readout_moves_along_backprop_and_linear_paths_tend_to_it():
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.key(2), (16, 6), jnp.float64)
+    y = jnp.arange(16) % 3
+    tanh = _f64(nn.MLP((6, 8, 8, 3), rngs=nnx.Rngs(2)))
+    params = nnx.state(tanh, nnx.Param)
+    update, _ = _tp(tanh, params, (x, y), reg=1e3, update="local")
+    grad = _grad(tanh, params, (x, y))
+    assert _cos(update["layers"][2], grad["layers"][2]) > 1 - 1e-12  # the readout: its gradient
+    assert _cos(update["layers"][1], grad["layers"][1]) > 1 - 1e-12  # just below: lr_target x BP
+    linear = _f64(nn.MLP((6, 8, 8, 3), activation="identity", rngs=nnx.Rngs(2)))
+    params = nnx.state(linear, nnx.Param)
+    update, _ = _tp(linear, params, (x, y), reg=1e3, update="local")
+    grad = _grad(linear, params, (x, y))
+    assert _cos(update["layers"][0], grad["layers"][0]) > 0.999  # through a linear path, as reg grows
+
+
+def test_as_reg_vanishes_the_linearized_step_inverts_the_layer_jacobian():
+  with jax.enable_x64(True):
+    model = _f64(nn.MLP((6, 6, 6, 3), rngs=nnx.Rngs(3)))  # square hidden layers
+    params = nnx.state(model, nnx.Param)
+    x = 0.5 * jax.random.normal(jax.random.key(3), (4, 6), jnp.float64)
+    y = jnp.arange(4) % 3
+    below, top = rules.target_displacements(model, CE, params, (x, y), reg=1e-12)
+    _, taps = model.tapped(x)
+    layer = model.layers[1]
+    jacobian_step = (below @ layer.kernel[...]) * layer.activation.derivative(taps[1].preact)
+    chex.assert_trees_all_close(jacobian_step, top, rtol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["linearized", "difference", "exact"])
+def test_long_saturated_sequences_stay_finite(mode):
+  model = nn.SimpleRNN(1, 16, 4, rngs=nnx.Rngs(0))
+  model.cell.bias[...] = jnp.full(16, 3.0)  # saturates the units (tanh' ~ 0.01); W stays orthogonal
+  params = nnx.state(model, nnx.Param)
+  x = jax.random.uniform(jax.random.key(0), (4, 784, 1))
+  y = jnp.arange(4)
+  update, state = jax.jit(lambda p: _tp(model, p, (x, y), mode=mode))(params)
+  chex.assert_tree_all_finite((update, state.displacement_norms, _grad(model, params, (x, y))))
+  (d,) = rules.target_displacements(model, CE, params, (x, y), mode=mode)
+  assert float(jnp.max(jnp.sqrt(jnp.mean(d * d, axis=2)))) <= 1.0 + 1e-5
+  if mode == "linearized":  # the exact inverses clip their targets into a^-1's range; this one does not
+    # without the guard (the reference's behaviour) the linearized displacements overflow
+    (raw,) = rules.target_displacements(model, CE, params, (x, y), mode=mode, max_displacement=None)
+    assert not bool(jnp.all(jnp.isfinite(raw)))
+
+
+def test_the_guard_leaves_ordinary_displacements_alone():
+  model, params, batch = _rnn_problem()
+  guarded = _tp(model, params, batch)[0]
+  raw = _tp(model, params, batch, max_displacement=None)[0]
+  chex.assert_trees_all_close(guarded, raw)
+
+
+def test_difference_and_linearized_agree_to_second_order():
+  with jax.enable_x64(True):
+    model, params, batch = _rnn_problem()
+    gaps = []
+    for lr_target in (1e-2, 1e-4):
+      (lin,) = rules.target_displacements(model, CE, params, batch, lr_target=lr_target)
+      (dif,) = rules.target_displacements(model, CE, params, batch, lr_target=lr_target, mode="difference")
+      gaps.append(float(jnp.linalg.norm(dif - lin) / jnp.linalg.norm(lin)))
+    assert gaps[1] < gaps[0] / 50  # the relative gap is O(|d|): 100x smaller d, ~100x smaller gap
+
+
+def test_rejections_are_clear():
+  with pytest.raises(TypeError, match="MLP .* or a SimpleRNN"):
+    rules.target_propagation(MODELS["conv"](0), CE)
+  with pytest.raises(ValueError, match="'relu' has no inverse"):
+    rules.target_propagation(nn.MLP((4, 5, 2), activation="relu", rngs=nnx.Rngs(0)), CE)
+  with pytest.raises(ValueError, match="at least one hidden layer"):
+    rules.target_propagation(nn.MLP((4, 2), rngs=nnx.Rngs(0)), CE)
+  for kwargs, message in (
+    ({"reg": 0.0}, "reg must be"),
+    ({"lr_target": float("nan")}, "lr_target must be"),
+    ({"mode": "dtp"}, "mode must be one of"),
+    ({"update": "bptt"}, "update must be one of"),
+    ({"max_displacement": -1.0}, "max_displacement must be"),
+  ):
+    with pytest.raises(ValueError, match=message):
+      rules.target_propagation(MODELS["mlp"](0), CE, **kwargs)
