@@ -19,7 +19,7 @@ import optax
 
 from altgrad import data as data_lib
 from altgrad import rules, train
-from altgrad._experiment import OPTIMIZERS, build_model, loss_for
+from altgrad._experiment import build_model, loss_for, optimizer_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,18 +38,29 @@ class Run:
   rule_options: tuple[tuple[str, object], ...] = ()
   dataset_options: tuple[tuple[str, object], ...] = ()
   seed: int = 0
+  decorrelation_lr: float | None = None
 
   @property
   def name(self) -> str:
     options = ",".join(f"{k}={v}" for k, v in self.rule_options)
     rule = f"{self.rule}({options})" if options else self.rule
+    if self.decorrelation_lr is not None:
+      rule = f"d{rule}(decor={self.decorrelation_lr:g})"
     hidden = "-".join(map(str, self.hidden))
     return f"{self.dataset}/{self.model}:{hidden}/b{self.batch_size}/{rule}+{self.optimizer}({self.lr:g})/s{self.seed}"
 
   @property
   def reference_key(self) -> tuple:
     """Runs with the same key are timed against the same backprop run."""
-    return (self.dataset, self.dataset_options, self.model, self.hidden, self.activation, self.batch_size)
+    return (
+      self.dataset,
+      self.dataset_options,
+      self.model,
+      self.hidden,
+      self.activation,
+      self.batch_size,
+      self.decorrelation_lr,
+    )
 
 
 def _cw_suite(epochs: int) -> list[Run]:
@@ -100,9 +111,9 @@ def environment() -> dict:
 def execute(run: Run) -> dict:
   dataset = data_lib.load(run.dataset, **dict(run.dataset_options))
   loss_fn = loss_for(dataset)
-  model = build_model(dataset, run.model, run.hidden, run.activation, run.seed)
+  model = build_model(dataset, run.model, run.hidden, run.activation, run.seed, run.decorrelation_lr)
   rule = rules.RULES[run.rule](model, loss_fn, **dict(run.rule_options))
-  tx = optax.chain(rule, OPTIMIZERS[run.optimizer](run.lr))
+  tx = optax.chain(rule, optimizer_for(run.rule, run.optimizer, run.lr))
   history = train.fit(
     model,
     tx,

@@ -12,7 +12,7 @@ import optax
 
 from altgrad import _bench, nn, rules, train
 from altgrad import data as data_lib
-from altgrad._experiment import MODELS, OPTIMIZERS, build_model, loss_for
+from altgrad._experiment import MODELS, OPTIMIZERS, build_model, loss_for, optimizer_for
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -49,10 +49,17 @@ def compare(args: argparse.Namespace) -> dict:
   dataset = data_lib.load(args.dataset)
   loss_fn = loss_for(dataset)
   names = ("backprop", *(n for n in args.rules if n != "backprop"))
-  results = {}
+  results, skipped = {}, {}
   for name in names:
-    model = build_model(dataset, args.model, args.hidden, args.activation, args.seed)
-    tx = optax.chain(rules.RULES[name](model, loss_fn), OPTIMIZERS[args.optimizer](args.lr))
+    model = build_model(dataset, args.model, args.hidden, args.activation, args.seed, args.decorrelation_lr)
+    try:
+      rule = rules.RULES[name](model, loss_fn)
+    except (TypeError, ValueError) as reason:  # the rule cannot handle this model
+      if name == "backprop":
+        raise
+      skipped[name] = str(reason)
+      continue
+    tx = optax.chain(rule, optimizer_for(name, args.optimizer, args.lr))
     history = train.fit(
       model,
       tx,
@@ -68,6 +75,12 @@ def compare(args: argparse.Namespace) -> dict:
   for result in results.values():
     result["step_time_ratio"] = result["median_step_time"] / reference
   _print_table(dataset.name, results, sys.stdout)
+  for name, reason in skipped.items():
+    print(f"skipped {name}: {reason}")
+  if rules.OWN_STEP.keys() & results.keys():
+    print(
+      f"{', '.join(sorted(rules.OWN_STEP.keys() & results.keys()))}: applied with sgd at the rule's own step, not --optimizer"
+    )
   if args.plot:
     _plot(dataset.name, results, args.plot)
     print(f"plot written to {args.plot}")
@@ -150,6 +163,12 @@ def make_parser() -> argparse.ArgumentParser:
   )
   p.add_argument(
     "--activation", default="tanh", choices=nn.ACTIVATIONS, help="hidden activation (default: tanh)"
+  )
+  p.add_argument(
+    "--decorrelation-lr",
+    type=float,
+    default=None,
+    help="give every Dense layer a decorrelating matrix trained at this rate (NP's D-variants; default: none)",
   )
   p.add_argument(
     "--optimizer",

@@ -10,7 +10,7 @@ import optax
 from flax import nnx
 
 from altgrad import data as data_lib
-from altgrad import losses, nn
+from altgrad import losses, nn, rules
 
 OPTIMIZERS = {
   "sgd": optax.sgd,
@@ -22,12 +22,24 @@ OPTIMIZERS = {
 MODELS = ("auto", "mlp", "conv", "rnn")
 
 
+def optimizer_for(rule: str, optimizer: str, lr: float) -> optax.GradientTransformation:
+  """The optimizer after ``rule``: ``optimizer(lr)``, or ``sgd`` at the rule's own step (ER)."""
+  return optax.sgd(rules.OWN_STEP[rule]) if rule in rules.OWN_STEP else OPTIMIZERS[optimizer](lr)
+
+
 def loss_for(dataset: data_lib.Dataset):
   """Cross-entropy for classification, squared error for regression."""
   return losses.squared_error if dataset.num_classes is None else losses.softmax_cross_entropy
 
 
-def build_model(dataset: data_lib.Dataset, kind: str, hidden: Sequence[int], activation: str, seed: int):
+def build_model(
+  dataset: data_lib.Dataset,
+  kind: str,
+  hidden: Sequence[int],
+  activation: str,
+  seed: int,
+  decorrelation_lr: float | None = None,
+):
   """The model `compare` trains: an MLP for flat inputs, a SimpleRNN for sequences, a small
   conv net for images."""
   rngs = nnx.Rngs(seed)
@@ -49,6 +61,9 @@ def build_model(dataset: data_lib.Dataset, kind: str, hidden: Sequence[int], act
     )
   if len(shape) != 1:
     return nn.Sequential(
-      nn.Flatten(), nn.MLP((math.prod(shape), *hidden, out), activation=activation, rngs=rngs)
+      nn.Flatten(),
+      nn.MLP(
+        (math.prod(shape), *hidden, out), activation=activation, decorrelation_lr=decorrelation_lr, rngs=rngs
+      ),
     )
-  return nn.MLP((shape[0], *hidden, out), activation=activation, rngs=rngs)
+  return nn.MLP((shape[0], *hidden, out), activation=activation, decorrelation_lr=decorrelation_lr, rngs=rngs)

@@ -12,13 +12,14 @@ from altgrad import losses, rules
 
 RULE_NAMES = sorted(rules.RULES)
 # Model families a rule cannot handle: it must say so at construction.
-UNSUPPORTED = {("tp", "conv")}
+UNSUPPORTED = {("tp", "conv"), ("er", "conv"), ("er", "rnn")}
+CONSTRUCTOR = {"tp": "target_propagation", "er": "expectation_reflection"}
 
 
 def _setup(rule_name, kind, seed=0):
   model = MODELS[kind](seed)
   if (rule_name, kind) in UNSUPPORTED:
-    with pytest.raises(TypeError, match=rule_name.replace("tp", "target_propagation")):
+    with pytest.raises(TypeError, match=CONSTRUCTOR[rule_name]):
       rules.RULES[rule_name](model, losses.softmax_cross_entropy)
     pytest.skip(f"{rule_name} does not handle {kind} models (and says so)")
   tx = rules.RULES[rule_name](model, losses.softmax_cross_entropy)
@@ -47,7 +48,9 @@ def test_incoming_updates_are_ignored(rule_name):
 @pytest.mark.parametrize("rule_name", RULE_NAMES)
 def test_jitted_chain_compiles_once_and_lowers_the_loss(rule_name, model_kind):
   model, rule, params = _setup(rule_name, model_kind)
-  tx = optax.chain(rule, optax.adam(1e-2))
+  tx = optax.chain(
+    rule, optax.sgd(rules.OWN_STEP[rule_name]) if rule_name in rules.OWN_STEP else optax.adam(1e-2)
+  )
   x, y = make_batch(model_kind, batch_size=32)
   graphdef = nnx.graphdef(model)
   traces = []

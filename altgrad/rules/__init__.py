@@ -8,11 +8,22 @@ ignored (a rule is the source of the update, as ``jax.grad`` is); the output is 
 
 from altgrad.rules._backprop import backprop
 from altgrad.rules._consequentialism import consequentialism
+from altgrad.rules._er_classifier import ERClassifier
+from altgrad.rules._expectation_reflection import (
+  expectation_reflection,
+  reflection_moments,
+  reflection_solution,
+)
 from altgrad.rules._node_perturbation import node_perturbation
-from altgrad.rules._registry import RULES
+from altgrad.rules._registry import OWN_STEP, RULES
 from altgrad.rules._target_propagation import target_displacements, target_propagation
 
 __all__ = [
+  "ERClassifier",
+  "expectation_reflection",
+  "reflection_moments",
+  "reflection_solution",
+  "OWN_STEP",
   "RULES",
   "backprop",
   "consequentialism",

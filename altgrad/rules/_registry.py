@@ -12,6 +12,7 @@ from altgrad.nn import Layer
 from altgrad.rules._backprop import backprop
 from altgrad.rules._common import LossFn
 from altgrad.rules._consequentialism import consequentialism
+from altgrad.rules._expectation_reflection import expectation_reflection
 from altgrad.rules._node_perturbation import node_perturbation
 from altgrad.rules._target_propagation import target_propagation
 
@@ -24,4 +25,9 @@ RULES: dict[str, RuleFactory] = {
   "inp": functools.partial(node_perturbation, variant="inp"),
   "anp": functools.partial(node_perturbation, variant="anp"),
   "tp": target_propagation,
+  "er": lambda model, loss_fn: expectation_reflection(model),  # ER has no loss: it reflects labels
 }
+
+#: Rules that fix their own step: their pseudo-gradient is applied by ``optax.sgd(step)`` whatever
+#: optimizer the others use (ER lands on its least-squares solution; it has no learning rate).
+OWN_STEP: dict[str, float] = {"er": 1.0}

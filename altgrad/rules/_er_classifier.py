@@ -1,0 +1,117 @@
+"""A scikit-learn style classifier for single-layer Expectation Reflection, as the reference
+package is used on tabular data."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from altgrad.rules._expectation_reflection import (
+  EXPECTATIONS,
+  MULTICLASS,
+  InputFactor,
+  reflect,
+  spins,
+)
+
+
+@functools.partial(jax.jit, static_argnames=("max_iter", "expectation", "multiclass", "keep_best"))
+def _fit(x, s, kernel, reg, *, max_iter, expectation, multiclass, keep_best):
+  """Reflect and refit until the training discrepancy stops falling (the reference's rule)."""
+  count = jnp.asarray(x.shape[0], x.dtype)
+  factor = InputFactor.of(count, jnp.sum(x, axis=0), x.T @ x, reg)  # the inputs never change
+  bias = jnp.zeros(kernel.shape[1], x.dtype)
+
+  def body(carry):
+    k, kernel, bias, best, _ = carry
+    target, discrepancy = reflect(x @ kernel + bias, s, expectation=expectation, multiclass=multiclass)
+    cost = jnp.mean(discrepancy)
+    improved = (k == 0) | (cost < best[2])
+    best = jax.tree.map(lambda new, old: jnp.where(improved, new, old), (kernel, bias, cost), best)
+    new = factor.solve(count, jnp.sum(target, 0), x.T @ target, center_outputs=multiclass == "softmax")
+    kernel, bias = jax.tree.map(lambda n, o: jnp.where(improved, n, o), new, (kernel, bias))
+    return k + 1, kernel, bias, best, ~improved
+
+  def cond(carry):
+    return (carry[0] < max_iter) & ~carry[4]
+
+  init = (0, kernel, bias, (kernel, bias, jnp.asarray(jnp.inf, x.dtype)), jnp.asarray(False))
+  iterations, kernel, bias, (best_kernel, best_bias, _), _ = jax.lax.while_loop(cond, body, init)
+  return (best_kernel, best_bias, iterations) if keep_best else (kernel, bias, iterations)
+
+
+class ERClassifier:
+  """Single-layer Expectation Reflection with the reference package's interface and defaults.
+
+  ``fit(X, y)`` reflects the fields and refits by ridge least squares (``reg`` added to the input
+  covariance) until the training discrepancy ``mean((E[s] - s)^2 / 4)`` stops falling, or
+  ``max_iter``; it keeps the best weights (``keep_best=False`` returns the last, as the reference).
+  Two classes use one output (labels' logit); more use one-vs-rest outputs normalized at
+  prediction (``multiclass="ovr"``, the package's way) or a joint softmax (``"softmax"``).
+  Inputs are used as given: standardize them first, as the reference's users do.
+
+  Attributes after ``fit``: ``classes_``, ``coef_`` (features, outputs), ``intercept_``,
+  ``n_iter_``.
+  """
+
+  def __init__(
+    self,
+    *,
+    reg: float = 0.01,
+    max_iter: int = 100,
+    expectation: str = "tanh_half",
+    multiclass: str = "ovr",
+    keep_best: bool = True,
+    random_state: int = 1,
+  ):
+    if expectation not in EXPECTATIONS or multiclass not in MULTICLASS:
+      raise ValueError(f"expectation must be one of {EXPECTATIONS} and multiclass one of {MULTICLASS}")
+    if not (0 <= reg < float("inf")) or max_iter < 1:
+      raise ValueError(f"need reg >= 0 (finite) and max_iter >= 1, got reg={reg!r}, max_iter={max_iter!r}")
+    self.reg, self.max_iter, self.expectation = reg, max_iter, expectation
+    self.multiclass, self.keep_best, self.random_state = multiclass, keep_best, random_state
+
+  def fit(self, X, y) -> ERClassifier:
+    x = jnp.asarray(np.asarray(X, np.float32))
+    if x.ndim != 2 or not bool(jnp.all(jnp.isfinite(x))):
+      raise ValueError("X must be a finite 2-D array (examples, features)")
+    self.classes_, labels = np.unique(np.asarray(y), return_inverse=True)
+    if len(self.classes_) < 2 or len(labels) != x.shape[0]:
+      raise ValueError("y needs one label per row of X and at least two classes")
+    outputs = 1 if len(self.classes_) == 2 and self.multiclass == "ovr" else len(self.classes_)
+    rng = np.random.default_rng(self.random_state)
+    kernel = jnp.asarray(rng.normal(0.0, 1.0 / np.sqrt(x.shape[1]), (x.shape[1], outputs)), jnp.float32)
+    kernel, bias, iterations = _fit(
+      x,
+      spins(jnp.asarray(labels), outputs),
+      kernel,
+      self.reg,
+      max_iter=self.max_iter,
+      expectation=self.expectation,
+      multiclass=self.multiclass,
+      keep_best=self.keep_best,
+    )
+    self.coef_, self.intercept_, self.n_iter_ = np.asarray(kernel), np.asarray(bias), int(iterations)
+    return self
+
+  def decision_function(self, X) -> np.ndarray:
+    return np.asarray(X, np.float32) @ self.coef_ + self.intercept_
+
+  def predict_proba(self, X) -> np.ndarray:
+    field = self.decision_function(X)
+    if self.multiclass == "softmax":
+      return np.asarray(jax.nn.softmax(field, axis=-1))
+    scale = 2.0 if self.expectation == "tanh" else 1.0  # tanh(h) = 2 sigmoid(2h) - 1
+    p = 1.0 / (1.0 + np.exp(-scale * field))
+    if p.shape[1] == 1:
+      return np.concatenate([1.0 - p, p], axis=1)
+    return p / p.sum(axis=1, keepdims=True)
+
+  def predict(self, X) -> np.ndarray:
+    return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+  def score(self, X, y) -> float:
+    return float(np.mean(self.predict(X) == np.asarray(y)))

@@ -1,0 +1,315 @@
+"""Expectation Reflection (ER): multiplicative learning from the ratio of observed to expected
+outputs, then a least-squares refit; no loss and no learning rate.
+
+Kim, Soh, Periwal and Jo, "Multiplicative Learning" (v2: "Multiplicative learning from
+observation-prediction ratios"), arXiv:2503.10144, building on Expectation Reflection (Hoang,
+Song, Periwal and Jo, Phys. Rev. E 99, 023311, 2019). The single-layer rule follows the authors'
+public code (danhtaihoang/expectation-reflection and danhtaihoang/multiclass-classification) as
+spec/er.md records. The paper's body was not available: the multilayer rule here is a
+reconstruction from its abstract ("modified gradient descent incorporating the inverse mapping of
+target propagation"), not the paper's algorithm.
+
+Ridge convention: the refit solves ``(C + reg I) w = Cov(x, h*)`` with ``C`` the population
+covariance of the inputs (the bias is not penalized), i.e. ``reg`` is added to the covariance as
+the oldest reference file does (the 2019 package adds ``reg I / (2L)`` instead).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import jax.scipy.linalg as jsl
+import optax
+
+from altgrad.nn import Dense, Layer, PureModel, Sequential
+
+Array = jax.Array
+
+EXPECTATIONS = ("tanh_half", "tanh")
+MULTICLASS = ("ovr", "softmax")
+HIDDEN_TARGETS = ("diff", "plain")
+HIDDEN_FIELDS = ("ratio", "atanh")
+_SMALL = 1e-4  # below this |u|, g(u) = u / tanh(u) is replaced by its Taylor series
+
+
+def secant_ratio(u: Array) -> Array:
+  """``g(u) = u / tanh(u)`` (even, >= max(1, |u|), ``g(0) = 1``), safe at 0 and under autodiff."""
+  small = jnp.abs(u) < _SMALL
+  safe = jnp.where(small, 1.0, u)
+  return jnp.where(small, 1.0 + u * u / 3.0, safe / jnp.tanh(safe))
+
+
+def spins(labels: Array, outputs: int) -> Array:
+  """``s`` in {-1, +1}: one column ``2y - 1`` for one output, else ``2 onehot(y) - 1``."""
+  if outputs == 1:
+    return (2 * labels - 1).astype(jnp.float32)[:, None]
+  return 2.0 * jax.nn.one_hot(labels, outputs) - 1.0
+
+
+def reflect(
+  field: Array, s: Array, *, expectation: str = "tanh_half", multiclass: str = "ovr"
+) -> tuple[Array, Array]:
+  """The reflected field ``h*`` and the discrepancy ``((E[s] - s) / 2)^2`` per example.
+
+  ``"tanh_half"``: ``E[s] = tanh(h/2)`` (h is the logit of p(y=1)), ``h* = h s / tanh(h/2) =
+  2 s g(h/2)``; ``"tanh"``: ``E[s] = tanh(h)``, ``h* = s g(h)``. A correct example keeps its sign
+  with magnitude at least ``max(1, |h|)``; a wrong one is reflected. ``multiclass="softmax"`` is
+  the joint variant: ``z_a = h_a - logsumexp_{b != a} h_b``, ``h*_a = log(1 - p_a) + 2 s_a g(z_a/2)``.
+  """
+  if multiclass == "softmax":
+    others = _logsumexp_others(field)
+    z = field - others
+    log_not = others - jax.nn.logsumexp(field, axis=-1, keepdims=True)  # log(1 - p_a), never log(1 - p)
+    target = log_not + 2.0 * s * secant_ratio(z / 2)
+    expected = jnp.tanh(z / 2)
+  elif expectation == "tanh_half":
+    target, expected = 2.0 * s * secant_ratio(field / 2), jnp.tanh(field / 2)
+  else:
+    target, expected = s * secant_ratio(field), jnp.tanh(field)
+  discrepancy = jnp.mean(((expected - s) / 2) ** 2, axis=-1)
+  return target, discrepancy
+
+
+def _logsumexp_others(field: Array) -> Array:
+  """``logsumexp_{b != a} field_b`` for every ``a``, stably."""
+  n = field.shape[-1]
+  mask = jnp.where(jnp.eye(n, dtype=bool), -jnp.inf, 0.0)
+  return jax.nn.logsumexp(field[..., None, :] + mask, axis=-1)
+
+
+class Moments(NamedTuple):
+  """Sufficient statistics of one refit: sums over examples, so batches and devices add them.
+
+  ``count``, ``inputs`` (sum x), ``outer`` (sum x x^T), ``targets`` (sum h*), ``cross``
+  (sum x h*^T) and ``discrepancy`` (sum of the per-example discrepancy).
+  """
+
+  count: Array
+  inputs: Array
+  outer: Array
+  targets: Array
+  cross: Array
+  discrepancy: Array
+
+  def __add__(self, other: Moments) -> Moments:  # type: ignore[override]
+    return Moments(*jax.tree.map(jnp.add, tuple(self), tuple(other)))
+
+  @classmethod
+  def of(cls, x: Array, target: Array, discrepancy: Array) -> Moments:
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    target = target.astype(x.dtype)
+    return cls(
+      jnp.asarray(x.shape[0], x.dtype),
+      jnp.sum(x, axis=0),
+      x.T @ x,
+      jnp.sum(target, axis=0),
+      x.T @ target,
+      jnp.sum(discrepancy),
+    )
+
+
+class InputFactor(NamedTuple):
+  """The inputs' mean and the Cholesky factor of their ridge covariance ``C + reg I``: fixed while
+  the inputs are, so one factor serves every refit of a single layer."""
+
+  mean: Array
+  cholesky: Array
+
+  @classmethod
+  def of(cls, count: Array, inputs: Array, outer: Array, reg: float | Array) -> InputFactor:
+    """From the sums of ``x`` and ``x x^T`` over ``count`` examples."""
+    mean = inputs / count
+    covariance = outer / count - jnp.outer(mean, mean)
+    eye = jnp.eye(covariance.shape[0], dtype=covariance.dtype)
+    return cls(mean, jnp.linalg.cholesky(covariance + reg * eye))
+
+  def solve(
+    self, count: Array, targets: Array, cross: Array, *, center_outputs: bool = False
+  ) -> tuple[Array, Array]:
+    """``kernel = (C + reg I)^-1 Cov(x, h*)`` and ``bias = mean(h*) - mean(x) kernel`` from the
+    sums of ``h*`` and of ``x h*^T``. ``center_outputs`` fixes the softmax gauge."""
+    mean_t = targets / count
+    kernel = jsl.cho_solve((self.cholesky, True), cross / count - jnp.outer(self.mean, mean_t))
+    bias = mean_t - self.mean @ kernel
+    if center_outputs:
+      kernel = kernel - jnp.mean(kernel, axis=1, keepdims=True)
+      bias = bias - jnp.mean(bias)
+    return kernel, bias
+
+
+def refit(moments: Moments, reg: float | Array, *, center_outputs: bool = False) -> tuple[Array, Array]:
+  """Ridge least squares of the targets on the inputs from their moments: ``(kernel, bias)``."""
+  factor = InputFactor.of(moments.count, moments.inputs, moments.outer, reg)
+  return factor.solve(moments.count, moments.targets, moments.cross, center_outputs=center_outputs)
+
+
+class ExpectationReflectionState(NamedTuple):
+  discrepancy: Array  # mean discrepancy of the batch at the params the update was computed from
+  model_variables: Any  # the model's decorrelation matrices (empty without decorrelation)
+
+
+def _check_model(model: Layer) -> list[Dense]:
+  if not (isinstance(model, Sequential) and all(isinstance(layer, Dense) for layer in model.layers)):
+    raise TypeError(
+      f"expectation_reflection handles an MLP (a Sequential of Dense layers), got {type(model).__name__}"
+    )
+  for layer in model.layers:
+    if layer.bias is None:
+      raise ValueError(
+        "expectation_reflection refits a bias in every layer: build the Dense layers with use_bias=True"
+      )
+  for layer in model.layers[:-1]:
+    if layer.activation.name != "tanh":
+      raise ValueError(
+        f"multilayer expectation_reflection reflects hidden fields through tanh; got activation {layer.activation.name!r}"
+      )
+  return list(model.layers)
+
+
+def _check_options(reg, expectation, multiclass, hidden_target, hidden_field) -> None:
+  if not (isinstance(reg, (int, float)) and 0 <= reg < math.inf):
+    raise ValueError(f"reg must be a finite number >= 0, got {reg!r}")
+  for name, value, allowed in (
+    ("expectation", expectation, EXPECTATIONS),
+    ("multiclass", multiclass, MULTICLASS),
+    ("hidden_target", hidden_target, HIDDEN_TARGETS),
+    ("hidden_field", hidden_field, HIDDEN_FIELDS),
+  ):
+    if value not in allowed:
+      raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def expectation_reflection(
+  model: Layer,
+  *,
+  reg: float = 0.01,
+  expectation: str = "tanh_half",
+  multiclass: str = "ovr",
+  hidden_target: str = "diff",
+  hidden_field: str = "ratio",
+) -> optax.GradientTransformationExtraArgs:
+  """Expectation Reflection as a rule: its pseudo-gradient is ``params - refit``, so
+  ``optax.sgd(1.0)`` after it lands exactly on ER's least-squares solution; a smaller step or
+  momentum gives a relaxed ER. Labels are integer classes (``batch=(x, labels)``).
+
+  One output layer (``MLP((n, classes))``): the field ``h = x W + b`` is reflected by the ratio
+  of observed to expected output (:func:`reflect`) and ``W, b`` are refit by ridge least squares
+  on ``x`` (spec/er.md 2.1). With one output the labels are binary {0, 1}.
+
+  Hidden layers [reconstruction, not the paper's algorithm]: the output field is reflected, then
+  targets travel down through each layer's regularized inverse, as in target propagation:
+  ``hidden_target="diff"`` ``a* = a + (z* - z) W^+`` or ``"plain"`` ``a* = (z* - b) W^+``, then a
+  field target ``z* = a* g(z)`` (``hidden_field="ratio"``) or ``atanh(a*)`` (``"atanh"``). Layers are
+  refit bottom-up, each on the inputs the already refit layers below now give.
+
+  Args:
+    model: an MLP of Dense layers with biases (tanh hidden layers) and identity output.
+    reg: the ridge added to the input covariance (and of the pseudo-inverse of hidden targets).
+    expectation: ``"tanh_half"`` (labels' logits, the reference default) or ``"tanh"``.
+    multiclass: ``"ovr"`` (one-vs-rest, independent outputs) or ``"softmax"`` (joint).
+    hidden_target, hidden_field: the multilayer options above.
+
+  The state records the batch's discrepancy ``mean((E[s] - s)^2 / 4)`` at the incoming params:
+  the reference stops when it no longer falls (``altgrad.train.fit(..., stop_on_discrepancy=True)``).
+  """
+  pure = PureModel(model)
+  layers = _check_model(model)
+  _check_options(reg, expectation, multiclass, hidden_target, hidden_field)
+  outputs = layers[-1].out_features
+  if multiclass == "softmax" and outputs < 2:
+    raise ValueError("multiclass='softmax' needs at least two outputs")
+  if len(layers) > 1 and reg == 0:
+    raise ValueError(
+      "multilayer expectation_reflection needs reg > 0: hidden targets use ridge pseudo-inverses"
+    )
+
+  def init_fn(params):
+    del params
+    return ExpectationReflectionState(jnp.asarray(jnp.inf, jnp.float32), pure.variables)
+
+  def update_fn(updates, state, params=None, *, batch=None, **extra_args):
+    del updates, extra_args
+    view = pure.with_variables(state.model_variables)
+    x, labels = view.check_batch(params, batch, rule="expectation_reflection")
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+      raise TypeError(f"expectation_reflection needs integer class labels, got dtype {labels.dtype}")
+    bound = view.bind(params)
+    sites = bound.sites()
+    _, taps = bound.tapped(x)
+    s = spins(labels, outputs)
+    field_target, discrepancy = reflect(taps[-1].preact, s, expectation=expectation, multiclass=multiclass)
+    field_targets = [field_target]
+    for layer, tap, below in zip(sites[:0:-1], taps[:0:-1], taps[-2::-1], strict=True):
+      solver = layer.ridge_solver(reg)
+      z_target = field_targets[0]
+      if hidden_target == "diff":
+        a_target = tap.inputs + solver(z_target - tap.preact)
+      else:
+        a_target = solver(z_target - layer.bias[...])
+      if hidden_field == "ratio":
+        field_targets.insert(0, a_target * secant_ratio(below.preact))
+      else:
+        field_targets.insert(0, below.activation.inverse(a_target))
+    matrices, inputs = [], x
+    for i, (site, target) in enumerate(zip(sites, field_targets, strict=True)):
+      features = site.decorrelated(inputs)
+      kernel, bias = refit(
+        Moments.of(features, target, discrepancy),
+        reg,
+        center_outputs=multiclass == "softmax" and i == len(sites) - 1,
+      )
+      matrices.append(site.matrix() - jnp.concatenate([kernel, bias[None]]).astype(site.matrix().dtype))
+      inputs = site.activation(features @ kernel + bias)
+    updates = view.updates_from_matrices(params, matrices)
+    mean_discrepancy = jnp.mean(discrepancy).astype(jnp.float32)
+    return updates, ExpectationReflectionState(mean_discrepancy, view.decorrelation_step(params, taps))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _single_layer(model: Layer) -> Dense:
+  layers = _check_model(model)
+  if len(layers) != 1:
+    raise ValueError(f"the streaming ER API refits one layer; this model has {len(layers)}")
+  return layers[0]
+
+
+def reflection_moments(
+  model: Layer, params: Any, batch, *, expectation: str = "tanh_half", multiclass: str = "ovr"
+) -> Moments:
+  """The sufficient statistics of one ER refit of a single-layer model on ``batch``.
+
+  Moments add (``a + b``), so a sweep over a data set larger than memory, or spread over devices,
+  accumulates them batch by batch (or reduces them across devices) and solves once with
+  :func:`reflection_solution`: exactly the refit of all the data in one batch.
+  """
+  layer = _single_layer(model)
+  _check_options(0.0, expectation, multiclass, "diff", "ratio")
+  view = PureModel(model)
+  x, labels = view.check_batch(params, batch, rule="reflection_moments")
+  bound = view.bind(params)
+  features = bound.sites()[0].decorrelated(x)
+  target, discrepancy = reflect(
+    bound.sites()[0].linear(x),
+    spins(labels, layer.out_features),
+    expectation=expectation,
+    multiclass=multiclass,
+  )
+  return Moments.of(features, target, discrepancy)
+
+
+def reflection_solution(
+  model: Layer, params: Any, moments: Moments, *, reg: float = 0.01, multiclass: str = "ovr"
+) -> Any:
+  """The refit params (shaped like ``params``) of a single-layer model from accumulated moments."""
+  _single_layer(model)
+  _check_options(reg, "tanh_half", multiclass, "diff", "ratio")
+  kernel, bias = refit(moments, reg, center_outputs=multiclass == "softmax")
+  view = PureModel(model)
+  site = view.bind(params).sites()[0]
+  return view.updates_from_matrices(
+    params, [jnp.concatenate([kernel, bias[None]]).astype(site.matrix().dtype)]
+  )
