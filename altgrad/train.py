@@ -29,7 +29,8 @@ class History:
 
   ``step_time`` is the mean wall time of one training step in that epoch (seconds, compilation
   excluded); ``wall_time`` the training time elapsed at the end of the epoch; ``compilations``
-  how many times the training step was compiled (1 when nothing recompiled).
+  how many times the training step was compiled (1 when nothing recompiled); ``restored_epoch``,
+  when a stopping rule fired, the epoch whose final params were kept (0: the initial ones).
   """
 
   epoch: list[int] = dataclasses.field(default_factory=list)
@@ -40,6 +41,7 @@ class History:
   wall_time: list[float] = dataclasses.field(default_factory=list)
   compile_time: float = 0.0
   compilations: int = 0
+  restored_epoch: int | None = None
 
   @property
   def median_step_time(self) -> float:
@@ -103,6 +105,7 @@ def fit(
   seed: int = 0,
   train_eval_size: int = 10_000,
   progress: bool | None = None,
+  stop_on_discrepancy: bool = False,
 ) -> History:
   """Trains ``model`` in place with the rule chain ``tx`` and returns the per-epoch history.
 
@@ -120,12 +123,18 @@ def fit(
     epochs, batch_size, seed: the schedule.
     train_eval_size: how many training examples to evaluate the train loss on.
     progress: show a progress bar; default only when stderr is a terminal.
+    stop_on_discrepancy: the reference stopping rule of Expectation Reflection: stop when the
+      discrepancy the rule reports (its state's ``discrepancy``, measured at the params its last
+      update started from) no longer falls, and keep the best params. Meant for full-batch
+      training (``batch_size`` = the training set), where each epoch is one update.
   """
   if epochs < 0:
     raise ValueError(f"epochs must be >= 0, got {epochs}")
   _check_data(model, data, batch_size)
   params = nnx.state(model, nnx.Param)
   opt_state = tx.init(params)
+  if stop_on_discrepancy and optax.tree_utils.tree_get(opt_state, "discrepancy") is None:
+    raise ValueError("stop_on_discrepancy needs a rule that reports a discrepancy (expectation_reflection)")
   evaluate = make_evaluate(model, loss_fn, data.num_classes)
   x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
   x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
@@ -154,8 +163,9 @@ def fit(
   show = sys.stderr.isatty() if progress is None else progress
   bar = _progress_bar(epochs, data.name, show)
   elapsed = 0.0
+  best = None  # (discrepancy, params, opt_state, epoch) of the best params seen by the stopping rule
   for epoch, order in enumerate(orders, start=1):
-    start = time.perf_counter()
+    start, before = time.perf_counter(), (params, opt_state)
     params, opt_state = run_epoch(params, opt_state, order)
     jax.block_until_ready(params)
     seconds = time.perf_counter() - start
@@ -171,6 +181,12 @@ def fit(
     history.wall_time.append(elapsed)
     bar.update(1)
     bar.set_postfix(test_acc=f"{test_acc:.3f}", loss=f"{test_loss:.3f}")
+    if stop_on_discrepancy:
+      discrepancy = float(optax.tree_utils.tree_get(opt_state, "discrepancy"))  # measured at `before`
+      if best is not None and not discrepancy < best[0]:
+        _, params, opt_state, history.restored_epoch = best
+        break
+      best = (discrepancy, *before, epoch - 1)
   bar.close()
   nnx.update(model, params, model_variables(opt_state, model))
   return history

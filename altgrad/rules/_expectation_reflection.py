@@ -242,7 +242,9 @@ def expectation_reflection(
     s = spins(labels, outputs)
     field_target, discrepancy = reflect(taps[-1].preact, s, expectation=expectation, multiclass=multiclass)
     field_targets = [field_target]
-    for layer, tap, below in zip(sites[:0:-1], taps[:0:-1], taps[-2::-1], strict=True):
+    for layer, tap, below, below_tap in zip(
+      sites[:0:-1], taps[:0:-1], sites[-2::-1], taps[-2::-1], strict=True
+    ):
       solver = layer.ridge_solver(reg)
       z_target = field_targets[0]
       if hidden_target == "diff":
@@ -250,7 +252,7 @@ def expectation_reflection(
       else:
         a_target = solver(z_target - layer.bias[...])
       if hidden_field == "ratio":
-        field_targets.insert(0, a_target * secant_ratio(below.preact))
+        field_targets.insert(0, a_target * secant_ratio(below_tap.preact))
       else:
         field_targets.insert(0, below.activation.inverse(a_target))
     matrices, inputs = [], x

@@ -1,0 +1,275 @@
+"""Oracles of spec/er.md for Expectation Reflection."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from altgrad import data, losses, nn, rules, train
+from altgrad.rules._expectation_reflection import Moments, refit, reflect, secant_ratio
+
+
+def _f64_layer(n, outputs, seed=0):
+  model = nn.MLP((n, outputs), rngs=nnx.Rngs(seed))
+  return jax.tree.map(lambda p: p.astype(jnp.float64), model)
+
+
+def _binary_problem(n=300, d=10, seed=0, dtype=np.float64):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, d))
+  w = rng.normal(size=d)
+  y = (rng.random(n) < 1 / (1 + np.exp(-(x @ w)))).astype(np.int32)
+  return jnp.asarray(x, dtype), jnp.asarray(y)
+
+
+def test_secant_ratio_is_even_bounded_below_and_safe_at_zero():
+  u = jnp.linspace(-30.0, 30.0, 601)
+  g = secant_ratio(u)
+  chex.assert_trees_all_close(g, secant_ratio(-u))
+  assert bool(jnp.all(g >= jnp.maximum(1.0, jnp.abs(u)) - 1e-6))
+  assert float(secant_ratio(jnp.array(0.0))) == 1.0
+  near = jnp.array([1e-6, 1e-4, 1e-3])
+  chex.assert_trees_all_close(secant_ratio(near), near / jnp.tanh(near), rtol=1e-6)
+  assert bool(jnp.isfinite(jax.grad(secant_ratio)(0.0)))
+  assert float(secant_ratio(jnp.array(1e4))) == pytest.approx(1e4)  # saturated: g = |h|
+
+
+def test_reflection_at_zero_field_and_for_saturated_predictions():
+  s = jnp.array([[1.0], [-1.0]])
+  zero = jnp.zeros((2, 1))
+  chex.assert_trees_all_close(reflect(zero, s)[0], 2 * s)  # tanh_half limit 2s
+  chex.assert_trees_all_close(reflect(zero, s, expectation="tanh")[0], s)  # tanh limit s
+  big = jnp.array([[50.0], [50.0]])  # very confident, right for the first, wrong for the second
+  target, discrepancy = reflect(big, s)
+  chex.assert_tree_all_finite((target, discrepancy))
+  chex.assert_trees_all_close(target, jnp.array([[50.0], [-50.0]]), rtol=1e-5)  # kept / reflected
+  softmax_target, _ = reflect(
+    jnp.array([[300.0, -300.0, 0.0]]), jnp.array([[-1.0, 1.0, -1.0]]), multiclass="softmax"
+  )
+  chex.assert_tree_all_finite(softmax_target)
+
+
+def test_refit_without_ridge_reproduces_the_weights_from_the_unreflected_field():
+  with jax.enable_x64(True):
+    x, _ = _binary_problem()
+    w, b = jnp.asarray(np.random.default_rng(1).normal(size=(10, 3))), jnp.array([0.1, -0.2, 0.3])
+    h = x @ w + b
+    kernel, bias = refit(Moments.of(x, h, jnp.zeros(len(x))), 0.0)
+    chex.assert_trees_all_close((kernel, bias), (w, b), rtol=1e-9)
+
+
+def test_refit_with_ridge_solves_its_normal_equations():
+  with jax.enable_x64(True):
+    x, _ = _binary_problem()
+    t = jnp.asarray(np.random.default_rng(2).normal(size=(len(x), 2)))
+    kernel, bias = refit(Moments.of(x, t, jnp.zeros(len(x))), 0.3)
+
+    def objective(params):
+      k, c = params
+      return jnp.mean(jnp.sum((x @ k + c - t) ** 2, axis=1)) + 0.3 * jnp.sum(k * k)
+
+    grads = jax.grad(objective)((kernel, bias))
+    assert max(float(jnp.max(jnp.abs(g))) for g in grads) < 1e-10
+
+
+def test_one_er_step_is_a_preconditioned_gradient_like_step():
+  # spec/er.md 2.2: w_new = w + C^-1 Cov(x, (s - m) h / m): C^-1 for the learning rate, h/f(h) for f'(h)
+  with jax.enable_x64(True):
+    x, y = _binary_problem()
+    model = _f64_layer(10, 1, seed=3)
+    params = nnx.state(model, nnx.Param)
+    moments = rules.reflection_moments(model, params, (x, y))
+    new = rules.reflection_solution(model, params, moments, reg=0.0)
+    w, b = model.layers[0].kernel[...], model.layers[0].bias[...]
+    h = x @ w + b
+    s = (2.0 * y - 1.0)[:, None]
+    m = jnp.tanh(h / 2)
+    dx = x - x.mean(0)
+    c = dx.T @ dx / len(x)
+    step = (s - m) * h / m
+    expected = w + jnp.linalg.solve(c, dx.T @ (step - step.mean(0)) / len(x))
+    chex.assert_trees_all_close(new["layers"][0]["kernel"][...], expected, rtol=1e-9)
+
+
+def test_sgd_one_after_the_rule_lands_on_the_refit():
+  x, y = _binary_problem(dtype=np.float32)
+  model = nn.MLP((10, 1), rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  tx = optax.chain(rules.expectation_reflection(model, reg=0.01), optax.sgd(1.0))
+  updates, state = tx.update(None, tx.init(params), params, batch=(x, y))
+  landed = optax.apply_updates(params, updates)
+  want = rules.reflection_solution(model, params, rules.reflection_moments(model, params, (x, y)), reg=0.01)
+  chex.assert_trees_all_close(landed, want, rtol=1e-5, atol=1e-6)
+  assert 0.0 < float(state[0].discrepancy) < 1.0
+
+
+def test_streaming_moments_over_batches_equal_one_batch():
+  x, y = _binary_problem(n=600, dtype=np.float32)
+  model = nn.MLP((10, 1), rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  whole = rules.reflection_moments(model, params, (x, y))
+  parts = [
+    rules.reflection_moments(model, params, (x[i : i + 150], y[i : i + 150])) for i in range(0, 600, 150)
+  ]
+  summed = parts[0] + parts[1] + parts[2] + parts[3]
+  chex.assert_trees_all_close(summed, whole, rtol=1e-5, atol=1e-4)
+  chex.assert_trees_all_close(
+    rules.reflection_solution(model, params, summed),
+    rules.reflection_solution(model, params, whole),
+    rtol=1e-4,
+    atol=1e-6,
+  )
+
+
+@pytest.mark.slow
+def test_streaming_moments_reduce_across_devices():
+  script = textwrap.dedent(
+    """
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from flax import nnx
+    from altgrad import nn, rules
+    assert jax.device_count() == 4
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(400, 10)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 2, 400))
+    model = nn.MLP((10, 1), rngs=nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    mesh = Mesh(np.array(jax.devices()), ("batch",))
+    xs = jax.device_put(x, NamedSharding(mesh, P("batch")))
+    ys = jax.device_put(y, NamedSharding(mesh, P("batch")))
+    moments = jax.jit(lambda p, x, y: rules.reflection_moments(model, p, (x, y)))
+    sharded = rules.reflection_solution(model, params, moments(params, xs, ys))
+    single = rules.reflection_solution(model, params, rules.reflection_moments(model, params, (x, y)))
+    for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    print("ok")
+    """
+  )
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  result = subprocess.run(
+    [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+  )
+  assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+def test_breast_cancer_within_two_points_of_logistic_regression():
+  from sklearn.linear_model import LogisticRegression
+
+  ds = data.breast_cancer()
+  er = rules.ERClassifier().fit(ds.x_train, ds.y_train)
+  logistic = LogisticRegression(max_iter=1000).fit(ds.x_train, ds.y_train)
+  assert er.score(ds.x_test, ds.y_test) >= logistic.score(ds.x_test, ds.y_test) - 0.02
+  assert 1 <= er.n_iter_ <= 100
+  probabilities = er.predict_proba(ds.x_test)
+  chex.assert_trees_all_close(probabilities.sum(axis=1), np.ones(len(ds.x_test)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("multiclass", ["ovr", "softmax"])
+def test_digits_classifier(multiclass):
+  ds = data.digits()
+  er = rules.ERClassifier(multiclass=multiclass).fit(ds.x_train, ds.y_train)
+  assert er.coef_.shape == (64, 10)
+  assert er.score(ds.x_test, ds.y_test) > 0.9
+
+
+def test_classifier_keeps_the_best_weights_when_the_discrepancy_rises():
+  x, y = _binary_problem(n=200, d=5, dtype=np.float32)
+  best = rules.ERClassifier(max_iter=200).fit(x, y)
+  last = rules.ERClassifier(max_iter=200, keep_best=False).fit(x, y)
+  assert best.n_iter_ < 200  # non-separable data: the stop fires
+
+  def discrepancy(model):
+    p = model.predict_proba(x)[:, 1]
+    return float(np.mean((p - np.asarray(y)) ** 2))
+
+  assert discrepancy(best) <= discrepancy(last) + 1e-7
+
+
+def test_multilayer_one_sweep():
+  ds = data.digits()
+  model = nn.MLP((64, 100, 10), rngs=nnx.Rngs(0))
+  tx = optax.chain(rules.expectation_reflection(model, reg=1e-2), optax.sgd(1.0))
+  history = train.fit(
+    model, tx, ds, loss_fn=losses.softmax_cross_entropy, epochs=1, batch_size=len(ds.x_train)
+  )
+  assert history.test_accuracy[0] > 0.88  # one sweep of the reconstructed multilayer rule
+
+
+def _binary_loss(logits, labels):
+  return optax.sigmoid_binary_cross_entropy(logits[:, 0], labels.astype(logits.dtype))
+
+
+def _discrepancy(model, x, y):
+  return float(jnp.mean(reflect(model(x), (2.0 * y - 1.0)[:, None])[1]))
+
+
+def test_fit_stops_when_the_discrepancy_rises_and_keeps_the_best_params():
+  x, y = _binary_problem(n=400, d=8, seed=4, dtype=np.float32)
+  ds = data.Dataset(np.asarray(x), np.asarray(y), np.asarray(x), np.asarray(y), 2, "logistic")
+
+  def run(epochs, stop):
+    model = nn.MLP((8, 1), rngs=nnx.Rngs(0))
+    tx = optax.chain(rules.expectation_reflection(model), optax.sgd(1.0))
+    history = train.fit(
+      model, tx, ds, loss_fn=_binary_loss, epochs=epochs, batch_size=400, stop_on_discrepancy=stop
+    )
+    return model, history
+
+  model, history = run(200, True)
+  assert history.restored_epoch is not None and len(history.epoch) < 200
+  kept = _discrepancy(model, x, y)
+  for epochs in range(1, len(history.epoch) + 1):  # no refit the run made beats the kept params
+    assert _discrepancy(run(epochs, False)[0], x, y) >= kept - 1e-7
+  with pytest.raises(ValueError, match="reports a discrepancy"):
+    other = nn.MLP((8, 1), rngs=nnx.Rngs(0))
+    train.fit(other, rules.backprop(other, _binary_loss), ds, loss_fn=_binary_loss, stop_on_discrepancy=True)
+
+
+@pytest.mark.parametrize(
+  "options", [{"hidden_target": "plain"}, {"hidden_field": "atanh"}, {"multiclass": "softmax"}]
+)
+def test_multilayer_options_give_finite_descending_updates(options):
+  ds = data.digits()
+  model = nn.MLP((64, 32, 10), rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  tx = optax.chain(rules.expectation_reflection(model, **options), optax.sgd(1.0))
+  batch = (jnp.asarray(ds.x_train), jnp.asarray(ds.y_train))
+  updates, _ = tx.update(None, tx.init(params), params, batch=batch)
+  chex.assert_tree_all_finite(updates)
+  graphdef = nnx.graphdef(model)
+
+  def accuracy(p):
+    return float(jnp.mean(jnp.argmax(nnx.merge(graphdef, p)(batch[0]), -1) == batch[1]))
+
+  assert accuracy(optax.apply_updates(params, updates)) > accuracy(params) + 0.5
+
+
+def test_bad_models_and_options_are_clear_errors():
+  with pytest.raises(TypeError, match="expectation_reflection handles an MLP"):
+    rules.expectation_reflection(nn.SimpleRNN(2, 3, 2, rngs=nnx.Rngs(0)))
+  with pytest.raises(ValueError, match="reflects hidden fields through tanh"):
+    rules.expectation_reflection(nn.MLP((4, 5, 2), activation="relu", rngs=nnx.Rngs(0)))
+  with pytest.raises(ValueError, match="needs reg > 0"):
+    rules.expectation_reflection(nn.MLP((4, 5, 2), rngs=nnx.Rngs(0)), reg=0.0)
+  for kwargs, message in (
+    ({"reg": -1.0}, "reg must be"),
+    ({"expectation": "langevin"}, "expectation must be"),
+  ):
+    with pytest.raises(ValueError, match=message):
+      rules.expectation_reflection(nn.MLP((4, 2), rngs=nnx.Rngs(0)), **kwargs)
+  model = nn.MLP((4, 2), rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  tx = rules.expectation_reflection(model)
+  with pytest.raises(TypeError, match="integer class labels"):
+    tx.update(None, tx.init(params), params, batch=(jnp.ones((3, 4)), jnp.ones(3)))
+  with pytest.raises(ValueError, match="refits one layer"):
+    rules.reflection_moments(nn.MLP((4, 3, 2), rngs=nnx.Rngs(0)), None, None)
