@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
+import numpy as np
 import optax
 
 from altgrad.nn import Dense, Layer, PureModel, Sequential
@@ -169,6 +170,19 @@ def _check_model(model: Layer) -> list[Dense]:
   return list(model.layers)
 
 
+def _check_labels(labels: Array, outputs: int) -> None:
+  """Integer labels in range (checked on concrete labels; under jit only the dtype can be)."""
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise TypeError(f"expectation_reflection needs integer class labels, got dtype {labels.dtype}")
+  classes = 2 if outputs == 1 else outputs
+  if not isinstance(labels, jax.core.Tracer):
+    values = np.asarray(labels)
+    if values.size and (values.min() < 0 or values.max() >= classes):
+      raise ValueError(
+        f"labels must lie in [0, {classes}) for this model, got values from {values.min()} to {values.max()}"
+      )
+
+
 def _check_options(reg, expectation, multiclass, hidden_target, hidden_field) -> None:
   if not (isinstance(reg, (int, float)) and 0 <= reg < math.inf):
     raise ValueError(f"reg must be a finite number >= 0, got {reg!r}")
@@ -234,8 +248,7 @@ def expectation_reflection(
     del updates, extra_args
     view = pure.with_variables(state.model_variables)
     x, labels = view.check_batch(params, batch, rule="expectation_reflection")
-    if not jnp.issubdtype(labels.dtype, jnp.integer):
-      raise TypeError(f"expectation_reflection needs integer class labels, got dtype {labels.dtype}")
+    _check_labels(labels, outputs)
     bound = view.bind(params)
     sites = bound.sites()
     _, taps = bound.tapped(x)
@@ -292,6 +305,7 @@ def reflection_moments(
   _check_options(0.0, expectation, multiclass, "diff", "ratio")
   view = PureModel(model)
   x, labels = view.check_batch(params, batch, rule="reflection_moments")
+  _check_labels(labels, layer.out_features)
   bound = view.bind(params)
   features = bound.sites()[0].decorrelated(x)
   target, discrepancy = reflect(
