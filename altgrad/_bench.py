@@ -39,6 +39,7 @@ class Run:
   dataset_options: tuple[tuple[str, object], ...] = ()
   seed: int = 0
   decorrelation_lr: float | None = None
+  stop_on_discrepancy: bool = False
 
   @property
   def name(self) -> str:
@@ -46,6 +47,8 @@ class Run:
     rule = f"{self.rule}({options})" if options else self.rule
     if self.decorrelation_lr is not None:
       rule = f"d{rule}(decor={self.decorrelation_lr:g})"
+    if self.stop_on_discrepancy:
+      rule += "+stop"
     hidden = "-".join(map(str, self.hidden))
     return f"{self.dataset}/{self.model}:{hidden}/b{self.batch_size}/{rule}+{self.optimizer}({self.lr:g})/s{self.seed}"
 
@@ -88,9 +91,122 @@ def _cw_suite(epochs: int) -> list[Run]:
   return runs
 
 
+def _np_suite() -> list[Run]:
+  """spec/np.md 5 on Fashion-MNIST: leaky-ReLU MLPs, Adam 1e-3, sigma 1e-3, with and without decorrelation."""
+  runs = []
+  for hidden, epochs, decor in (((256, 256), 5, 1e-4), ((1024, 1024, 1024), 2, 1e-5)):
+    for rule in ("backprop", "np", "inp", "anp"):
+      options = () if rule == "backprop" else (("sigma", 1e-3),)
+      for decorrelation_lr in (None, decor):
+        runs.append(
+          Run(
+            "fashion_mnist",
+            hidden,
+            rule,
+            "adam",
+            1e-3,
+            epochs,
+            128,
+            activation="leaky_relu",
+            rule_options=options,
+            decorrelation_lr=decorrelation_lr,
+          )
+        )
+  return runs
+
+
+def _tp_suite() -> list[Run]:
+  """spec/tp.md 5: a tanh RNN of 100 units, TP (SGD gamma_theta; gamma_h, r) against BPTT (Nesterov)."""
+  runs = []
+  for length, epochs, tp_options, tp_lr, bp_lr in (
+    (60, 20, (("lr_target", 1e-2), ("reg", 10.0)), 0.1, 1e-5),
+    (120, 10, (("lr_target", 1e-2), ("reg", 1.0)), 1e-2, 1e-5),
+  ):
+    options = (("length", length), ("num_train", 20_000), ("num_test", 2_000))
+    runs.append(
+      Run("temporal_order", (100,), "backprop", "nesterov", bp_lr, epochs, 20, dataset_options=options)
+    )
+    runs.append(
+      Run(
+        "temporal_order",
+        (100,),
+        "tp",
+        "sgd",
+        tp_lr,
+        epochs,
+        20,
+        rule_options=tp_options,
+        dataset_options=options,
+      )
+    )
+  adding = (("length", 30), ("num_train", 20_000), ("num_test", 2_000))
+  runs.append(Run("adding", (100,), "backprop", "nesterov", 1e-3, 12, 20, dataset_options=adding))
+  runs.append(
+    Run(
+      "adding",
+      (100,),
+      "tp",
+      "sgd",
+      0.1,
+      12,
+      20,
+      rule_options=(("lr_target", 0.1), ("reg", 1.0)),
+      dataset_options=adding,
+    )
+  )
+  sequence = (("as_sequence", True),)
+  runs.append(Run("mnist1d", (100,), "backprop", "nesterov", 1e-3, 20, 16, dataset_options=sequence))
+  runs.append(
+    Run(
+      "mnist1d",
+      (100,),
+      "tp",
+      "sgd",
+      0.1,
+      20,
+      16,
+      rule_options=(("lr_target", 1e-2), ("reg", 1.0)),
+      dataset_options=sequence,
+    )
+  )
+  for length in (30, 60, 120, 240):  # step time against T, one epoch each
+    options = (("length", length), ("num_train", 2_000), ("num_test", 200))
+    runs.append(Run("temporal_order", (100,), "backprop", "nesterov", 1e-5, 1, 20, dataset_options=options))
+    runs.append(
+      Run(
+        "temporal_order",
+        (100,),
+        "tp",
+        "sgd",
+        0.1,
+        1,
+        20,
+        rule_options=(("reg", 1.0),),
+        dataset_options=options,
+      )
+    )
+  return runs
+
+
+def _er_suite() -> list[Run]:
+  """spec/er.md 5: full-batch ER, one sweep and the reference stopping rule, against backprop with Adam."""
+  runs = []
+  for dataset, size, options in (("fashion_mnist", 60_000, ()), ("mnist1d", 4_000, ())):
+    for hidden in ((), (256,), (256, 256)):
+      runs.append(Run(dataset, hidden, "er", "sgd", 1.0, 1, size, dataset_options=options))
+      runs.append(
+        Run(dataset, hidden, "er", "sgd", 1.0, 30, size, dataset_options=options, stop_on_discrepancy=True)
+      )
+      runs.append(Run(dataset, hidden, "backprop", "adam", 1e-3, 10, 128, dataset_options=options))
+  return runs
+
+
 SUITES = {
   "smoke": lambda: [Run("digits", (64,), rule, "adam", 3e-3, 3, 64) for rule in rules.RULES],
   "cw": lambda: _cw_suite(epochs=5),
+  "np": _np_suite,
+  "tp": _tp_suite,
+  "er": _er_suite,
 }
 
 
@@ -121,6 +237,7 @@ def execute(run: Run) -> dict:
     loss_fn=loss_fn,
     epochs=run.epochs,
     batch_size=run.batch_size,
+    stop_on_discrepancy=run.stop_on_discrepancy,
     seed=run.seed,
     progress=False,
   )

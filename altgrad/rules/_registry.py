@@ -25,7 +25,9 @@ RULES: dict[str, RuleFactory] = {
   "inp": functools.partial(node_perturbation, variant="inp"),
   "anp": functools.partial(node_perturbation, variant="anp"),
   "tp": target_propagation,
-  "er": lambda model, loss_fn: expectation_reflection(model),  # ER has no loss: it reflects labels
+  "er": lambda model, loss_fn, **options: expectation_reflection(
+    model, **options
+  ),  # no loss: it reflects labels
 }
 
 #: Rules that fix their own step: their pseudo-gradient is applied by ``optax.sgd(step)`` whatever
