@@ -306,9 +306,14 @@ def markdown(results: dict) -> str:
     options = ", ".join(f"{k}={v}" for k, v in r["rule_options"])
     rule = f"{r['rule']} ({options})" if options else r["rule"]
     accs = " ".join(f"{a:.3f}" for a in r["test_accuracy"])
+    optimizer = f"{r['optimizer']} ({r['lr']:g})"
+    if r["rule"] in rules.OWN_STEP:
+      optimizer = f"sgd ({rules.OWN_STEP[r['rule']]:g}), own step"
+    if r.get("restored_epoch") is not None:
+      accs += f" (stopped; kept epoch {r['restored_epoch']})"
     lines.append(
       f"| {r['dataset']} | {r['model']} {'-'.join(map(str, r['hidden']))} | {r['batch_size']} | {rule} | "
-      f"{r['optimizer']} ({r['lr']:g}) | {r['epochs']} | {accs} | {r['test_loss'][-1]:.4f} | "
+      f"{optimizer} | {r['epochs']} | {accs} | {r['test_loss'][-1]:.4f} | "
       f"{1e3 * r['median_step_time']:.3f} | {r['step_time_ratio']:.2f} |"
     )
   return "\n".join(lines) + "\n"

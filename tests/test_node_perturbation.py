@@ -223,3 +223,14 @@ def test_bad_hyperparameters_are_clear_errors(kwargs, message):
 def test_decorrelation_lr_must_be_a_finite_nonnegative_number():
   with pytest.raises(ValueError, match="decorrelation_lr must be"):
     nn.Dense(3, 3, decorrelation_lr=-1.0, rngs=nnx.Rngs(0))
+
+
+def test_decorrelation_step_is_the_spec_update():
+  layer = nn.Dense(5, 3, decorrelation_lr=0.1, rngs=nnx.Rngs(0))
+  layer.decorrelation[...] = jnp.eye(5) + 0.1 * jax.random.normal(jax.random.key(0), (5, 5))
+  x = jax.random.normal(jax.random.key(1), (7, 5))
+  r = layer.decorrelation[...]
+  xs = x @ r
+  moment = xs.T @ xs / 7
+  expected = r - 0.1 * r @ (moment * (1 - jnp.eye(5)))
+  chex.assert_trees_all_close(layer.decorrelation_step(x), expected, rtol=1e-5, atol=1e-6)

@@ -72,12 +72,16 @@ class Dense(SingleSite):
     return x if self.decorrelation is None else x @ self.decorrelation[...]
 
   def decorrelation_step(self, x: Array) -> Array:
-    """The next ``R`` from a batch of inputs ``x`` (spec/np.md 2.3, in row layout)."""
+    """The next ``R`` from a batch of inputs ``x`` (spec/np.md 2.3, in row layout):
+    ``R - lr R C`` with ``C`` the off-diagonal part of ``M = (x R)^T (x R) / n``.
+
+    ``R M`` is formed as ``(R (xR)^T)(xR) / n``: two thin products instead of a cubic one.
+    """
     xs = self.decorrelated(x).reshape(-1, self.in_features)
-    moment = (xs.T @ xs) / xs.shape[0]
-    moment = moment * (1.0 - jnp.eye(self.in_features, dtype=moment.dtype))
     r = self.decorrelation[...]
-    return r - self.decorrelation_lr * (r @ moment)
+    full = (r @ xs.T) @ xs / xs.shape[0]
+    diagonal = jnp.mean(xs * xs, axis=0)
+    return r - self.decorrelation_lr * (full - r * diagonal[None, :])
 
   def effective_kernel(self) -> Array:
     """``R K``: the map from the raw input to the pre-activation (minus the bias)."""
