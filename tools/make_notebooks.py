@@ -37,7 +37,9 @@ print(digits.x_train.shape, digits.x_test.shape, "rules:", list(rules.RULES))"""
 histories = {}
 for name, make_rule in rules.RULES.items():
     model = nn.MLP((64, 128, 10), activation="tanh", rngs=nnx.Rngs(0))  # same init for every rule
-    tx = optax.chain(make_rule(model, losses.softmax_cross_entropy), optax.adam(3e-3))
+    # ER fixes its own step (it lands on a least-squares refit); the others share Adam
+    optimizer = optax.sgd(rules.OWN_STEP[name]) if name in rules.OWN_STEP else optax.adam(3e-3)
+    tx = optax.chain(make_rule(model, losses.softmax_cross_entropy), optimizer)
     histories[name] = train.fit(model, tx, digits, loss_fn=losses.softmax_cross_entropy,
                                 epochs=10, batch_size=64, progress=False)
 
