@@ -78,7 +78,201 @@ for name, make_rule in rules.RULES.items():
   ),
 ]
 
-NOTEBOOKS = {"quickstart.ipynb": QUICKSTART}
+IMPORTS = """\
+import jax, jax.numpy as jnp, numpy as np, optax
+from flax import nnx
+import matplotlib.pyplot as plt
+from altgrad import data, diagnostics, losses, nn, rules, train
+CE = losses.softmax_cross_entropy
+digits = data.digits()"""
+
+NODE_PERTURBATION = [
+  (
+    "md",
+    """\
+# Node perturbation (NP, INP, ANP) with decorrelation
+
+Dalm, van Gerven and Ahmad, arXiv:2310.00965. Noise at every pre-activation changes the loss; the
+change, times the noise (NP), or times the *measured* activity change normalized by its squared
+norm (ANP), estimates each layer's error without a backward pass. INP perturbs one layer per pass.
+NP and INP are unbiased; ANP is biased toward a descent direction with lower variance. A
+decorrelating matrix in front of each layer makes these estimates far more useful.""",
+  ),
+  ("code", INSTALL),
+  ("code", IMPORTS),
+  ("md", "## Estimate quality against the number of noise samples (cosine to the backprop gradient)"),
+  (
+    "code",
+    """\
+model = nn.MLP((64, 64, 10), rngs=nnx.Rngs(0))
+params = nnx.state(model, nnx.Param)
+batch = (jnp.asarray(digits.x_train[:128]), jnp.asarray(digits.y_train[:128]))
+bp = rules.backprop(model, CE)
+grad = bp.update(None, bp.init(params), params, batch=batch)[0]
+flat = lambda t: jnp.concatenate([jnp.ravel(a) for a in jax.tree.leaves(t)])
+cos = lambda a, b: float(flat(a) @ flat(b) / jnp.linalg.norm(flat(a)) / jnp.linalg.norm(flat(b)))
+counts = [1, 4, 16, 64, 256]
+for variant in ("np", "inp", "anp"):
+    values = []
+    for k in counts:
+        tx = rules.node_perturbation(model, CE, variant=variant, samples=k)
+        values.append(cos(tx.update(None, tx.init(params), params, batch=batch)[0], grad))
+    plt.semilogx(counts, values, marker="o", label=variant)
+plt.xlabel("noise samples per step"); plt.ylabel("cosine to backprop"); plt.legend(); plt.grid(alpha=0.3); plt.show()""",
+  ),
+  ("md", "## The effect of decorrelation"),
+  (
+    "code",
+    """\
+for name, decorrelation_lr in (("anp", None), ("danp", 1e-3)):
+    model = nn.MLP((64, 64, 10), activation="leaky_relu", decorrelation_lr=decorrelation_lr, rngs=nnx.Rngs(0))
+    tx = optax.chain(rules.node_perturbation(model, CE, variant="anp"), optax.adam(1e-3))
+    h = train.fit(model, tx, digits, loss_fn=CE, epochs=10, batch_size=32, progress=False)
+    plt.plot(h.epoch, h.test_accuracy, marker="o", label=name)
+plt.xlabel("epoch"); plt.ylabel("test accuracy"); plt.legend(); plt.grid(alpha=0.3); plt.show()""",
+  ),
+]
+
+TARGET_PROPAGATION = [
+  (
+    "md",
+    """\
+# Target propagation via regularized inversion
+
+Roulet and Harchaoui, arXiv:2112.01453. The last hidden state gets a target one gradient step
+away; targets travel back through each layer's (or each time step's) regularized inverse
+`argmin_h ||a^-1(v) - linear(h)||^2 + reg ||h||^2`, and each layer moves toward its target. `reg`
+sets how far back the targets carry signal.""",
+  ),
+  ("code", INSTALL),
+  ("code", IMPORTS),
+  ("md", "## Displacement norms over time, for several `reg`"),
+  (
+    "code",
+    """\
+task = data.temporal_order(60, num_train=64, num_test=8)
+model = nn.SimpleRNN(6, 100, 4, rngs=nnx.Rngs(0))
+params = nnx.state(model, nnx.Param)
+batch = (jnp.asarray(task.x_train), jnp.asarray(task.y_train))
+for reg in (0.1, 1.0, 10.0):
+    (d,) = rules.target_displacements(model, CE, params, batch, reg=reg)
+    plt.semilogy(jnp.sqrt(jnp.mean(d * d, axis=(0, 2))), label=f"reg={reg}")
+plt.xlabel("time step"); plt.ylabel("RMS displacement"); plt.legend(); plt.grid(alpha=0.3); plt.show()""",
+  ),
+  ("md", "## TP against BPTT on a short temporal-order task"),
+  (
+    "code",
+    """\
+task = data.temporal_order(30, num_train=4000, num_test=500)
+for name, rule, optimizer in (
+    ("bptt", lambda m: rules.backprop(m, CE), optax.sgd(1e-3, momentum=0.9, nesterov=True)),
+    ("tp", lambda m: rules.target_propagation(m, CE, reg=1.0, lr_target=1e-2), optax.sgd(0.1)),
+):
+    model = nn.SimpleRNN(6, 100, 4, rngs=nnx.Rngs(0))
+    h = train.fit(model, optax.chain(rule(model), optimizer), task, loss_fn=CE, epochs=5, batch_size=20, progress=False)
+    plt.plot(h.epoch, h.test_accuracy, marker="o", label=name)
+plt.xlabel("epoch"); plt.ylabel("test accuracy"); plt.legend(); plt.grid(alpha=0.3); plt.show()""",
+  ),
+]
+
+EXPECTATION_REFLECTION = [
+  (
+    "md",
+    """\
+# Expectation Reflection
+
+Kim, Soh, Periwal and Jo, arXiv:2503.10144. The field of each output is multiplied by the ratio
+of the observed to the expected output, then the weights are refit by least squares: no loss, no
+learning rate, near-optimal weights in one iteration. The multilayer rule here is a
+**reconstruction** from the paper's abstract (targets through regularized layer inverses), not
+the paper's algorithm.""",
+  ),
+  ("code", INSTALL),
+  ("code", IMPORTS),
+  ("md", "## The single-layer classifier against logistic regression"),
+  (
+    "code",
+    """\
+from sklearn.linear_model import LogisticRegression
+cancer = data.breast_cancer()
+er = rules.ERClassifier().fit(cancer.x_train, cancer.y_train)
+lr = LogisticRegression(max_iter=1000).fit(cancer.x_train, cancer.y_train)
+print(f"ER {er.score(cancer.x_test, cancer.y_test):.4f} after {er.n_iter_} refits;",
+      f"logistic regression {lr.score(cancer.x_test, cancer.y_test):.4f}")""",
+  ),
+  ("md", "## Accuracy after each sweep (full batch, `optax.sgd(1.0)` lands on the refit)"),
+  (
+    "code",
+    """\
+for hidden in ((), (100,)):
+    model = nn.MLP((64, *hidden, 10), rngs=nnx.Rngs(0))
+    tx = optax.chain(rules.expectation_reflection(model), optax.sgd(1.0))
+    h = train.fit(model, tx, digits, loss_fn=CE, epochs=20, batch_size=len(digits.x_train),
+                  stop_on_discrepancy=True, progress=False)
+    print(f"hidden {hidden}: after one sweep {h.test_accuracy[0]:.4f}; kept epoch {h.restored_epoch}")
+    plt.plot(h.epoch, h.test_accuracy, marker="o", label=f"hidden {hidden}")
+plt.xlabel("sweep"); plt.ylabel("test accuracy"); plt.legend(); plt.grid(alpha=0.3); plt.show()""",
+  ),
+  ("md", "## Streaming: moments add over batches, one solve"),
+  (
+    "code",
+    """\
+model = nn.MLP((64, 10), rngs=nnx.Rngs(0))
+params = nnx.state(model, nnx.Param)
+x, y = jnp.asarray(digits.x_train), jnp.asarray(digits.y_train)
+moments = rules.reflection_moments(model, params, (x[:700], y[:700])) + rules.reflection_moments(model, params, (x[700:], y[700:]))
+refit = rules.reflection_solution(model, params, moments)
+whole = rules.reflection_solution(model, params, rules.reflection_moments(model, params, (x, y)))
+print("max difference, two batches vs one:", max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(refit), jax.tree.leaves(whole))))""",
+  ),
+]
+
+CONSEQUENTIALISM = [
+  (
+    "md",
+    """\
+# Consequentialism weight updates (mini-batch NLMS)
+
+Paeedeh and Ghiasi-Shirazi, arXiv:2003.05164; a **reconstruction** from the abstracts. Backprop's
+step on one example also moves the outputs of the others (interference) and scales with the
+inputs' norm. CW predicts the step's consequence on the batch's own outputs and emends it so each
+example moves by what it asked for: `X^T (X X^T + eps I)^-1 D`.""",
+  ),
+  ("code", INSTALL),
+  ("code", IMPORTS),
+  ("md", "## Interference before and after emendation"),
+  (
+    "code",
+    """\
+from altgrad.rules._consequentialism import emend
+rng = np.random.default_rng(0)
+x = jnp.asarray(rng.normal(size=(16, 64)) * rng.uniform(0.1, 10, 64), jnp.float32)
+rows = jnp.concatenate([x, jnp.ones((16, 1))], axis=1)
+d = jnp.asarray(rng.normal(size=(16, 10)), jnp.float32)
+for name, update in (("backprop", rows.T @ d), ("cw", emend(rows, d, eps=1e-3))):
+    consequence = rows @ update  # how each example's output moves
+    scale = float(jnp.sum(consequence * d) / jnp.sum(d * d))
+    print(f"{name:9s} relative residual of the consequence: {float(jnp.linalg.norm(consequence / scale - d) / jnp.linalg.norm(d)):.2e}")""",
+  ),
+  ("md", "## CW-SGD against SGD"),
+  (
+    "code",
+    """\
+for name, rule, lr in (("sgd", rules.backprop, 0.05), ("cw-sgd", rules.consequentialism, 0.5)):
+    model = nn.MLP((64, 128, 10), rngs=nnx.Rngs(0))
+    h = train.fit(model, optax.chain(rule(model, CE), optax.sgd(lr)), digits, loss_fn=CE, epochs=10, progress=False)
+    plt.plot(h.epoch, h.test_accuracy, marker="o", label=name)
+plt.xlabel("epoch"); plt.ylabel("test accuracy"); plt.legend(); plt.grid(alpha=0.3); plt.show()""",
+  ),
+]
+
+NOTEBOOKS = {
+  "quickstart.ipynb": QUICKSTART,
+  "node_perturbation.ipynb": NODE_PERTURBATION,
+  "target_propagation.ipynb": TARGET_PROPAGATION,
+  "expectation_reflection.ipynb": EXPECTATION_REFLECTION,
+  "consequentialism.ipynb": CONSEQUENTIALISM,
+}
 
 
 def build(cells):
