@@ -50,7 +50,12 @@ class Run:
     if self.stop_on_discrepancy:
       rule += "+stop"
     hidden = "-".join(map(str, self.hidden))
-    return f"{self.dataset}/{self.model}:{hidden}/b{self.batch_size}/{rule}+{self.optimizer}({self.lr:g})/s{self.seed}"
+    data = ",".join(f"{k}={v}" for k, v in self.dataset_options)
+    data = f"{self.dataset}({data})" if data else self.dataset
+    return (
+      f"{data}/{self.model}:{hidden}/{self.activation}/b{self.batch_size}/{rule}+{self.optimizer}({self.lr:g})"
+      f"/e{self.epochs}/s{self.seed}"
+    )
 
   @property
   def reference_key(self) -> tuple:
@@ -291,6 +296,13 @@ def _add_ratios(runs: list[Run], records: dict) -> None:
     )
 
 
+def _data_label(record: dict) -> str:
+  options = ", ".join(
+    f"{k}={v}" for k, v in record["dataset_options"] if k in ("length", "as_sequence", "flatten")
+  )
+  return f"{record['dataset']} ({options})" if options else record["dataset"]
+
+
 def markdown(results: dict) -> str:
   env = results["environment"]
   lines = [
@@ -312,7 +324,7 @@ def markdown(results: dict) -> str:
     if r.get("restored_epoch") is not None:
       accs += f" (stopped; kept epoch {r['restored_epoch']})"
     lines.append(
-      f"| {r['dataset']} | {r['model']} {'-'.join(map(str, r['hidden']))} | {r['batch_size']} | {rule} | "
+      f"| {_data_label(r)} | {r['model']} {'-'.join(map(str, r['hidden']))} | {r['batch_size']} | {rule} | "
       f"{optimizer} | {r['epochs']} | {accs} | {r['test_loss'][-1]:.4f} | "
       f"{1e3 * r['median_step_time']:.3f} | {r['step_time_ratio']:.2f} |"
     )
