@@ -317,6 +317,10 @@ def markdown(results: dict) -> str:
   for r in results["runs"].values():
     options = ", ".join(f"{k}={v}" for k, v in r["rule_options"])
     rule = f"{r['rule']} ({options})" if options else r["rule"]
+    if r.get("decorrelation_lr") is not None:
+      rule = f"d{rule}, decorrelation lr {r['decorrelation_lr']:g}"
+    if r.get("stop_on_discrepancy"):
+      rule += ", stopping rule"
     accs = " ".join(f"{a:.3f}" for a in r["test_accuracy"])
     optimizer = f"{r['optimizer']} ({r['lr']:g})"
     if r["rule"] in rules.OWN_STEP:
@@ -324,7 +328,7 @@ def markdown(results: dict) -> str:
     if r.get("restored_epoch") is not None:
       accs += f" (stopped; kept epoch {r['restored_epoch']})"
     lines.append(
-      f"| {_data_label(r)} | {r['model']} {'-'.join(map(str, r['hidden']))} | {r['batch_size']} | {rule} | "
+      f"| {_data_label(r)} | {r['model']} {'-'.join(map(str, r['hidden'])) or '(no hidden)'} {r['activation']} | {r['batch_size']} | {rule} | "
       f"{optimizer} | {r['epochs']} | {accs} | {r['test_loss'][-1]:.4f} | "
       f"{1e3 * r['median_step_time']:.3f} | {r['step_time_ratio']:.2f} |"
     )
