@@ -53,3 +53,14 @@ def model_kind(request):
 
 def tree_allclose(a, b, rtol, atol):
   return all(jax.tree.leaves(jax.tree.map(lambda u, v: bool(np.allclose(u, v, rtol=rtol, atol=atol)), a, b)))
+
+
+def flat(tree):
+  """All leaves of a pytree as one vector."""
+  return jnp.concatenate([jnp.ravel(a) for a in jax.tree.leaves(tree)])
+
+
+def cosine(a, b):
+  """Cosine between two pytrees of the same structure, as one vector each."""
+  a, b = flat(a), flat(b)
+  return float(a @ b / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))

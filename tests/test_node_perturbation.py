@@ -6,21 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import MODELS, make_batch
+from conftest import MODELS, cosine, flat, make_batch
 from flax import nnx
 
 from altgrad import losses, nn, rules
 
 CE = losses.softmax_cross_entropy
-
-
-def _flat(tree):
-  return jnp.concatenate([jnp.ravel(a) for a in jax.tree.leaves(tree)])
-
-
-def _cos(a, b):
-  a, b = _flat(a), _flat(b)
-  return float(a @ b / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
 
 
 def _problem(seed=0, batch=32, sizes=(10, 16, 16, 4)):
@@ -47,17 +38,17 @@ def test_np_and_inp_are_unbiased(variant, samples):
   with jax.enable_x64(True):
     model, params, batch = _problem()
     mean = _update(model, params, batch, variant=variant, sigma=1e-4, samples=samples)
-    assert _cos(mean, _grad(model, params, batch)) > 0.99
+    assert cosine(mean, _grad(model, params, batch)) > 0.99
 
 
 def test_error_shrinks_as_one_over_sqrt_samples():
   with jax.enable_x64(True):
     model, params, batch = _problem()
-    grad = _flat(_grad(model, params, batch))
+    grad = flat(_grad(model, params, batch))
 
     def rms_error(samples):
       errors = [
-        jnp.linalg.norm(_flat(_update(model, params, batch, variant="inp", samples=samples, key=k)) - grad)
+        jnp.linalg.norm(flat(_update(model, params, batch, variant="inp", samples=samples, key=k)) - grad)
         for k in range(6)
       ]
       return float(jnp.sqrt(jnp.mean(jnp.square(jnp.array(errors)))))
@@ -100,9 +91,9 @@ def test_anp_mean_follows_the_predicted_biased_descent_direction():
     predicted = pure.updates_from_errors(params, taps, predicted)
     grad = _grad(model, params, batch)
     anp = _update(model, params, batch, variant="anp", sigma=1e-4, samples=2000)
-    assert _cos(anp, predicted) > 0.95
-    assert _cos(anp, predicted) > _cos(anp, grad) > 0.7  # biased, yet a clear descent direction
-    assert 1.0 < float(jnp.linalg.norm(_flat(anp)) / jnp.linalg.norm(_flat(grad))) < 3.0
+    assert cosine(anp, predicted) > 0.95
+    assert cosine(anp, predicted) > cosine(anp, grad) > 0.7  # biased, yet a clear descent direction
+    assert 1.0 < float(jnp.linalg.norm(flat(anp)) / jnp.linalg.norm(flat(grad))) < 3.0
 
 
 def test_one_site_network_anp_equals_inp_exactly():
@@ -123,7 +114,7 @@ def test_measured_noise_anp_aligns_without_reading_the_noise():
       return 1e-4 * (2.0 * jax.random.bernoulli(key, 0.5, shape).astype(dtype) - 1.0)
 
     update = _update(model, params, batch, variant="anp", measured=True, noise_fn=device_noise, samples=2000)
-    assert seen and _cos(update, _grad(model, params, batch)) > 0.8
+    assert seen and cosine(update, _grad(model, params, batch)) > 0.8
 
 
 @pytest.mark.parametrize("variant", ["np", "inp", "anp"])
@@ -138,7 +129,7 @@ def test_float32_stays_finite_and_aligned_across_sigma(variant):
   for sigma in (1e-1, 1e-3, 1e-5):
     update = _update(model, params, (x, y), variant=variant, sigma=sigma, samples=256)
     chex.assert_tree_all_finite(update)
-    cosines.append(_cos(update, grad))
+    cosines.append(cosine(update, grad))
   assert min(cosines) > 0.5 and max(cosines) - min(cosines) < 0.2, cosines
 
 
@@ -191,7 +182,7 @@ def test_same_key_same_update_and_the_key_advances():
   other_tx = rules.node_perturbation(model, CE, key=8)
   other, _ = other_tx.update(None, other_tx.init(params), params, batch=batch)
   chex.assert_trees_all_equal(a, b)
-  assert not np.allclose(_flat(a), _flat(c)) and not np.allclose(_flat(a), _flat(other))
+  assert not np.allclose(flat(a), flat(c)) and not np.allclose(flat(a), flat(other))
 
 
 def test_zero_noise_gives_a_zero_update_not_nan():

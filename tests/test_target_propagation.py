@@ -4,21 +4,12 @@ import chex
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import MODELS
+from conftest import MODELS, cosine, flat
 from flax import nnx
 
 from altgrad import losses, nn, rules
 
 CE = losses.softmax_cross_entropy
-
-
-def _flat(tree):
-  return jnp.concatenate([jnp.ravel(a) for a in jax.tree.leaves(tree)])
-
-
-def _cos(a, b):
-  a, b = _flat(a), _flat(b)
-  return float(a @ b / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
 
 
 def _f64(model):
@@ -96,15 +87,16 @@ def test_large_reg_through_time_tends_to_lr_target_times_backprop():
     model, params, batch = _rnn_problem(time=30)
     bp = _grad(model, params, batch)["cell"]
     cos = {
-      reg: _cos(_tp(model, params, batch, reg=reg, lr_target=1e-3)[0]["cell"], bp) for reg in (1.0, 1e2, 1e5)
+      reg: cosine(_tp(model, params, batch, reg=reg, lr_target=1e-3)[0]["cell"], bp)
+      for reg in (1.0, 1e2, 1e5)
     }
     assert cos[1e5] > 0.9999 and cos[1e5] >= cos[1e2] >= cos[1.0] - 1e-3, cos
     update = _tp(model, params, batch, reg=1e5, lr_target=1e-3)[0]["cell"]
-    ratio = float(jnp.linalg.norm(_flat(update)) / jnp.linalg.norm(_flat(bp)))
+    ratio = float(jnp.linalg.norm(flat(update)) / jnp.linalg.norm(flat(bp)))
     assert ratio == pytest.approx(1e-3, rel=1e-2)
     # the local update keeps only the last step's signal: it does not tend to backprop
     local = _tp(model, params, batch, reg=1e5, lr_target=1e-3, update="local")[0]["cell"]
-    assert _cos(local, bp) < 0.99
+    assert cosine(local, bp) < 0.99
 
 
 def test_layer_under_the_readout_moves_along_backprop_and_linear_paths_tend_to_it():
@@ -115,13 +107,13 @@ def test_layer_under_the_readout_moves_along_backprop_and_linear_paths_tend_to_i
     params = nnx.state(tanh, nnx.Param)
     update, _ = _tp(tanh, params, (x, y), reg=1e3, update="local")
     grad = _grad(tanh, params, (x, y))
-    assert _cos(update["layers"][2], grad["layers"][2]) > 1 - 1e-12  # the readout: its gradient
-    assert _cos(update["layers"][1], grad["layers"][1]) > 1 - 1e-12  # just below: lr_target x BP
+    assert cosine(update["layers"][2], grad["layers"][2]) > 1 - 1e-12  # the readout: its gradient
+    assert cosine(update["layers"][1], grad["layers"][1]) > 1 - 1e-12  # just below: lr_target x BP
     linear = _f64(nn.MLP((6, 8, 8, 3), activation="identity", rngs=nnx.Rngs(2)))
     params = nnx.state(linear, nnx.Param)
     update, _ = _tp(linear, params, (x, y), reg=1e3, update="local")
     grad = _grad(linear, params, (x, y))
-    assert _cos(update["layers"][0], grad["layers"][0]) > 0.999  # through a linear path, as reg grows
+    assert cosine(update["layers"][0], grad["layers"][0]) > 0.999  # through a linear path, as reg grows
 
 
 def test_as_reg_vanishes_the_linearized_step_inverts_the_layer_jacobian():
