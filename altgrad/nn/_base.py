@@ -55,10 +55,16 @@ def describe_shape(x: Any) -> str:
   return f"a {type(x).__name__}" if shape is None else f"shape {tuple(shape)}"
 
 
-def check_reg(reg: Any) -> None:
-  """Rejects a negative or non-finite ridge given as a Python number."""
-  if isinstance(reg, (int, float)) and not (reg >= 0 and reg < float("inf")):
-    raise ValueError(f"reg must be a finite number >= 0, got {reg}")
+def check_number(value: Any, name: str, *, positive: bool = False, arrays_ok: bool = False) -> None:
+  """Rejects a hyperparameter that is not a finite number ``>= 0`` (``> 0`` with ``positive``).
+
+  With ``arrays_ok`` an array (possibly traced) passes unchecked: only Python numbers are checked.
+  """
+  if arrays_ok and not isinstance(value, (int, float)):
+    return
+  number = isinstance(value, (int, float))
+  if not (number and (value > 0 if positive else value >= 0) and value < float("inf")):
+    raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {value!r}")
 
 
 class Layer(nnx.Module):
@@ -122,16 +128,11 @@ def stacked_matrix(kernel: Array, bias: Array | None) -> Array:
   return kernel if bias is None else jnp.concatenate([kernel, bias[None]], axis=0)
 
 
-def check_learning_rate(value: Any, name: str) -> None:
-  if not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
-    raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-
-
 def ridge_solver(kernel: Array, reg: Any = None, solver: RidgeSolver | None = None) -> RidgeSolver:
   """The solver a layer's inverse uses: ``solver`` if given, else one factored from ``reg``."""
   if (reg is None) == (solver is None):
     raise ValueError("give exactly one of reg (the ridge) or solver (from layer.ridge_solver(reg))")
   if solver is not None:
     return solver
-  check_reg(reg)
+  check_number(reg, "reg", arrays_ok=True)
   return RidgeSolver.create(kernel, reg)

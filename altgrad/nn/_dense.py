@@ -14,7 +14,7 @@ from altgrad.nn._activations import Activation, get_activation
 from altgrad.nn._base import (
   Decorrelation,
   SingleSite,
-  check_learning_rate,
+  check_number,
   describe_shape,
   design_rows,
   ridge_solver,
@@ -61,7 +61,7 @@ class Dense(SingleSite):
     self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype))
     self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
     if decorrelation_lr is not None:
-      check_learning_rate(decorrelation_lr, "decorrelation_lr")
+      check_number(decorrelation_lr, "decorrelation_lr")
     self.decorrelation_lr = decorrelation_lr
     self.decorrelation = (
       None if decorrelation_lr is None else Decorrelation(jnp.eye(in_features, dtype=param_dtype))

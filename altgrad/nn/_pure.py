@@ -34,7 +34,6 @@ class PureModel:
         f"Flatten, SimpleRNN), got {type(model).__name__}"
       )
     self.graphdef, _, self.variables, self.rest = nnx.split(model, nnx.Param, Decorrelation, ...)
-    self.num_sites = len(model.sites())
 
   def with_variables(self, variables: Any) -> PureModel:
     """The same model with other decorrelation matrices (from a rule's state)."""

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from altgrad.nn._pure import LossFn
 
-import jax
-
-Array = jax.Array
-LossFn = Callable[[Array, Array], Array]
+__all__ = ["LossFn", "check_loss_fn"]
 
 
 def check_loss_fn(loss_fn: object) -> None:

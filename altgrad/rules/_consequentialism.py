@@ -11,7 +11,6 @@ combines the rule with momentum or Adam.
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -20,6 +19,7 @@ import jax.scipy.linalg as jsl
 import optax
 
 from altgrad.nn import Layer, PureModel
+from altgrad.nn._base import check_number
 from altgrad.rules._common import LossFn, check_loss_fn
 
 Array = jax.Array
@@ -115,8 +115,7 @@ def consequentialism(
   """
   pure = PureModel(model)
   check_loss_fn(loss_fn)
-  if not (isinstance(eps, (int, float)) and 0 < eps < math.inf):
-    raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+  check_number(eps, "eps", positive=True)
   if eps_mode not in EPS_MODES:
     raise ValueError(f"eps_mode must be one of {EPS_MODES}, got {eps_mode!r}")
   if form not in FORMS:

@@ -16,7 +16,6 @@ the oldest reference file does (the 2019 package adds ``reg I / (2L)`` instead).
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -26,6 +25,7 @@ import numpy as np
 import optax
 
 from altgrad.nn import Dense, Layer, PureModel, Sequential
+from altgrad.nn._base import check_number
 
 Array = jax.Array
 
@@ -184,8 +184,7 @@ def _check_labels(labels: Array, outputs: int) -> None:
 
 
 def _check_options(reg, expectation, multiclass, hidden_target, hidden_field) -> None:
-  if not (isinstance(reg, (int, float)) and 0 <= reg < math.inf):
-    raise ValueError(f"reg must be a finite number >= 0, got {reg!r}")
+  check_number(reg, "reg")
   for name, value, allowed in (
     ("expectation", expectation, EXPECTATIONS),
     ("multiclass", multiclass, MULTICLASS),

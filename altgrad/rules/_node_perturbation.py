@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from altgrad.nn import Layer, PureModel
+from altgrad.nn._base import check_number
 from altgrad.rules._common import LossFn, check_loss_fn
 
 Array = jax.Array
@@ -90,8 +91,7 @@ def node_perturbation(
   check_loss_fn(loss_fn)
   if variant not in VARIANTS:
     raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-  if not (isinstance(sigma, (int, float)) and 0 < sigma < math.inf):
-    raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
+  check_number(sigma, "sigma", positive=True)
   if not (isinstance(samples, int) and samples >= 1):
     raise ValueError(f"samples must be an int >= 1, got {samples!r}")
   if measured and variant != "anp":

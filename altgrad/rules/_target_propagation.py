@@ -10,7 +10,6 @@ small displacements below float32's resolution of ``h``).
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -18,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from altgrad.nn import Dense, Layer, PureModel, Sequential, SimpleRNN
+from altgrad.nn._base import check_number
 from altgrad.rules._common import LossFn, check_loss_fn
 
 Array = jax.Array
@@ -208,8 +208,7 @@ def target_propagation(
   if update not in UPDATES:
     raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
   for name, value in (("reg", reg), ("lr_target", lr_target), ("max_displacement", max_displacement or 1.0)):
-    if not (isinstance(value, (int, float)) and 0 < value < math.inf):
-      raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    check_number(value, name, positive=True)
 
   def init_fn(params):
     del params
