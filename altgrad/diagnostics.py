@@ -6,9 +6,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from altgrad.nn import Layer
 from altgrad.rules import backprop
+from altgrad.rules._backprop import BackpropState
 
 Array = jax.Array
 
@@ -55,3 +57,24 @@ def cosine_to_backprop(model: Layer, loss_fn, updates: Any, params: Any, batch) 
   tx = backprop(model, loss_fn)
   gradient, _ = tx.update(None, tx.init(params), params, batch=batch)
   return layer_cosines(updates, gradient)
+
+
+def cosine_probe(model: Layer, loss_fn, rule, batch):
+  """A :func:`altgrad.train.fit` probe: per-layer cosine of ``rule``'s update to the backprop
+  gradient on the fixed ``batch``, at the params and rule state of the moment.
+
+  ``rule`` is the rule that ``fit``'s ``tx`` starts with: its state is ``opt_state[0]`` when
+  ``tx`` is an ``optax.chain``, else ``opt_state``. The probe does not advance the rule's state
+  (an NP probe draws the noise the next step will draw, and discards it).
+  """
+  reference = backprop(model, loss_fn)
+
+  def probe(params, opt_state):
+    state = opt_state[0] if type(opt_state) is tuple else opt_state
+    updates, _ = rule.update(None, state, params, batch=batch)
+    variables = optax.tree_utils.tree_get(state, "model_variables")  # the rule's current decorrelation
+    reference_state = reference.init(params) if variables is None else BackpropState(variables)
+    gradient, _ = reference.update(None, reference_state, params, batch=batch)
+    return layer_cosines(updates, gradient)
+
+  return probe

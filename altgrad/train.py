@@ -1,4 +1,4 @@
-"""A small training loop for any rule: a convenience for the command line and notebooks."""
+"""A small training loop for any rule: one run, many seeds at once, on one device or many."""
 
 from __future__ import annotations
 
@@ -6,21 +6,29 @@ import dataclasses
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from altgrad.data import Dataset
 from altgrad.nn import Decorrelation, Layer
 
 Array = jax.Array
+#: ``probe(params, opt_state) -> {name: scalar}``, recorded before training and after each epoch.
+Probe = Callable[[Any, Any], dict[str, Array]]
 
 #: A regression prediction counts as correct within this distance of its target (spec/tp.md).
 REGRESSION_TOLERANCE = 0.04
+#: The mesh axis that :func:`fit`'s ``data_parallel`` shards the batch over.
+BATCH_AXIS = "batch"
 
 
 @dataclasses.dataclass
@@ -28,9 +36,11 @@ class History:
   """Per-epoch record of a :func:`fit` run.
 
   ``step_time`` is the mean wall time of one training step in that epoch (seconds, compilation
-  excluded); ``wall_time`` the training time elapsed at the end of the epoch; ``compilations``
-  how many times the training step was compiled (1 when nothing recompiled); ``restored_epoch``,
-  when a stopping rule fired, the epoch whose final params were kept (0: the initial ones).
+  excluded; with several seeds, of the step of all of them together); ``wall_time`` the training
+  time elapsed at the end of the epoch; ``compilations`` how many times the training step was
+  compiled (1 when nothing recompiled); ``restored_epoch``, when a stopping rule fired, the epoch
+  whose final params were kept (0: the initial ones); ``probes`` the values of ``fit``'s
+  ``probe`` before training (epoch 0) and after each epoch, each with its ``epoch``.
   """
 
   epoch: list[int] = dataclasses.field(default_factory=list)
@@ -39,15 +49,18 @@ class History:
   test_accuracy: list[float] = dataclasses.field(default_factory=list)
   step_time: list[float] = dataclasses.field(default_factory=list)
   wall_time: list[float] = dataclasses.field(default_factory=list)
+  probes: list[dict[str, float]] = dataclasses.field(default_factory=list)
   compile_time: float = 0.0
   compilations: int = 0
   restored_epoch: int | None = None
 
   @property
   def median_step_time(self) -> float:
+    """The median over epochs of the mean step time (NaN before any epoch)."""
     return statistics.median(self.step_time) if self.step_time else float("nan")
 
   def as_dict(self) -> dict:
+    """The record as plain JSON-ready values, with ``median_step_time``."""
     return dataclasses.asdict(self) | {"median_step_time": self.median_step_time}
 
 
@@ -106,98 +119,316 @@ def fit(
   train_eval_size: int = 10_000,
   progress: bool | None = None,
   stop_on_discrepancy: bool = False,
+  data_parallel: bool = False,
+  checkpoint_dir: str | Path | None = None,
+  probe: Probe | None = None,
 ) -> History:
   """Trains ``model`` in place with the rule chain ``tx`` and returns the per-epoch history.
 
-  Each epoch shuffles the training set (seeded), drops the last partial batch, and runs all its
-  steps as one compiled ``lax.scan``; after it the test set and up to ``train_eval_size``
-  training examples are evaluated. Decorrelation matrices that the rule trains (in its state)
-  are used for evaluation and written back to the model with the params. ``tx`` is a rule, possibly chained with optimizers, called
-  as ``tx.update(None, state, params, batch=(x, y))``.
+  Each epoch shuffles the training set (seeded by ``(seed, epoch)``), drops the last partial
+  batch, and runs all its steps as one compiled ``lax.scan``; after it the test set and up to
+  ``train_eval_size`` training examples are evaluated. Decorrelation matrices that the rule
+  trains (in its state) are used for evaluation and written back to the model with the params.
+  ``tx`` is a rule, possibly chained with optimizers, called as
+  ``tx.update(None, state, params, batch=(x, y))``.
 
   Args:
     model: an ``altgrad.nn`` model; its params are replaced by the trained ones.
     tx: the rule (first in any chain).
     data: a :class:`altgrad.data.Dataset`.
     loss_fn: per-example loss used for evaluation (the rule has its own).
-    epochs, batch_size, seed: the schedule.
+    epochs, batch_size, seed: the schedule; ``seed`` seeds the shuffling only (the model and
+      the rule have their own seeds).
     train_eval_size: how many training examples to evaluate the train loss on.
     progress: show a progress bar; default only when stderr is a terminal.
     stop_on_discrepancy: the reference stopping rule of Expectation Reflection: stop when the
       discrepancy the rule reports (its state's ``discrepancy``, measured at the params its last
       update started from) no longer falls, and keep the best params. Meant for full-batch
       training (``batch_size`` = the training set), where each epoch is one update.
+    data_parallel: shard every batch over all devices (``jax.devices()``, a one-axis mesh named
+      :data:`BATCH_AXIS`) with params and rule state replicated; ``batch_size`` must divide by
+      the device count. The compiler reduces every batch mean and sum (gradients, Gram
+      matrices, moments) across devices, so the update is that of the whole batch.
+    checkpoint_dir: save params, rule and optimizer state (PRNG keys and decorrelation matrices
+      included) and the history there after every epoch with Orbax; if it holds a checkpoint,
+      the run resumes from it and continues as the uninterrupted run would. Not with
+      ``stop_on_discrepancy``, whose best params are not saved.
+    probe: ``probe(params, opt_state) -> {name: scalar}``, e.g. per-layer cosines to the
+      backprop gradient (:func:`altgrad.diagnostics.cosine_probe`), recorded in
+      ``History.probes`` before training and after each epoch.
   """
+  return _train(
+    [model],
+    [tx],
+    data,
+    [seed],
+    vmapped=False,
+    loss_fn=loss_fn,
+    epochs=epochs,
+    batch_size=batch_size,
+    train_eval_size=train_eval_size,
+    progress=progress,
+    stop_on_discrepancy=stop_on_discrepancy,
+    data_parallel=data_parallel,
+    checkpoint_dir=checkpoint_dir,
+    probe=probe,
+  )[0]
+
+
+def fit_seeds(
+  build: Callable[[int], tuple[Layer, optax.GradientTransformation]],
+  seeds: Sequence[int],
+  data: Dataset,
+  *,
+  loss_fn: Callable,
+  epochs: int = 10,
+  batch_size: int = 64,
+  train_eval_size: int = 10_000,
+  progress: bool | None = None,
+  data_parallel: bool = False,
+  checkpoint_dir: str | Path | None = None,
+  probe: Probe | None = None,
+) -> list[tuple[Layer, History]]:
+  """Trains one run per seed in a single compiled program, ``jax.vmap`` over the runs.
+
+  ``build(seed) -> (model, tx)`` makes each run's model and rule (seeding the initial params and
+  the rule's key with ``seed``); every run shuffles with its own ``seed``, as :func:`fit` does,
+  so run ``i`` matches ``fit(*build(seeds[i]), seed=seeds[i])`` up to float rounding. All runs
+  share the first ``tx``'s ``update``: ``build`` may vary the seeds, not the rule's settings.
+  Returns ``(model, history)`` per seed; the other arguments are :func:`fit`'s.
+  """
+  seeds = list(seeds)
+  if not seeds or len(set(seeds)) != len(seeds):
+    raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
+  models, txs = zip(*(build(s) for s in seeds), strict=True)
+  structures = {str(nnx.graphdef(m)) for m in models}
+  if len(structures) != 1:
+    raise ValueError("build(seed) must make the same model for every seed (only the values may differ)")
+  histories = _train(
+    list(models),
+    list(txs),
+    data,
+    seeds,
+    vmapped=True,
+    loss_fn=loss_fn,
+    epochs=epochs,
+    batch_size=batch_size,
+    train_eval_size=train_eval_size,
+    progress=progress,
+    stop_on_discrepancy=False,
+    data_parallel=data_parallel,
+    checkpoint_dir=checkpoint_dir,
+    probe=probe,
+  )
+  return list(zip(models, histories, strict=True))
+
+
+def epoch_order(seed: int, epoch: int, size: int) -> np.ndarray:
+  """The shuffled example order of ``epoch`` (from 1) of a run seeded ``seed``."""
+  return np.random.default_rng([seed, epoch]).permutation(size)
+
+
+def _train(
+  models,
+  txs,
+  data,
+  seeds,
+  *,
+  vmapped,
+  loss_fn,
+  epochs,
+  batch_size,
+  train_eval_size,
+  progress,
+  stop_on_discrepancy,
+  data_parallel,
+  checkpoint_dir,
+  probe,
+) -> list[History]:
+  """The loop behind :func:`fit` (one run) and :func:`fit_seeds` (``vmapped`` runs)."""
   if epochs < 0:
     raise ValueError(f"epochs must be >= 0, got {epochs}")
+  model, tx = models[0], txs[0]
   _check_data(model, data, batch_size)
-  params = nnx.state(model, nnx.Param)
-  opt_state = tx.init(params)
+  if stop_on_discrepancy and checkpoint_dir is not None:
+    raise ValueError("stop_on_discrepancy cannot be checkpointed (its best params are not saved)")
+  stack = (
+    (lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)) if vmapped else (lambda trees: trees[0])
+  )
+  lift = jax.vmap if vmapped else (lambda f, **_: f)
+  params = stack([nnx.state(m, nnx.Param) for m in models])
+  opt_state = stack([t.init(nnx.state(m, nnx.Param)) for m, t in zip(models, txs, strict=True)])
   if stop_on_discrepancy and optax.tree_utils.tree_get(opt_state, "discrepancy") is None:
     raise ValueError("stop_on_discrepancy needs a rule that reports a discrepancy (expectation_reflection)")
-  evaluate = make_evaluate(model, loss_fn, data.num_classes)
+  own_variables = stack([nnx.state(m, Decorrelation) for m in models])
+
+  def variables_of(opt_state):
+    return optax.tree_utils.tree_get(opt_state, "model_variables", default=own_variables)
+
   x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
   x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
   x_eval, y_eval = x_train[:train_eval_size], y_train[:train_eval_size]
+  batch_spec = P(None, BATCH_AXIS) if vmapped else P(BATCH_AXIS)
+  constrain = lambda batch: batch  # noqa: E731
+  if data_parallel:
+    devices = jax.devices()
+    if batch_size % len(devices):
+      raise ValueError(f"data_parallel: batch_size {batch_size} must divide by the {len(devices)} devices")
+    mesh = jax.sharding.Mesh(np.array(devices), (BATCH_AXIS,))
+    replicated = NamedSharding(mesh, P())
+    params, opt_state, x_train, y_train, x_test, y_test, x_eval, y_eval = jax.device_put(
+      (params, opt_state, x_train, y_train, x_test, y_test, x_eval, y_eval), replicated
+    )
+    constrain = lambda batch: jax.lax.with_sharding_constraint(batch, NamedSharding(mesh, batch_spec))  # noqa: E731
   steps = len(data.x_train) // batch_size
-  history = History()
+  histories = [History() for _ in models]
 
-  def run_epoch(params, opt_state, order):
-    history.compilations += 1  # runs once per trace
+  def update(params, opt_state, x, y):
+    updates, opt_state = tx.update(None, opt_state, params, batch=(x, y))
+    return optax.apply_updates(params, updates), opt_state
+
+  update = lift(update)
+
+  def run_epoch(params, opt_state, orders):
+    for h in histories:
+      h.compilations += 1  # runs once per trace
 
     def step(carry, idx):
-      params, opt_state = carry
-      updates, opt_state = tx.update(None, opt_state, params, batch=(x_train[idx], y_train[idx]))
-      return (optax.apply_updates(params, updates), opt_state), None
+      x, y = constrain((x_train[idx], y_train[idx]))
+      return update(*carry, x, y), None
 
-    batches = order[: steps * batch_size].reshape(steps, batch_size)
-    (params, opt_state), _ = jax.lax.scan(step, (params, opt_state), batches)
+    batches = orders[..., : steps * batch_size].reshape(*orders.shape[:-1], steps, batch_size)
+    (params, opt_state), _ = jax.lax.scan(step, (params, opt_state), jnp.moveaxis(batches, -2, 0))
     return params, opt_state
 
-  rng = np.random.default_rng(seed)
-  orders = (jnp.asarray(rng.permutation(len(data.x_train))) for _ in range(epochs))
+  def orders_of(epoch):
+    return stack([jnp.asarray(epoch_order(s, epoch, len(data.x_train))) for s in seeds])
+
   start = time.perf_counter()
-  run_epoch = jax.jit(run_epoch).lower(params, opt_state, jnp.arange(len(data.x_train))).compile()
-  history.compile_time = time.perf_counter() - start
+  run_epoch = jax.jit(run_epoch).lower(params, opt_state, orders_of(1)).compile()
+  compile_time = time.perf_counter() - start
+  evaluate = make_evaluate(model, loss_fn, data.num_classes)
+  if vmapped:
+    evaluate = jax.jit(jax.vmap(evaluate, in_axes=(0, 0, None, None)))
+  probe = None if probe is None else jax.jit(lift(probe))
+
+  def record(epoch, params, opt_state):
+    values = {} if probe is None else jax.device_get(probe(params, opt_state))
+    for i, h in enumerate(histories):
+      member = values if not vmapped else jax.tree.map(lambda v, i=i: v[i], values)
+      if probe is not None:
+        h.probes.append({"epoch": epoch} | {k: float(v) for k, v in member.items()})
+
+  checkpoints = None if checkpoint_dir is None else _Checkpoints(checkpoint_dir, seeds, batch_size)
+  first = 1
+  if checkpoints is not None and checkpoints.latest() is not None:
+    first, params, opt_state, saved = checkpoints.restore(params, opt_state, epochs)
+    for h, s in zip(histories, saved, strict=True):
+      for name, value in s.items():
+        if name != "median_step_time":
+          setattr(h, name, value)
+    first += 1
+  elif probe is not None:
+    record(0, params, opt_state)
+  for h in histories:
+    h.compile_time = compile_time
 
   show = sys.stderr.isatty() if progress is None else progress
-  bar = _progress_bar(epochs, data.name, show)
-  elapsed = 0.0
+  bar = _progress_bar(epochs, data.name, show, initial=first - 1)
+  elapsed = histories[0].wall_time[-1] if histories[0].wall_time else 0.0
   best = None  # (discrepancy, params, opt_state, epoch) of the best params seen by the stopping rule
-  for epoch, order in enumerate(orders, start=1):
+  for epoch in range(first, epochs + 1):
     start, before = time.perf_counter(), (params, opt_state)
-    params, opt_state = run_epoch(params, opt_state, order)
+    params, opt_state = run_epoch(params, opt_state, orders_of(epoch))
     jax.block_until_ready(params)
     seconds = time.perf_counter() - start
     elapsed += seconds
-    variables = model_variables(opt_state, model)
-    test_loss, test_acc = (float(v) for v in evaluate(params, variables, x_test, y_test))
-    train_loss, _ = evaluate(params, variables, x_eval, y_eval)
-    history.epoch.append(epoch)
-    history.train_loss.append(float(train_loss))
-    history.test_loss.append(test_loss)
-    history.test_accuracy.append(test_acc)
-    history.step_time.append(seconds / steps)
-    history.wall_time.append(elapsed)
+    variables = variables_of(opt_state)
+    test = jax.device_get(evaluate(params, variables, x_test, y_test))
+    train_loss, _ = jax.device_get(evaluate(params, variables, x_eval, y_eval))
+    for i, h in enumerate(histories):
+      pick = (lambda v, i=i: float(v[i])) if vmapped else float
+      h.epoch.append(epoch)
+      h.train_loss.append(pick(train_loss))
+      h.test_loss.append(pick(test[0]))
+      h.test_accuracy.append(pick(test[1]))
+      h.step_time.append(seconds / steps)
+      h.wall_time.append(elapsed)
+    record(epoch, params, opt_state)
     bar.update(1)
-    bar.set_postfix(test_acc=f"{test_acc:.3f}", loss=f"{test_loss:.3f}")
+    bar.set_postfix(
+      test_acc=f"{histories[0].test_accuracy[-1]:.3f}", loss=f"{histories[0].test_loss[-1]:.3f}"
+    )
+    if checkpoints is not None:
+      checkpoints.save(epoch, params, opt_state, histories)
     if stop_on_discrepancy:
       discrepancy = float(optax.tree_utils.tree_get(opt_state, "discrepancy"))  # measured at `before`
       if best is not None and not discrepancy < best[0]:
-        _, params, opt_state, history.restored_epoch = best
+        _, params, opt_state, histories[0].restored_epoch = best
         break
       best = (discrepancy, *before, epoch - 1)
   bar.close()
-  nnx.update(model, params, model_variables(opt_state, model))
-  return history
+  if checkpoints is not None:
+    checkpoints.close()
+  variables = variables_of(opt_state)
+  for i, m in enumerate(models):
+    member = (lambda tree, i=i: jax.tree.map(lambda a: a[i], tree)) if vmapped else (lambda tree: tree)
+    nnx.update(m, member(params), member(variables))
+  return histories
 
 
-def model_variables(opt_state, model: Layer):
-  """The decorrelation matrices a rule carries in ``opt_state`` (the model's own if none does)."""
-  return optax.tree_utils.tree_get(opt_state, "model_variables", default=nnx.state(model, Decorrelation))
+class _Checkpoints:
+  """Orbax checkpoints of a run after each epoch: the arrays, and the histories as JSON."""
+
+  def __init__(self, directory: str | Path, seeds: Sequence[int], batch_size: int):
+    import orbax.checkpoint as ocp
+
+    self._ocp = ocp
+    self.schedule = {"seeds": list(seeds), "batch_size": batch_size}
+    self.manager = ocp.CheckpointManager(
+      Path(directory).absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=1)
+    )
+
+  def latest(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, epoch: int, params, opt_state, histories: Sequence[History]) -> None:
+    ocp = self._ocp
+    record = self.schedule | {"histories": [dataclasses.asdict(h) for h in histories]}
+    self.manager.save(
+      epoch,
+      args=ocp.args.Composite(
+        arrays=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
+        record=ocp.args.JsonSave(record),
+      ),
+    )
+
+  def restore(self, params, opt_state, epochs: int):
+    """``(epoch, params, opt_state, histories)`` of the latest checkpoint, shaped like the given."""
+    ocp = self._ocp
+    epoch = self.latest()
+    record = self.manager.restore(epoch, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
+    saved = {k: record[k] for k in self.schedule}
+    if saved != self.schedule:
+      raise ValueError(
+        f"the checkpoint in {self.manager.directory} is of another run: {saved}, not {self.schedule}"
+      )
+    if epoch > epochs:
+      raise ValueError(
+        f"the checkpoint in {self.manager.directory} is at epoch {epoch}, beyond epochs={epochs}"
+      )
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params, "opt_state": opt_state})
+    arrays = self.manager.restore(epoch, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(target)))[
+      "arrays"
+    ]
+    return epoch, arrays["params"], arrays["opt_state"], record["histories"]
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
 
 
-def _progress_bar(total: int, description: str, show: bool):
+def _progress_bar(total: int, description: str, show: bool, initial: int = 0):
   from tqdm.auto import tqdm
 
-  return tqdm(total=total, desc=description, unit="epoch", disable=not show, leave=False)
+  return tqdm(total=total, initial=initial, desc=description, unit="epoch", disable=not show, leave=False)
