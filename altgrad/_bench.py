@@ -1,13 +1,16 @@
 """`altgrad bench`: named suites of training runs, compared with backprop in the same process.
 
 A suite is a list of :class:`Run`. Every run's step time is divided by that of the backprop run
-on the same data, model and batch size in the same suite. Results go to ``<out>/<suite>.json``
-(resumable: finished runs are kept and skipped) and ``<out>/<suite>.md``.
+on the same data, model and batch size in the same suite. A run of several seeds trains them
+together, vmapped in one compiled program, and reports their mean and spread. Results go to
+``<out>/<suite>.json`` (resumable: finished runs are kept and skipped), ``<out>/<suite>.md`` and
+``<out>/<suite>.png`` (test accuracy against epoch and against training time).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import platform
 import resource
@@ -15,16 +18,21 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 import optax
 
 from altgrad import data as data_lib
-from altgrad import rules, train
+from altgrad import diagnostics, rules, train
 from altgrad._experiment import build_model, loss_for, optimizer_for
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-  """One training run: data set, model, rule (with options), optimizer and schedule."""
+  """One training run: data set, model, rule (with options), optimizer and schedule.
+
+  ``seeds`` runs are trained together (seeds ``seed``, ``seed + 1``, ...; vmapped), each seeding
+  the initial params, the shuffling and the rule's key.
+  """
 
   dataset: str
   hidden: tuple[int, ...]
@@ -40,6 +48,7 @@ class Run:
   seed: int = 0
   decorrelation_lr: float | None = None
   stop_on_discrepancy: bool = False
+  seeds: int = 1
 
   @property
   def name(self) -> str:
@@ -54,7 +63,7 @@ class Run:
     data = f"{self.dataset}({data})" if data else self.dataset
     return (
       f"{data}/{self.model}:{hidden}/{self.activation}/b{self.batch_size}/{rule}+{self.optimizer}({self.lr:g})"
-      f"/e{self.epochs}/s{self.seed}"
+      f"/e{self.epochs}/s{self.seed}" + (f"/n{self.seeds}" if self.seeds > 1 else "")
     )
 
   @property
@@ -68,6 +77,7 @@ class Run:
       self.activation,
       self.batch_size,
       self.decorrelation_lr,
+      self.seeds,
     )
 
 
@@ -208,16 +218,31 @@ def _er_suite() -> list[Run]:
   return runs
 
 
+def _smoke_suite() -> list[Run]:
+  """Every rule on digits, three seeds each, in well under two minutes on 2 CPU cores. ER sweeps
+  the full training set (its multilayer reconstruction diverges on minibatches of 64)."""
+  runs = [Run("digits", (64, 32), rule, "adam", 3e-3, 3, 64, seeds=3) for rule in rules.RULES if rule != "er"]
+  full_batch = len(data_lib.load("digits").x_train)
+  runs.append(Run("digits", (64, 32), "er", "sgd", 1.0, 3, full_batch, seeds=3))
+  runs.append(Run("digits", (64, 32), "backprop", "adam", 3e-3, 30, full_batch, seeds=3))
+  return runs
+
+
 SUITES = {
-  "smoke": lambda: [Run("digits", (64,), rule, "adam", 3e-3, 3, 64) for rule in rules.RULES],
+  "smoke": _smoke_suite,
   "cw": lambda: _cw_suite(epochs=5),
   "np": _np_suite,
   "tp": _tp_suite,
   "er": _er_suite,
 }
+SUITES["all"] = lambda: [run for name in ("cw", "np", "tp", "er") for run in SUITES[name]()]
+
+#: How many training examples the per-layer cosine to backprop is measured on.
+PROBE_SIZE = 256
 
 
 def environment() -> dict:
+  """The versions and the machine a suite ran with."""
   import flax
 
   return {
@@ -231,59 +256,117 @@ def environment() -> dict:
   }
 
 
-def execute(run: Run) -> dict:
+def execute(run: Run, *, data_parallel: bool = False) -> dict:
+  """Trains ``run`` and returns its record: the run's settings, the per-epoch mean (and spread
+  over seeds) of accuracy and loss, step times, per-layer cosines to backprop and peak memory."""
   dataset = data_lib.load(run.dataset, **dict(run.dataset_options))
   loss_fn = loss_for(dataset)
-  model = build_model(dataset, run.model, run.hidden, run.activation, run.seed, run.decorrelation_lr)
-  rule = rules.RULES[run.rule](model, loss_fn, **dict(run.rule_options))
-  tx = optax.chain(rule, optimizer_for(run.rule, run.optimizer, run.lr))
-  history = train.fit(
-    model,
-    tx,
-    dataset,
+  factory = rules.RULES[run.rule]
+  seeded = "key" in inspect.signature(factory).parameters  # the rule draws noise: seed it too
+  built = {}
+
+  def build(seed):
+    model = build_model(dataset, run.model, run.hidden, run.activation, seed, run.decorrelation_lr)
+    rule = factory(model, loss_fn, **dict(run.rule_options), **({"key": seed} if seeded else {}))
+    built[seed] = (model, rule)
+    return model, optax.chain(rule, optimizer_for(run.rule, run.optimizer, run.lr))
+
+  seeds = [run.seed + i for i in range(run.seeds)]
+  probe_batch = (dataset.x_train[:PROBE_SIZE], dataset.y_train[:PROBE_SIZE])
+
+  def probe(params, opt_state):  # traced after build: any seed's rule has the same update
+    model, rule = built[seeds[0]]
+    return diagnostics.cosine_probe(model, loss_fn, rule, probe_batch)(params, opt_state)
+
+  common = dict(
     loss_fn=loss_fn,
     epochs=run.epochs,
     batch_size=run.batch_size,
-    stop_on_discrepancy=run.stop_on_discrepancy,
-    seed=run.seed,
     progress=False,
+    data_parallel=data_parallel,
+    probe=probe,
   )
+  if run.seeds == 1:
+    model, tx = build(run.seed)
+    histories = [
+      train.fit(model, tx, dataset, seed=run.seed, stop_on_discrepancy=run.stop_on_discrepancy, **common)
+    ]
+  elif run.stop_on_discrepancy:
+    raise ValueError(f"{run.name}: the stopping rule stops one run; give it seeds=1")
+  else:
+    histories = [h for _, h in train.fit_seeds(build, seeds, dataset, **common)]
   return (
     dataclasses.asdict(run)
-    | history.as_dict()
+    | _summarize(histories)
     | {"name": run.name, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
   )
 
 
-def run_suite(suite: str, out_dir: str | Path, *, progress: bool | None = None) -> dict:
-  """Runs (or resumes) ``suite``, writes its JSON and markdown, and returns the results."""
+def _summarize(histories: list[train.History]) -> dict:
+  """One record of the runs of several seeds: shared timings, per-epoch mean and spread."""
+  first = histories[0].as_dict()
+  record = {k: first[k] for k in ("epoch", "step_time", "wall_time", "compile_time", "compilations")}
+  record |= {"restored_epoch": first["restored_epoch"], "median_step_time": first["median_step_time"]}
+  for key in ("train_loss", "test_loss", "test_accuracy"):
+    values = np.array([getattr(h, key) for h in histories])
+    record[key] = values.mean(axis=0).tolist()
+    record[f"{key}_std"] = values.std(axis=0).tolist()
+    record[f"{key}_seeds"] = values.tolist()
+  record["probes"] = [
+    {k: float(np.mean([h.probes[i][k] for h in histories])) for k in histories[0].probes[i]}
+    for i in range(len(histories[0].probes))
+  ]
+  return record
+
+
+def run_suite(
+  suite: str, out_dir: str | Path, *, progress: bool | None = None, data_parallel: bool = False
+) -> dict:
+  """Runs (or resumes) ``suite``, writes its JSON, markdown and plot, and returns the results."""
   if suite not in SUITES:
     raise ValueError(f"unknown suite {suite!r}; expected one of {sorted(SUITES)}")
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   path = out_dir / f"{suite}.json"
-  previous = json.loads(path.read_text()).get("runs", {}) if path.exists() else {}
+  previous = json.loads(path.read_text()) if path.exists() else {}
+  if previous and previous.get("data_parallel", False) != data_parallel:
+    raise ValueError(
+      f"{path} was run with data_parallel={previous.get('data_parallel', False)}; resume it the same way "
+      "or write elsewhere (--out)"
+    )
   runs = SUITES[suite]()
   missing_references = {r.reference_key for r in runs} - {
     r.reference_key for r in runs if r.rule == "backprop"
   }
-  runs += [
-    dataclasses.replace(next(r for r in runs if r.reference_key == k), rule="backprop", rule_options=())
+  runs += [  # a backprop reference (Adam 1e-3) for every setting that has none
+    dataclasses.replace(
+      next(r for r in runs if r.reference_key == k),
+      rule="backprop",
+      rule_options=(),
+      optimizer="adam",
+      lr=1e-3,
+      stop_on_discrepancy=False,
+    )
     for k in missing_references
   ]
-  results = {"suite": suite, "environment": environment(), "runs": {}}
+  results = {"suite": suite, "environment": environment(), "data_parallel": data_parallel, "runs": {}}
   from tqdm.auto import tqdm
 
-  for run in tqdm(runs, desc=f"bench {suite}", unit="run", disable=progress is False):
-    if run.name in previous:
-      results["runs"][run.name] = previous[run.name]
+  bar = tqdm(runs, desc=f"bench {suite}", unit="run", disable=progress is False)
+  for run in bar:
+    bar.set_postfix_str(run.name, refresh=True)
+    if run.name in previous.get("runs", {}):
+      results["runs"][run.name] = previous["runs"][run.name]
       continue
     start = time.perf_counter()
-    results["runs"][run.name] = execute(run) | {"total_seconds": time.perf_counter() - start}
+    results["runs"][run.name] = execute(run, data_parallel=data_parallel) | {
+      "total_seconds": time.perf_counter() - start
+    }
     path.write_text(json.dumps(results, indent=1))  # resumable after every run
   _add_ratios(runs, results["runs"])
   path.write_text(json.dumps(results, indent=1))
   (out_dir / f"{suite}.md").write_text(markdown(results))
+  plot(results, out_dir / f"{suite}.png")
   return results
 
 
@@ -305,33 +388,99 @@ def _data_label(record: dict) -> str:
   return f"{record['dataset']} ({options})" if options else record["dataset"]
 
 
+def _rule_label(record: dict) -> str:
+  options = ", ".join(f"{k}={v}" for k, v in record["rule_options"])
+  rule = f"{record['rule']} ({options})" if options else record["rule"]
+  if record.get("decorrelation_lr") is not None:
+    rule = f"d{rule}, decorrelation lr {record['decorrelation_lr']:g}"
+  if record.get("stop_on_discrepancy"):
+    rule += ", stopping rule"
+  return rule
+
+
+def _optimizer_label(record: dict) -> str:
+  if record["rule"] in rules.OWN_STEP:
+    return f"sgd ({rules.OWN_STEP[record['rule']]:g}), own step"
+  return f"{record['optimizer']} ({record['lr']:g})"
+
+
+def _cosines(record: dict) -> str:
+  """Per-layer cosines to backprop before training and at the end: ``a b -> c d``."""
+  probes = record.get("probes") or []
+  if not probes:
+    return ""
+  layers = lambda p: " ".join(f"{v:.2f}" for k, v in p.items() if k != "epoch")  # noqa: E731
+  return f"{layers(probes[0])} -> {layers(probes[-1])}"
+
+
 def markdown(results: dict) -> str:
+  """The suite as a markdown table, one row per run."""
   env = results["environment"]
+  devices = (
+    f"{env.get('device_count', 1)} devices, batch sharded" if results.get("data_parallel") else "one device"
+  )
   lines = [
     f"# altgrad bench: {results['suite']}",
     "",
-    f"jax {env['jax']}, optax {env['optax']}, flax {env['flax']}; device {env['device']} ({env['processor']}).",
-    "Step time is the median over epochs of the mean step time (compilation excluded); the ratio divides it by backprop's on the same data, model and batch size in the same run.",
+    f"jax {env['jax']}, optax {env['optax']}, flax {env['flax']}; {env['device']} ({env['processor']}), {devices}.",
+    "Step time is the median over epochs of the mean step time (compilation excluded); the ratio divides it by "
+    "backprop's on the same data, model and batch size in the same run. With several seeds (n > 1, trained "
+    "together, vmapped) accuracies are means, with the standard deviation of the final one. Cosines are "
+    "per layer, input to output, between the rule's update and the backprop gradient on "
+    f"{PROBE_SIZE} training examples, before training -> after the last epoch (mean over seeds).",
     "",
-    "| data | model | batch | rule | optimizer (lr) | epochs | test acc (per epoch) | final test loss | ms/step | x backprop |",
-    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    "| data | model | batch | rule | optimizer (lr) | epochs | n | test acc (per epoch) | final test loss "
+    "| cosine to backprop | ms/step | x backprop |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
   ]
   for r in results["runs"].values():
-    options = ", ".join(f"{k}={v}" for k, v in r["rule_options"])
-    rule = f"{r['rule']} ({options})" if options else r["rule"]
-    if r.get("decorrelation_lr") is not None:
-      rule = f"d{rule}, decorrelation lr {r['decorrelation_lr']:g}"
-    if r.get("stop_on_discrepancy"):
-      rule += ", stopping rule"
     accs = " ".join(f"{a:.3f}" for a in r["test_accuracy"])
-    optimizer = f"{r['optimizer']} ({r['lr']:g})"
-    if r["rule"] in rules.OWN_STEP:
-      optimizer = f"sgd ({rules.OWN_STEP[r['rule']]:g}), own step"
+    seeds = r.get("seeds", 1)
+    if seeds > 1:
+      accs += f" (± {r['test_accuracy_std'][-1]:.3f})"
     if r.get("restored_epoch") is not None:
       accs += f" (stopped; kept epoch {r['restored_epoch']})"
     lines.append(
-      f"| {_data_label(r)} | {r['model']} {'-'.join(map(str, r['hidden'])) or '(no hidden)'} {r['activation']} | {r['batch_size']} | {rule} | "
-      f"{optimizer} | {r['epochs']} | {accs} | {r['test_loss'][-1]:.4f} | "
-      f"{1e3 * r['median_step_time']:.3f} | {r['step_time_ratio']:.2f} |"
+      f"| {_data_label(r)} | {r['model']} {'-'.join(map(str, r['hidden'])) or '(no hidden)'} {r['activation']} "
+      f"| {r['batch_size']} | {_rule_label(r)} | {_optimizer_label(r)} | {r['epochs']} | {seeds} | {accs} "
+      f"| {r['test_loss'][-1]:.4f} | {_cosines(r)} | {1e3 * r['median_step_time']:.3f} | {r['step_time_ratio']:.2f} |"
     )
   return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: str | Path) -> None:
+  """Test accuracy against epoch and against training time, one line per run (mean over seeds,
+  shaded ± one standard deviation), one row per data set and model; runs of a single epoch are
+  points."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  groups: dict[tuple, list[dict]] = {}
+  for r in results["runs"].values():
+    key = (_data_label(r), r["model"], tuple(r["hidden"]), r["activation"])
+    groups.setdefault(key, []).append(r)
+  groups = {k: g for k, g in groups.items() if any(len(r["epoch"]) > 1 for r in g)}
+  if not groups:
+    return
+  fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.4 * len(groups)), squeeze=False)
+  for (ax_epoch, ax_time), ((data, model, hidden, activation), group) in zip(
+    axes, groups.items(), strict=True
+  ):
+    for r in group:
+      label = f"{_rule_label(r)}, {_optimizer_label(r)}, b{r['batch_size']}"
+      mean, std = np.array(r["test_accuracy"]), np.array(r.get("test_accuracy_std", [0.0] * len(r["epoch"])))
+      for ax, x in ((ax_epoch, r["epoch"]), (ax_time, r["wall_time"])):
+        (line,) = ax.plot(x, mean, marker="o", markersize=3, label=label)
+        if np.any(std > 0):
+          ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    title = f"{data}: {model} {'-'.join(map(str, hidden)) or '(no hidden)'} {activation}"
+    ax_epoch.set(xlabel="epoch", ylabel="test accuracy", title=title)
+    ax_time.set(xlabel="training time (s, log)", xscale="log", title=title)
+    for ax in (ax_epoch, ax_time):
+      ax.grid(alpha=0.3)
+    ax_time.legend(fontsize=6, loc="best")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

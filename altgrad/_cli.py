@@ -14,6 +14,11 @@ from altgrad import _bench, nn, rules, train
 from altgrad import data as data_lib
 from altgrad._experiment import MODELS, OPTIMIZERS, build_model, loss_for, optimizer_for
 
+DATA_PARALLEL_HELP = (
+  "shard every batch over all devices (jax.devices()), params replicated; the batch size must divide "
+  "by the device count"
+)
+
 
 def _sizes(text: str) -> tuple[int, ...]:
   try:
@@ -69,6 +74,7 @@ def compare(args: argparse.Namespace) -> dict:
       batch_size=args.batch_size,
       seed=args.seed,
       progress=False if args.no_progress else None,
+      data_parallel=args.data_parallel,
     )
     results[name] = history.as_dict()
   reference = results["backprop"]["median_step_time"]
@@ -189,6 +195,7 @@ def make_parser() -> argparse.ArgumentParser:
   )
   p.add_argument("--json", default="", help="also write all histories to this JSON file")
   p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+  p.add_argument("--data-parallel", action="store_true", help=DATA_PARALLEL_HELP)
   p.set_defaults(func=compare)
 
   b = commands.add_parser(
@@ -196,21 +203,24 @@ def make_parser() -> argparse.ArgumentParser:
     help="run a benchmark suite and write JSON and markdown",
     description="Run a named suite of training runs; every step time is divided by backprop's on the "
     "same data, model and batch size in the same process. Writes OUT/SUITE.json (resumable: finished runs "
-    "are skipped when it is run again) and OUT/SUITE.md.",
+    "are skipped when it is run again), OUT/SUITE.md and OUT/SUITE.png.",
   )
   b.add_argument(
     "--suite", default="smoke", choices=sorted(_bench.SUITES), help="suite to run (default: smoke)"
   )
   b.add_argument("--out", default="results", help="output directory (default: results)")
   b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+  b.add_argument("--data-parallel", action="store_true", help=DATA_PARALLEL_HELP)
   b.set_defaults(func=bench)
   return parser
 
 
 def bench(args: argparse.Namespace) -> dict:
-  results = _bench.run_suite(args.suite, args.out, progress=False if args.no_progress else None)
+  results = _bench.run_suite(
+    args.suite, args.out, progress=False if args.no_progress else None, data_parallel=args.data_parallel
+  )
   print(_bench.markdown(results))
-  print(f"results written to {args.out}/{args.suite}.json and .md")
+  print(f"results written to {args.out}/{args.suite}.json, .md and .png")
   return results
 
 

@@ -8,7 +8,7 @@ import pytest
 from conftest import MODELS
 from flax import nnx
 
-from altgrad import _cli, data, losses, nn, rules, train
+from altgrad import _bench, _cli, data, losses, nn, rules, train
 
 
 def _small_digits():
@@ -118,3 +118,45 @@ def test_models_fixture_kinds_all_fit():
     tx = optax.chain(rules.backprop(model, losses.softmax_cross_entropy), optax.adam(1e-2))
     history = train.fit(model, tx, ds, loss_fn=losses.softmax_cross_entropy, epochs=2, batch_size=16)
     assert history.compilations == 1 and np.isfinite(history.test_loss[-1])
+
+
+def test_bench_writes_json_markdown_and_plot_and_resumes(tmp_path, monkeypatch):
+  suite = [
+    _bench.Run("digits", (8, 8), "backprop", "adam", 1e-2, 2, 128, seeds=2),
+    _bench.Run("digits", (8, 8), "anp", "adam", 1e-2, 2, 128, seeds=2),
+    _bench.Run("digits", (8,), "er", "sgd", 1.0, 3, 1438, stop_on_discrepancy=True),
+  ]
+  monkeypatch.setitem(_bench.SUITES, "tiny", lambda: suite)
+  results = _bench.run_suite("tiny", tmp_path, progress=False)
+  runs = results["runs"]
+  assert len(runs) == 4  # the ER run got its own backprop reference (same batch size)
+  anp = runs[suite[1].name]
+  assert (
+    len(anp["test_accuracy_seeds"]) == 2 and anp["test_accuracy_seeds"][0] != anp["test_accuracy_seeds"][1]
+  )
+  assert np.allclose(anp["test_accuracy"], np.mean(anp["test_accuracy_seeds"], axis=0))
+  assert [p["epoch"] for p in anp["probes"]] == [0, 1, 2] and len(anp["probes"][0]) == 4
+  assert runs[suite[0].name]["step_time_ratio"] == 1.0
+  assert all(abs(v - 1) < 1e-4 for p in runs[suite[0].name]["probes"] for k, v in p.items() if k != "epoch")
+  assert json.loads((tmp_path / "tiny.json").read_text())["runs"].keys() == runs.keys()
+  table = (tmp_path / "tiny.md").read_text()
+  assert table.count("\n| digits |") == 4 and "(± " in table
+  assert (tmp_path / "tiny.png").stat().st_size > 10_000
+
+  def fail(run, **kwargs):
+    raise AssertionError(f"{run.name} ran again")
+
+  monkeypatch.setattr(_bench, "execute", fail)
+  resumed = _bench.run_suite("tiny", tmp_path, progress=False)["runs"]  # nothing reruns
+  assert resumed == json.loads(json.dumps(runs))
+  with pytest.raises(ValueError, match="data_parallel"):
+    _bench.run_suite("tiny", tmp_path, progress=False, data_parallel=True)
+
+
+def test_bench_suites_are_well_formed():
+  for name, make in _bench.SUITES.items():
+    runs = make()
+    assert len({r.name for r in runs}) == len(runs), f"{name}: two runs with one name"
+    assert all(r.rule in rules.RULES for r in runs)
+  assert {r.rule for r in _bench.SUITES["smoke"]()} == set(rules.RULES)
+  assert len(_bench.SUITES["all"]()) == sum(len(_bench.SUITES[s]()) for s in ("cw", "np", "tp", "er"))
