@@ -29,10 +29,12 @@ class Dataset(NamedTuple):
 
   @property
   def input_shape(self) -> tuple[int, ...]:
+    """The shape of one input example."""
     return tuple(self.x_train.shape[1:])
 
   @property
   def output_size(self) -> int:
+    """The model's output width: the number of classes, or the size of a regression target."""
     return self.num_classes if self.num_classes is not None else int(np.prod(self.y_train.shape[1:]))
 
 

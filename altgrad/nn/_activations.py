@@ -38,6 +38,7 @@ class Activation:
 
   @property
   def invertible(self) -> bool:
+    """Whether the activation has an inverse (what target propagation and ER need)."""
     return self.inverse_fn is not None
 
   def _require_inverse(self) -> None:

@@ -54,6 +54,7 @@ class PureModel:
     return nnx.state(model, Decorrelation)
 
   def apply(self, params: Any, x: Array) -> Array:
+    """The model's outputs for inputs ``x`` with ``params``."""
     return self.bind(params)(x)
 
   def tapped(

@@ -56,6 +56,7 @@ class RNNCell(nnx.Module):
     return x @ self.input_kernel[...] + self.bias[...]
 
   def linear(self, inputs: tuple[Array, Array]) -> Array:
+    """The pre-activation ``h_prev W_h + x W_x + b`` of one step, from ``(h_prev, x)``."""
     h_prev, x = inputs
     return h_prev @ self.recurrent_kernel[...] + self.input_drive(x)
 
@@ -65,6 +66,7 @@ class RNNCell(nnx.Module):
     return design_rows(jnp.concatenate([h_prev, x], axis=-1), True)
 
   def matrix(self) -> Array:
+    """``[W_h; W_x; b]`` stacked, ``(hidden + features + 1, hidden)``: the matrix CW and ER update."""
     return stacked_matrix(
       jnp.concatenate([self.recurrent_kernel[...], self.input_kernel[...]], axis=0), self.bias[...]
     )

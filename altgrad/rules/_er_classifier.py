@@ -75,6 +75,7 @@ class ERClassifier:
     self.multiclass, self.keep_best, self.random_state = multiclass, keep_best, random_state
 
   def fit(self, X, y) -> ERClassifier:
+    """Fits the classifier to inputs ``X`` (examples, features) and labels ``y``; returns it."""
     x = jnp.asarray(np.asarray(X, np.float32))
     if x.ndim != 2 or not bool(jnp.all(jnp.isfinite(x))):
       raise ValueError("X must be a finite 2-D array (examples, features)")
@@ -98,9 +99,11 @@ class ERClassifier:
     return self
 
   def decision_function(self, X) -> np.ndarray:
+    """The local fields ``X coef_ + intercept_``, one column per class (per output unit)."""
     return np.asarray(X, np.float32) @ self.coef_ + self.intercept_
 
   def predict_proba(self, X) -> np.ndarray:
+    """Class probabilities, ``(examples, classes)``, from the fitted fields."""
     field = self.decision_function(X)
     if self.multiclass == "softmax":
       return np.asarray(jax.nn.softmax(field, axis=-1))
@@ -111,7 +114,9 @@ class ERClassifier:
     return p / p.sum(axis=1, keepdims=True)
 
   def predict(self, X) -> np.ndarray:
+    """The most probable class of each example."""
     return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
   def score(self, X, y) -> float:
+    """Mean accuracy on ``(X, y)``."""
     return float(np.mean(self.predict(X) == np.asarray(y)))

@@ -1,0 +1,54 @@
+"""Every public name has a docstring that says what it is (issue #7)."""
+
+import dataclasses
+import inspect
+
+import pytest
+
+import altgrad
+from altgrad import data, diagnostics, losses, nn, rules, train
+
+MODULES = [altgrad, data, diagnostics, losses, nn, rules, train]
+
+
+def _public(module):
+  names = getattr(module, "__all__", None)
+  if names is None:
+    names = [
+      n
+      for n, v in vars(module).items()
+      if not n.startswith("_") and getattr(v, "__module__", None) == module.__name__
+    ]
+  return [(f"{module.__name__}.{n}", getattr(module, n)) for n in names]
+
+
+def _documented_objects():
+  for module in MODULES:
+    yield module.__name__, module
+    for name, value in _public(module):
+      if inspect.ismodule(value) or not (inspect.isclass(value) or callable(value)):
+        continue
+      yield name, value
+      if inspect.isclass(value):
+        for attr, member in vars(value).items():
+          if attr.startswith("_") or not (inspect.isfunction(member) or isinstance(member, property)):
+            continue
+          yield f"{name}.{attr}", member
+
+
+OBJECTS = dict(_documented_objects())
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTS))
+def test_public_name_has_a_docstring(name):
+  value = OBJECTS[name]
+  doc = inspect.getdoc(value) if not isinstance(value, property) else value.fget.__doc__
+  assert doc and doc.strip(), f"{name} has no docstring"
+  if inspect.isclass(value) and (dataclasses.is_dataclass(value) or issubclass(value, tuple)):
+    assert not doc.startswith(f"{value.__name__}("), f"{name} has only the generated signature as docstring"
+
+
+def test_the_rules_name_their_papers():
+  for name in ("node_perturbation", "target_propagation", "expectation_reflection", "consequentialism"):
+    module = inspect.getmodule(getattr(rules, name))
+    assert "arXiv:" in module.__doc__, f"{name}'s module does not cite its paper"
