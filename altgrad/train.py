@@ -40,7 +40,9 @@ class History:
   time elapsed at the end of the epoch; ``compilations`` how many times the training step was
   compiled (1 when nothing recompiled); ``restored_epoch``, when a stopping rule fired, the epoch
   whose final params were kept (0: the initial ones); ``probes`` the values of ``fit``'s
-  ``probe`` before training (epoch 0) and after each epoch, each with its ``epoch``.
+  ``probe`` before training (epoch 0) and after each epoch, each with its ``epoch``;
+  ``skipped_steps``, when ``tx`` is wrapped in :func:`altgrad.rules.finite_guard`, how many
+  steps it has skipped by the end of each epoch (non-finite update or state).
   """
 
   epoch: list[int] = dataclasses.field(default_factory=list)
@@ -50,6 +52,7 @@ class History:
   step_time: list[float] = dataclasses.field(default_factory=list)
   wall_time: list[float] = dataclasses.field(default_factory=list)
   probes: list[dict[str, float]] = dataclasses.field(default_factory=list)
+  skipped_steps: list[int] = dataclasses.field(default_factory=list)
   compile_time: float = 0.0
   compilations: int = 0
   restored_epoch: int | None = None
@@ -344,6 +347,7 @@ def _train(
     seconds = time.perf_counter() - start
     elapsed += seconds
     variables = variables_of(opt_state)
+    skipped = optax.tree_utils.tree_get(opt_state, "skipped_steps")
     test = jax.device_get(evaluate(params, variables, x_test, y_test))
     train_loss, _ = jax.device_get(evaluate(params, variables, x_eval, y_eval))
     for i, h in enumerate(histories):
@@ -354,6 +358,8 @@ def _train(
       h.test_accuracy.append(pick(test[1]))
       h.step_time.append(seconds / steps)
       h.wall_time.append(elapsed)
+      if skipped is not None:
+        h.skipped_steps.append(int(skipped[i] if vmapped else skipped))
     record(epoch, params, opt_state)
     bar.update(1)
     bar.set_postfix(

@@ -8,7 +8,7 @@ import pytest
 from conftest import MODELS, make_batch
 from flax import nnx
 
-from altgrad import losses, rules
+from altgrad import losses, nn, rules
 
 RULE_NAMES = sorted(rules.RULES)
 # Model families a rule cannot handle: it must say so at construction.
@@ -122,3 +122,18 @@ def test_bad_batch_is_a_clear_error(rule_name, batch, message):
 def test_rejects_a_model_not_built_of_altgrad_layers(rule_name):
   with pytest.raises(TypeError, match="altgrad.nn layers"):
     rules.RULES[rule_name](nnx.Linear(2, 2, rngs=nnx.Rngs(0)), losses.softmax_cross_entropy)
+
+
+@pytest.mark.parametrize("rule_name", RULE_NAMES)
+def test_update_mutates_neither_its_state_nor_the_model(rule_name):
+  """Pure like any optax transformation: the decorrelation matrices move in the returned state only."""
+  model = nn.MLP((6, 16, 12, 3), decorrelation_lr=1e-1, rngs=nnx.Rngs(0))
+  tx = rules.RULES[rule_name](model, losses.softmax_cross_entropy)
+  params = nnx.state(model, nnx.Param)
+  state = tx.init(params)
+  before = jax.tree.map(jnp.copy, (state, nnx.state(model)))
+  _, new_state = tx.update(None, state, params, batch=make_batch("mlp", batch_size=32))
+  chex.assert_trees_all_equal((state, nnx.state(model)), before)
+  assert not all(
+    bool(jnp.all(a == b)) for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(state), strict=True)
+  )

@@ -65,9 +65,10 @@ class Conv(SingleSite):
     self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
 
   def linear(self, x: Array) -> Array:
+    kernel = self.kernel[...]
     z = jax.lax.conv_general_dilated(
-      x,
-      self.kernel[...],
+      x.astype(jnp.result_type(x, kernel)),  # as a matmul would: bfloat16 inputs meet float32 params
+      kernel,
       window_strides=self.strides,
       padding=self.padding,
       dimension_numbers=("NHWC", "HWIO", "NHWC"),
@@ -77,7 +78,7 @@ class Conv(SingleSite):
   def design(self, x: Array) -> Array:
     """One row per output position: the input patch, features ordered (in, kh, kw)."""
     patches = jax.lax.conv_general_dilated_patches(
-      x,
+      x.astype(jnp.result_type(x, self.kernel[...])),
       self.kernel_size,
       self.strides,
       self.padding,

@@ -43,7 +43,7 @@ class PureModel:
 
   def bind(self, params: Any) -> Layer:
     """The model with ``params`` (traceable: use it inside jitted code)."""
-    return nnx.merge(self.graphdef, params, self.variables, self.rest)
+    return nnx.merge(self.graphdef, params, self.variables, self.rest, copy=True)
 
   def decorrelation_step(self, params: Any, taps: Sequence[Tap]) -> Any:
     """The next decorrelation matrices, each from its site's recorded (clean) input."""

@@ -14,12 +14,15 @@ from altgrad.rules._expectation_reflection import (
   reflection_moments,
   reflection_solution,
 )
+from altgrad.rules._guard import FiniteGuardState, finite_guard
 from altgrad.rules._node_perturbation import node_perturbation
 from altgrad.rules._registry import OWN_STEP, RULES
 from altgrad.rules._target_propagation import target_displacements, target_propagation
 
 __all__ = [
   "ERClassifier",
+  "FiniteGuardState",
+  "finite_guard",
   "expectation_reflection",
   "reflection_moments",
   "reflection_solution",

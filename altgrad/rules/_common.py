@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
 from altgrad.nn._pure import LossFn
 
-__all__ = ["LossFn", "check_loss_fn"]
+__all__ = ["LossFn", "check_loss_fn", "check_precision"]
 
 
 def check_loss_fn(loss_fn: object) -> None:
@@ -12,4 +16,23 @@ def check_loss_fn(loss_fn: object) -> None:
     raise TypeError(
       "loss_fn must be a function (outputs, targets) -> per-example losses, such as "
       f"altgrad.losses.softmax_cross_entropy; got {type(loss_fn).__name__}"
+    )
+
+
+def check_precision(model: nnx.Module, rule: str, needs: str) -> None:
+  """Refuses params below float32 for a rule that ``needs`` it (loss differences, linear solves).
+
+  bfloat16 or float16 inputs are fine: they meet float32 params and compute in float32.
+  """
+  low = sorted(
+    {
+      str(a.dtype)
+      for a in jax.tree.leaves(nnx.state(model, nnx.Param))
+      if jnp.issubdtype(a.dtype, jnp.floating) and jnp.finfo(a.dtype).bits < 32
+    }
+  )
+  if low:
+    raise TypeError(
+      f"{rule} {needs}, which {', '.join(low)} params cannot resolve: keep the params float32 "
+      "(bfloat16 inputs are fine, they are computed in float32)"
     )

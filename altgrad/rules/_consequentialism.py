@@ -20,7 +20,7 @@ import optax
 
 from altgrad.nn import Layer, PureModel
 from altgrad.nn._base import check_number
-from altgrad.rules._common import LossFn, check_loss_fn
+from altgrad.rules._common import LossFn, check_loss_fn, check_precision
 
 Array = jax.Array
 
@@ -115,6 +115,7 @@ def consequentialism(
   """
   pure = PureModel(model)
   check_loss_fn(loss_fn)
+  check_precision(model, "consequentialism", "solves a linear system per layer")
   check_number(eps, "eps", positive=True)
   if eps_mode not in EPS_MODES:
     raise ValueError(f"eps_mode must be one of {EPS_MODES}, got {eps_mode!r}")

@@ -26,6 +26,7 @@ import optax
 
 from altgrad.nn import Dense, Layer, PureModel, Sequential
 from altgrad.nn._base import check_number
+from altgrad.rules._common import check_precision
 
 Array = jax.Array
 
@@ -230,6 +231,7 @@ def expectation_reflection(
   """
   pure = PureModel(model)
   layers = _check_model(model)
+  check_precision(model, "expectation_reflection", "solves a least-squares refit per layer")
   _check_options(reg, expectation, multiclass, hidden_target, hidden_field)
   outputs = layers[-1].out_features
   if multiclass == "softmax" and outputs < 2:

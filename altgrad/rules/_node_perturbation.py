@@ -18,7 +18,7 @@ import optax
 
 from altgrad.nn import Layer, PureModel
 from altgrad.nn._base import check_number
-from altgrad.rules._common import LossFn, check_loss_fn
+from altgrad.rules._common import LossFn, check_loss_fn, check_precision
 
 Array = jax.Array
 NoiseFn = Callable[[Array, tuple[int, ...], Any], Array]
@@ -89,6 +89,7 @@ def node_perturbation(
   """
   pure = PureModel(model)
   check_loss_fn(loss_fn)
+  check_precision(model, "node_perturbation", "divides loss differences of order sigma")
   if variant not in VARIANTS:
     raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
   check_number(sigma, "sigma", positive=True)

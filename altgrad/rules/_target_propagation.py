@@ -18,7 +18,7 @@ import optax
 
 from altgrad.nn import Dense, Layer, PureModel, Sequential, SimpleRNN
 from altgrad.nn._base import check_number
-from altgrad.rules._common import LossFn, check_loss_fn
+from altgrad.rules._common import LossFn, check_loss_fn, check_precision
 
 Array = jax.Array
 
@@ -203,6 +203,7 @@ def target_propagation(
   pure = PureModel(model)
   _check_model(model)
   check_loss_fn(loss_fn)
+  check_precision(model, "target_propagation", "solves a ridge system per layer")
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
   if update not in UPDATES:
