@@ -226,6 +226,14 @@ DATA_PARALLEL = textwrap.dedent(
     assert "must divide by the 4 devices" in str(error)
   else:
     raise AssertionError("a batch of 30 on 4 devices was accepted")
+  # the command line and the bench take the flag
+  from altgrad import _bench, _cli
+
+  assert _cli.main(["compare", "--epochs", "1", "--hidden", "16", "--rules", "anp", "--plot", "", "--no-progress",
+                    "--data-parallel"]) == 0
+  record = _bench.execute(_bench.Run("digits", (16,), "consequentialism", "adam", 1e-2, 1, 64, seeds=2),
+                          data_parallel=True)
+  assert record["test_accuracy"][-1] > 0.6, record["test_accuracy"]
   print("checked", len(checked), "rule/model pairs")
   """
 )
