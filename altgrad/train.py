@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 import sys
 import time
@@ -166,6 +167,7 @@ def fit(
     data,
     [seed],
     vmapped=False,
+    vectorize=True,
     loss_fn=loss_fn,
     epochs=epochs,
     batch_size=batch_size,
@@ -191,6 +193,7 @@ def fit_seeds(
   data_parallel: bool = False,
   checkpoint_dir: str | Path | None = None,
   probe: Probe | None = None,
+  vectorize: bool = True,
 ) -> list[tuple[Layer, History]]:
   """Trains one run per seed in a single compiled program, ``jax.vmap`` over the runs.
 
@@ -198,6 +201,11 @@ def fit_seeds(
   the rule's key with ``seed``); every run shuffles with its own ``seed``, as :func:`fit` does,
   so run ``i`` matches ``fit(*build(seeds[i]), seed=seeds[i])`` up to float rounding. All runs
   share the first ``tx``'s ``update``: ``build`` may vary the seeds, not the rule's settings.
+  ``vectorize=False`` steps the runs one after another (``lax.map``) in the same program: slower,
+  for a rule that does not vmap well. Known case: on XLA's CPU backend (jaxlib 0.10.2) the
+  vmapped update of multilayer :func:`~altgrad.rules.expectation_reflection` with hidden layers
+  of 128 units or more, each run with its own batch, never finishes (it runs with XLA's
+  optimizations off, and under ``lax.map``).
   Returns ``(model, history)`` per seed; the other arguments are :func:`fit`'s.
   """
   seeds = list(seeds)
@@ -213,6 +221,7 @@ def fit_seeds(
     data,
     seeds,
     vmapped=True,
+    vectorize=vectorize,
     loss_fn=loss_fn,
     epochs=epochs,
     batch_size=batch_size,
@@ -238,6 +247,7 @@ def _train(
   seeds,
   *,
   vmapped,
+  vectorize,
   loss_fn,
   epochs,
   batch_size,
@@ -258,7 +268,10 @@ def _train(
   stack = (
     (lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)) if vmapped else (lambda trees: trees[0])
   )
-  lift = jax.vmap if vmapped else (lambda f, **_: f)
+  if not vmapped:
+    lift = lambda f: f  # noqa: E731
+  else:  # over the runs' leading axis
+    lift = jax.vmap if vectorize else lambda f: functools.partial(_map_members, f)
   params = stack([nnx.state(m, nnx.Param) for m in models])
   opt_state = stack([t.init(nnx.state(m, nnx.Param)) for m, t in zip(models, txs, strict=True)])
   if stop_on_discrepancy and optax.tree_utils.tree_get(opt_state, "discrepancy") is None:
@@ -292,7 +305,7 @@ def _train(
 
   update = lift(update)
 
-  def run_epoch(params, opt_state, orders):
+  def run_epoch(params, opt_state, orders, x_train, y_train):  # data as arguments, not constants
     for h in histories:
       h.compilations += 1  # runs once per trace
 
@@ -308,7 +321,7 @@ def _train(
     return stack([jnp.asarray(epoch_order(s, epoch, len(data.x_train))) for s in seeds])
 
   start = time.perf_counter()
-  run_epoch = jax.jit(run_epoch).lower(params, opt_state, orders_of(1)).compile()
+  run_epoch = jax.jit(run_epoch).lower(params, opt_state, orders_of(1), x_train, y_train).compile()
   compile_time = time.perf_counter() - start
   evaluate = make_evaluate(model, loss_fn, data.num_classes)
   if vmapped:
@@ -342,7 +355,7 @@ def _train(
   best = None  # (discrepancy, params, opt_state, epoch) of the best params seen by the stopping rule
   for epoch in range(first, epochs + 1):
     start, before = time.perf_counter(), (params, opt_state)
-    params, opt_state = run_epoch(params, opt_state, orders_of(epoch))
+    params, opt_state = run_epoch(params, opt_state, orders_of(epoch), x_train, y_train)
     jax.block_until_ready(params)
     seconds = time.perf_counter() - start
     elapsed += seconds
@@ -381,6 +394,12 @@ def _train(
     member = (lambda tree, i=i: jax.tree.map(lambda a: a[i], tree)) if vmapped else (lambda tree: tree)
     nnx.update(m, member(params), member(variables))
   return histories
+
+
+def _map_members(update, *members):
+  """``update`` of each run in turn (``lax.map`` over the leading axis): :func:`fit_seeds`'s
+  ``vectorize=False``."""
+  return jax.lax.map(lambda args: update(*args), members)
 
 
 class _Checkpoints:

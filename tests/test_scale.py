@@ -67,6 +67,21 @@ def test_vmapped_seeds_equal_separate_runs(rule_name, model_kind):
   assert together[0][1].test_loss != together[1][1].test_loss  # the seeds differ
 
 
+@pytest.mark.parametrize("rule_name", ["er", "anp"])
+def test_seeds_in_turn_equal_separate_runs(rule_name):
+  build, ds, seeds = _build(rule_name, "mlp", optax.sgd(0.1), sigma=0.1), _toy("mlp"), (3, 11)
+  together = train.fit_seeds(
+    build, seeds, ds, loss_fn=CE, epochs=2, batch_size=16, progress=False, vectorize=False
+  )
+  for seed, (model, history) in zip(seeds, together, strict=True):
+    alone_model, tx = build(seed)
+    alone = train.fit(alone_model, tx, ds, loss_fn=CE, epochs=2, batch_size=16, seed=seed, progress=False)
+    np.testing.assert_allclose(history.test_loss, alone.test_loss, rtol=1e-4, atol=1e-5)
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), _params(model), _params(alone_model)
+    )
+
+
 def test_fit_seeds_rejects_repeated_seeds_and_different_models():
   ds = _toy("mlp")
   with pytest.raises(ValueError, match="distinct"):
@@ -80,7 +95,7 @@ def test_fit_seeds_rejects_repeated_seeds_and_different_models():
     train.fit_seeds(build, (0, 1), ds, loss_fn=CE)
 
 
-@pytest.mark.parametrize("rule_name", ["anp", "consequentialism", "tp"])
+@pytest.mark.parametrize("rule_name", sorted(rules.RULES))
 def test_resumed_run_continues_bit_for_bit(rule_name, tmp_path):
   """Checkpointed after epoch 2, resumed to 4: the same params, rule state and history as 4 at once."""
   ds, build = _toy("mlp"), _build(rule_name, "mlp")
@@ -226,6 +241,20 @@ DATA_PARALLEL = textwrap.dedent(
     assert "must divide by the 4 devices" in str(error)
   else:
     raise AssertionError("a batch of 30 on 4 devices was accepted")
+  # a sharded run checkpoints and resumes bit for bit too
+  import tempfile
+
+  with tempfile.TemporaryDirectory() as directory:
+    fit = lambda model, tx, **kw: train.fit(model, tx, _toy("mlp"), loss_fn=CE, batch_size=16, progress=False,
+                                           data_parallel=True, **kw)
+    straight_model, tx = _build("anp", "mlp")(0)
+    fit(straight_model, tx, epochs=3)
+    model, tx = _build("anp", "mlp")(0)
+    fit(model, tx, epochs=1, checkpoint_dir=directory + "/run")
+    model, tx = _build("anp", "mlp")(0)
+    fit(model, tx, epochs=3, checkpoint_dir=directory + "/run")
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(model), nnx.state(straight_model))
+
   # the command line and the bench take the flag
   from altgrad import _bench, _cli
 

@@ -6,9 +6,11 @@ import nbformat
 
 INSTALL = """\
 # In Colab or a fresh environment, install altgrad first (skipped where it is installed).
+# Until altgrad is on PyPI, point ALTGRAD_SOURCE at this repository: "git+https://..." or a path.
+ALTGRAD_SOURCE = "altgrad"
 import importlib.util, subprocess, sys
 if importlib.util.find_spec("altgrad") is None:
-    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "altgrad"])"""
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", ALTGRAD_SOURCE])"""
 
 QUICKSTART = [
   (
