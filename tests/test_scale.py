@@ -45,10 +45,17 @@ def _params(model):
   return nnx.as_pure(nnx.state(model, nnx.Param))
 
 
-@pytest.mark.parametrize("rule_name", sorted(rules.RULES))
+# Every rule on the MLP; the conv and recurrent sites with the rules of each kind of statistic
+VMAPPED_CASES = [(r, "mlp") for r in sorted(rules.RULES)] + [
+  (r, k)
+  for k in ("conv", "rnn")
+  for r in ("backprop", "consequentialism", "anp", "tp")
+  if (r, k) not in UNSUPPORTED
+]
+
+
+@pytest.mark.parametrize("rule_name, model_kind", VMAPPED_CASES)
 def test_vmapped_seeds_equal_separate_runs(rule_name, model_kind):
-  if (rule_name, model_kind) in UNSUPPORTED:
-    pytest.skip(f"{rule_name} does not handle {model_kind} models")
   # Vmapped and separate programs round differently. SGD, as Adam's per-element normalization
   # would turn the rounding of near-zero gradients into steps of a full learning rate; NP's sigma
   # 0.1, as its loss differences at 1e-3 lose 4 of float32's 7 digits to cancellation.
@@ -78,7 +85,9 @@ def test_seeds_in_turn_equal_separate_runs(rule_name):
     alone = train.fit(alone_model, tx, ds, loss_fn=CE, epochs=2, batch_size=16, seed=seed, progress=False)
     np.testing.assert_allclose(history.test_loss, alone.test_loss, rtol=1e-4, atol=1e-5)
     jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), _params(model), _params(alone_model)
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
+      _params(model),
+      _params(alone_model),
     )
 
 

@@ -12,6 +12,8 @@ Array = jax.Array
 
 
 class FiniteGuardState(NamedTuple):
+  """The state of :func:`finite_guard`: the guarded state and the count of skipped steps."""
+
   inner_state: Any  # the guarded transformation's state
   skipped_steps: Array  # int32: how many steps were left undone because something was not finite
   last_skipped: Array  # bool: whether the last step was
