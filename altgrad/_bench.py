@@ -434,7 +434,9 @@ def markdown(results: dict) -> str:
     "together: vmapped, or in turn in one program) accuracies are means, with the standard deviation of the "
     "final one. Cosines are "
     "per layer, input to output, between the rule's update and the backprop gradient on "
-    f"{PROBE_SIZE} training examples, before training -> after the last epoch (mean over seeds).",
+    f"{PROBE_SIZE} training examples, before training -> after the last epoch (mean over seeds). Where a "
+    "suite has no backprop run at a rule's batch size, one with Adam (0.001) is added as the timing "
+    "reference: its accuracy is not a tuned baseline.",
     "",
     "| data | model | batch | rule | optimizer (lr) | epochs | n | test acc (per epoch) | final test loss "
     "| cosine to backprop | ms/step | x backprop |",
@@ -492,3 +494,28 @@ def plot(results: dict, path: str | Path) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+#: The README's results section lies between these two lines (written by tools/readme_results.py).
+README_MARKERS = (
+  "<!-- results: begin (tools/readme_results.py writes this block) -->",
+  "<!-- results: end -->",
+)
+
+
+def readme_results(out_dir: str | Path) -> str:
+  """The README's results block: the smoke suite's table and plot, then every other suite's plot
+  and a link to its table, from the files ``altgrad bench`` wrote to ``out_dir``."""
+  out_dir = Path(out_dir)
+  smoke = json.loads((out_dir / "smoke.json").read_text())
+  table = markdown(smoke).split("\n", 2)[2]  # without the title
+  lines = [README_MARKERS[0], "", table.rstrip(), "", f"![smoke suite]({out_dir.name}/smoke.png)", ""]
+  for suite in SUITES:
+    if suite != "smoke" and (out_dir / f"{suite}.json").exists():
+      lines += [
+        f"`{suite}`: [table]({out_dir.name}/{suite}.md)",
+        "",
+        f"![{suite} suite]({out_dir.name}/{suite}.png)",
+        "",
+      ]
+  return "\n".join([*lines, README_MARKERS[1]])
