@@ -52,3 +52,17 @@ def test_the_rules_name_their_papers():
   for name in ("node_perturbation", "target_propagation", "expectation_reflection", "consequentialism"):
     module = inspect.getmodule(getattr(rules, name))
     assert "arXiv:" in module.__doc__, f"{name}'s module does not cite its paper"
+
+
+def test_the_readme_results_are_the_bench_output():
+  """The README's results block is what tools/readme_results.py makes of results/: no number in
+  it is edited by hand."""
+  from pathlib import Path
+
+  from altgrad._bench import README_MARKERS, readme_results
+
+  root = Path(__file__).resolve().parent.parent
+  readme = (root / "README.md").read_text()
+  begin, end = README_MARKERS
+  block = begin + readme.split(begin, 1)[1].split(end, 1)[0] + end
+  assert block == readme_results(root / "results"), "run: python tools/readme_results.py"
