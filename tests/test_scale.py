@@ -104,7 +104,9 @@ def test_fit_seeds_rejects_repeated_seeds_and_different_models():
     train.fit_seeds(build, (0, 1), ds, loss_fn=CE)
 
 
-@pytest.mark.parametrize("rule_name", sorted(rules.RULES))
+# A state of each kind: PRNG key (ANP), none beyond the model's (CW), per-layer norms (TP), a
+# discrepancy (ER)
+@pytest.mark.parametrize("rule_name", ["anp", "consequentialism", "tp", "er"])
 def test_resumed_run_continues_bit_for_bit(rule_name, tmp_path):
   """Checkpointed after epoch 2, resumed to 4: the same params, rule state and history as 4 at once."""
   ds, build = _toy("mlp"), _build(rule_name, "mlp")
