@@ -272,6 +272,11 @@ def _train(
     lift = lambda f: f  # noqa: E731
   else:  # over the runs' leading axis
     lift = jax.vmap if vectorize else lambda f: functools.partial(_map_members, f)
+
+  def member(tree, i):
+    """Run ``i``'s part of a value that holds every run's."""
+    return jax.tree.map(lambda a: a[i], tree) if vmapped else tree
+
   params = stack([nnx.state(m, nnx.Param) for m in models])
   opt_state = stack([t.init(nnx.state(m, nnx.Param)) for m, t in zip(models, txs, strict=True)])
   if stop_on_discrepancy and optax.tree_utils.tree_get(opt_state, "discrepancy") is None:
@@ -329,11 +334,11 @@ def _train(
   probe = None if probe is None else jax.jit(lift(probe))
 
   def record(epoch, params, opt_state):
-    values = {} if probe is None else jax.device_get(probe(params, opt_state))
+    if probe is None:
+      return
+    values = jax.device_get(probe(params, opt_state))
     for i, h in enumerate(histories):
-      member = values if not vmapped else jax.tree.map(lambda v, i=i: v[i], values)
-      if probe is not None:
-        h.probes.append({"epoch": epoch} | {k: float(v) for k, v in member.items()})
+      h.probes.append({"epoch": epoch} | {k: float(v) for k, v in member(values, i).items()})
 
   checkpoints = None if checkpoint_dir is None else _Checkpoints(checkpoint_dir, seeds, batch_size)
   first = 1
@@ -364,15 +369,14 @@ def _train(
     test = jax.device_get(evaluate(params, variables, x_test, y_test))
     train_loss, _ = jax.device_get(evaluate(params, variables, x_eval, y_eval))
     for i, h in enumerate(histories):
-      pick = (lambda v, i=i: float(v[i])) if vmapped else float
       h.epoch.append(epoch)
-      h.train_loss.append(pick(train_loss))
-      h.test_loss.append(pick(test[0]))
-      h.test_accuracy.append(pick(test[1]))
+      h.train_loss.append(float(member(train_loss, i)))
+      h.test_loss.append(float(member(test[0], i)))
+      h.test_accuracy.append(float(member(test[1], i)))
       h.step_time.append(seconds / steps)
       h.wall_time.append(elapsed)
       if skipped is not None:
-        h.skipped_steps.append(int(skipped[i] if vmapped else skipped))
+        h.skipped_steps.append(int(member(skipped, i)))
     record(epoch, params, opt_state)
     bar.update(1)
     bar.set_postfix(
@@ -391,8 +395,7 @@ def _train(
     checkpoints.close()
   variables = variables_of(opt_state)
   for i, m in enumerate(models):
-    member = (lambda tree, i=i: jax.tree.map(lambda a: a[i], tree)) if vmapped else (lambda tree: tree)
-    nnx.update(m, member(params), member(variables))
+    nnx.update(m, member(params, i), member(variables, i))
   return histories
 
 
