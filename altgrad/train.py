@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from altgrad.data import Dataset
-from altgrad.nn import Decorrelation, Layer
+from altgrad.nn import Layer, PureModel
 
 Array = jax.Array
 #: ``probe(params, opt_state) -> {name: scalar}``, recorded before training and after each epoch.
@@ -68,9 +68,10 @@ class History:
     return dataclasses.asdict(self) | {"median_step_time": self.median_step_time}
 
 
-def _check_data(model: Layer, data: Dataset, batch_size: int) -> None:
+def _check_data(model: nnx.Module, data: Dataset, batch_size: int) -> None:
   for split, x in (("train", data.x_train), ("test", data.x_test)):
-    model.check_input(x)
+    if isinstance(model, Layer):
+      model.check_input(x)
     if not np.all(np.isfinite(x)):
       raise ValueError(f"{data.name}: the {split} inputs contain NaN or infinite values")
   if data.num_classes is not None:
@@ -81,10 +82,11 @@ def _check_data(model: Layer, data: Dataset, batch_size: int) -> None:
     raise ValueError(f"batch_size must lie in [1, {len(data.x_train)}] (the training set), got {batch_size}")
 
 
-def make_evaluate(model: Layer, loss_fn: Callable, num_classes: int | None, chunk: int = 1024):
+def make_evaluate(model: nnx.Module, loss_fn: Callable, num_classes: int | None, chunk: int = 1024):
   """A jitted ``evaluate(params, variables, x, y) -> (mean loss, accuracy)`` over chunks of
-  ``chunk`` examples; ``variables`` are the model's decorrelation matrices."""
-  graphdef, _, _, rest = nnx.split(model, nnx.Param, Decorrelation, ...)
+  ``chunk`` examples, in evaluation mode (running BatchNorm statistics, no dropout);
+  ``variables`` are the model's non-param variables."""
+  pure = PureModel(model)
 
   @jax.jit
   def evaluate(params, variables, x, y):
@@ -97,7 +99,7 @@ def make_evaluate(model: Layer, loss_fn: Callable, num_classes: int | None, chun
 
     def one(args):
       xs, ys, ms = args
-      out = nnx.merge(graphdef, params, variables, rest)(xs)
+      out = pure.with_variables(variables).evaluate(params, xs)
       loss = loss_fn(out, ys)
       if num_classes is None:
         correct = jnp.all(jnp.abs(out - ys) < REGRESSION_TOLERANCE, axis=-1)
@@ -112,7 +114,7 @@ def make_evaluate(model: Layer, loss_fn: Callable, num_classes: int | None, chun
 
 
 def fit(
-  model: Layer,
+  model: nnx.Module,
   tx: optax.GradientTransformation,
   data: Dataset,
   *,
@@ -131,13 +133,15 @@ def fit(
 
   Each epoch shuffles the training set (seeded by ``(seed, epoch)``), drops the last partial
   batch, and runs all its steps as one compiled ``lax.scan``; after it the test set and up to
-  ``train_eval_size`` training examples are evaluated. Decorrelation matrices that the rule
-  trains (in its state) are used for evaluation and written back to the model with the params.
+  ``train_eval_size`` training examples are evaluated, in evaluation mode. The model's other
+  variables that the rule carries in its state (decorrelation matrices, BatchNorm running
+  statistics, RNG counts) are used for evaluation and written back to the model with the params.
   ``tx`` is a rule, possibly chained with optimizers, called as
   ``tx.update(None, state, params, batch=(x, y))``.
 
   Args:
-    model: an ``altgrad.nn`` model; its params are replaced by the trained ones.
+    model: any Flax NNX model (an ``altgrad.nn`` model or the user's own); its params and
+      variables are replaced by the trained ones.
     tx: the rule (first in any chain).
     data: a :class:`altgrad.data.Dataset`.
     loss_fn: per-example loss used for evaluation (the rule has its own).
@@ -181,7 +185,7 @@ def fit(
 
 
 def fit_seeds(
-  build: Callable[[int], tuple[Layer, optax.GradientTransformation]],
+  build: Callable[[int], tuple[nnx.Module, optax.GradientTransformation]],
   seeds: Sequence[int],
   data: Dataset,
   *,
@@ -194,7 +198,7 @@ def fit_seeds(
   checkpoint_dir: str | Path | None = None,
   probe: Probe | None = None,
   vectorize: bool = True,
-) -> list[tuple[Layer, History]]:
+) -> list[tuple[nnx.Module, History]]:
   """Trains one run per seed in a single compiled program, ``jax.vmap`` over the runs.
 
   ``build(seed) -> (model, tx)`` makes each run's model and rule (seeding the initial params and
@@ -281,7 +285,7 @@ def _train(
   opt_state = stack([t.init(nnx.state(m, nnx.Param)) for m, t in zip(models, txs, strict=True)])
   if stop_on_discrepancy and optax.tree_utils.tree_get(opt_state, "discrepancy") is None:
     raise ValueError("stop_on_discrepancy needs a rule that reports a discrepancy (expectation_reflection)")
-  own_variables = stack([nnx.state(m, Decorrelation) for m in models])
+  own_variables = stack([nnx.state(m, nnx.Not(nnx.Param)) for m in models])
 
   def variables_of(opt_state):
     return optax.tree_utils.tree_get(opt_state, "model_variables", default=own_variables)

@@ -64,3 +64,10 @@ def cosine(a, b):
   """Cosine between two pytrees of the same structure, as one vector each."""
   a, b = flat(a), flat(b)
   return float(a @ b / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
+
+
+def tapped(model, x, perturbations=None, params=None):
+  """``(outputs, taps)`` of a tapped pass of ``model``, at ``params`` (default: the model's own)."""
+  params = nnx.state(model, nnx.Param) if params is None else params
+  forward = nn.PureModel(model).tapped(params, x, perturbations)
+  return forward.outputs, forward.taps

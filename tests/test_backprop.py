@@ -43,7 +43,7 @@ def test_errors_are_the_gradient_at_the_preactivations():
   pure = nn.PureModel(model)
   params = nnx.state(model, nnx.Param)
   x, y = make_batch("mlp")
-  _, outputs, taps, errors = pure.errors(params, x, y, losses.softmax_cross_entropy)
+  _, outputs, taps, errors, *_ = pure.errors(params, x, y, losses.softmax_cross_entropy)
   # At the linear output site, dL/dz of the mean cross-entropy is (softmax - onehot) / B.
   expected = (jax.nn.softmax(outputs) - jax.nn.one_hot(y, outputs.shape[-1])) / x.shape[0]
   chex.assert_trees_all_close(errors[-1], expected, atol=1e-7)

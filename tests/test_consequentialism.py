@@ -22,7 +22,7 @@ def _update(model, batch, loss_fn=losses.softmax_cross_entropy, **kw):
 def _bp_errors(model, batch, loss_fn=losses.softmax_cross_entropy):
   pure = nn.PureModel(model)
   params = nnx.state(model, nnx.Param)
-  _, _, taps, errors = pure.errors(params, *batch, loss_fn)
+  _, _, taps, errors, *_ = pure.errors(params, *batch, loss_fn)
   return taps, errors
 
 

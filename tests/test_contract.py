@@ -118,10 +118,18 @@ def test_bad_batch_is_a_clear_error(rule_name, batch, message):
     tx.update(None, tx.init(params), params, batch=batch)
 
 
+class _NoLinearLayer(nnx.Module):
+  def __init__(self):
+    self.scale = nnx.Param(jnp.ones(3))
+
+  def __call__(self, x):
+    return x * self.scale
+
+
 @pytest.mark.parametrize("rule_name", RULE_NAMES)
-def test_rejects_a_model_not_built_of_altgrad_layers(rule_name):
-  with pytest.raises(TypeError, match="altgrad.nn layers"):
-    rules.RULES[rule_name](nnx.Linear(2, 2, rngs=nnx.Rngs(0)), losses.softmax_cross_entropy)
+def test_rejects_a_model_without_a_linear_layer(rule_name):
+  with pytest.raises(nn.SiteError, match="_NoLinearLayer has no linear layer"):
+    rules.RULES[rule_name](_NoLinearLayer(), losses.softmax_cross_entropy)
 
 
 @pytest.mark.parametrize("rule_name", RULE_NAMES)

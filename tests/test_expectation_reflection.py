@@ -255,7 +255,7 @@ def test_multilayer_options_give_finite_descending_updates(options):
 
 
 def test_bad_models_and_options_are_clear_errors():
-  with pytest.raises(TypeError, match="expectation_reflection handles an MLP"):
+  with pytest.raises(TypeError, match="expectation_reflection propagates targets .* needs an altgrad.nn MLP"):
     rules.expectation_reflection(nn.SimpleRNN(2, 3, 2, rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match="reflects hidden fields through tanh"):
     rules.expectation_reflection(nn.MLP((4, 5, 2), activation="relu", rngs=nnx.Rngs(0)))

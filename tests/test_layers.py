@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import MODELS, make_batch
+from conftest import MODELS, make_batch, tapped
 from flax import nnx
 
 from altgrad import nn
@@ -25,7 +25,7 @@ def test_forward_shapes():
 def test_taps_record_the_true_inputs_and_preactivations_of_an_mlp():
   model = nn.MLP((6, 5, 4, 3), rngs=nnx.Rngs(0))
   x, _ = make_batch("mlp")
-  out, taps = model.tapped(x)
+  out, taps = tapped(model, x)
   a = x
   for layer, tap in zip(model.layers, taps, strict=True):
     z = a @ layer.kernel[...] + layer.bias[...]
@@ -38,7 +38,7 @@ def test_taps_record_the_true_inputs_and_preactivations_of_an_mlp():
 def test_rnn_taps_are_the_states_of_an_explicit_time_loop():
   model = MODELS["rnn"](0)
   x, _ = make_batch("rnn")
-  out, (cell_tap, readout_tap) = model.tapped(x)
+  out, (cell_tap, readout_tap) = tapped(model, x)
   w, u, b = (p[...] for p in (model.cell.recurrent_kernel, model.cell.input_kernel, model.cell.bias))
   h = jnp.zeros((x.shape[0], w.shape[0]))
   for t in range(x.shape[1]):
@@ -53,16 +53,16 @@ def test_rnn_taps_are_the_states_of_an_explicit_time_loop():
 def test_perturbations_are_added_at_every_site(model_kind):
   model = MODELS[model_kind](0)
   x, _ = make_batch(model_kind)
-  _, clean = model.tapped(x)
+  _, clean = tapped(model, x)
   deltas = tuple(jnp.full(t.preact.shape, 0.01 * (i + 1)) for i, t in enumerate(clean))
-  _, noisy = model.tapped(x, deltas)
+  _, noisy = tapped(model, x, deltas)
   assert len(noisy) == len(model.sites())
   # Each recorded pre-activation is the site's linear part at its recorded input plus its delta.
   for site, c, n, delta in zip(model.sites(), clean, noisy, deltas, strict=True):
     chex.assert_trees_all_close(c.preact, site.linear(c.inputs), atol=1e-5)
     chex.assert_trees_all_close(n.preact - site.linear(n.inputs), delta, atol=1e-5)
   with pytest.raises(ValueError, match="perturbations"):
-    model.tapped(x, deltas[:-1])
+    tapped(model, x, deltas[:-1])
 
 
 def test_check_input_names_the_expected_shape():
@@ -212,7 +212,7 @@ def test_mlp_validates_its_sizes():
 def test_every_site_is_affine_in_its_matrix(model_kind):
   model = MODELS[model_kind](0)
   x, _ = make_batch(model_kind)
-  _, taps = model.tapped(x)
+  _, taps = tapped(model, x)
   for site, tap in zip(model.sites(), taps, strict=True):
     rows = site.design(tap.inputs)
     z = tap.preact.reshape(rows.shape[0], -1)
@@ -223,6 +223,6 @@ def test_updates_from_matrices_places_each_matrix_in_its_site(model_kind):
   model = MODELS[model_kind](0)
   pure = nn.PureModel(model)
   params = nnx.state(model, nnx.Param)
-  matrices = tuple(2.0 * site.matrix() for site in model.sites())
+  matrices = {nn._sites.site_path(site): 2.0 * site.matrix() for site in pure.bind(params).sites()}
   doubled = pure.updates_from_matrices(params, matrices)
   chex.assert_trees_all_close(doubled, jax.tree.map(lambda p: 2.0 * p, params))

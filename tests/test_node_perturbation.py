@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import MODELS, cosine, flat, make_batch
+from conftest import MODELS, cosine, flat, make_batch, tapped
 from flax import nnx
 
 from altgrad import losses, nn, rules
@@ -59,14 +59,14 @@ def test_error_shrinks_as_one_over_sqrt_samples():
 
 def _site_jacobians(model, x):
   """Per-example Jacobians M[l][k] = d z_l / d z_k of the clean pass, for k < l."""
-  _, taps = model.tapped(x)
+  _, taps = tapped(model, x)
   zeros = [jnp.zeros_like(t.preact) for t in taps]
   jac = {}
   for k in range(len(taps)):
 
     def preacts(delta, k=k):
       perturbation = [delta if i == k else z for i, z in enumerate(zeros)]
-      return [t.preact for t in model.tapped(x, perturbation)[1]]
+      return [t.preact for t in tapped(model, x, perturbation)[1]]
 
     full = jax.jacfwd(preacts)(zeros[k])  # each (B, n_l, B, n_k); examples are independent
     for i in range(k + 1, len(taps)):
@@ -79,7 +79,7 @@ def test_anp_mean_follows_the_predicted_biased_descent_direction():
     model, params, batch = _problem()
     x, _ = batch
     pure = nn.PureModel(model)
-    _, _, taps, errors = pure.errors(params, *batch, CE)
+    _, _, taps, errors, *_ = pure.errors(params, *batch, CE)
     jac = _site_jacobians(model, x)
     # spec/np.md 2.4: E[e_l] is proportional to (I + sum_{k<l} M_lk M_lk^T) g_l.
     predicted = []

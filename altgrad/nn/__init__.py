@@ -1,16 +1,20 @@
-"""Flax NNX layers that expose their linear part, activation and regularized inverse.
+"""Sites on any Flax NNX model, and layers that add inverses for TP and ER.
 
-Rules reach a model only through its *sites* (where a pre-activation is computed) and the
-tapped forward pass; :class:`PureModel` is the pure ``(graphdef, params)`` view they use.
+Rules reach a model only through its *sites* (every call of a linear layer: nnx.Linear,
+nnx.LinearGeneral, nnx.Conv, nnx.ConvTranspose, nnx.Einsum, or an altgrad layer's linear part)
+and the tapped forward pass; :class:`PureModel` is the pure ``(graphdef, params, variables)``
+view they use. The altgrad layers (Dense, Conv, SimpleRNN, MLP) are conveniences on the same
+mechanism that expose their activations and regularized inverses.
 """
 
 from altgrad.nn._activations import ACTIVATIONS, Activation, get_activation
-from altgrad.nn._base import Decorrelation, Layer, SingleSite, Tap
+from altgrad.nn._base import Decorrelation, Layer, SingleSite
 from altgrad.nn._conv import Conv
 from altgrad.nn._dense import Dense
-from altgrad.nn._pure import PureModel
+from altgrad.nn._pure import Errors, Forward, PureModel
 from altgrad.nn._recurrent import RNNCell, SimpleRNN
 from altgrad.nn._sequential import MLP, Flatten, Sequential
+from altgrad.nn._sites import SITE_CLASSES, SiteError, Tap
 
 __all__ = [
   "ACTIVATIONS",
@@ -18,14 +22,18 @@ __all__ = [
   "Conv",
   "Decorrelation",
   "Dense",
+  "Errors",
   "Flatten",
+  "Forward",
   "Layer",
   "MLP",
   "PureModel",
   "RNNCell",
+  "SITE_CLASSES",
   "Sequential",
   "SimpleRNN",
   "SingleSite",
+  "SiteError",
   "Tap",
   "get_activation",
 ]

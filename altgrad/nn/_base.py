@@ -1,15 +1,14 @@
-"""The layer protocol: sites and taps.
+"""The altgrad layer protocol: chains of sites with a known structure.
 
 A *site* is a place where a layer computes a pre-activation ``z = linear(inputs)`` from its own
-parameters. A rule reads and perturbs the network only there, through ``tapped``. A site is
+parameters; it is tapped like any NNX linear layer (``altgrad.nn._sites``). An altgrad site is
 affine in its parameters: ``linear(inputs).reshape(-1, out) == design(inputs) @ matrix()``, which
 is what rules that solve least-squares problems per site (CW, ER) work with.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +16,7 @@ from flax import nnx
 
 from altgrad._linalg import RidgeSolver
 from altgrad.nn._activations import Activation
+from altgrad.nn._sites import site
 
 Array = jax.Array
 
@@ -24,29 +24,6 @@ Array = jax.Array
 class Decorrelation(nnx.Variable):
   """A layer's decorrelating matrix ``R``: model state that rules update, never an ``nnx.Param``,
   so an optax optimizer never sees it."""
-
-
-class Tap(NamedTuple):
-  """What a forward pass recorded at one site.
-
-  Attributes:
-    inputs: what entered the site's linear part (an array; for a recurrent cell the pair
-      ``(h_prev, x)`` stacked over time).
-    preact: the site's pre-activation, including any injected perturbation.
-  """
-
-  inputs: Any
-  preact: Array
-
-
-def split_perturbations(perturbations: Sequence[Any] | None, count: int) -> tuple[Any, ...]:
-  """One entry per site (``None`` means no perturbation there)."""
-  if perturbations is None:
-    return (None,) * count
-  perturbations = tuple(perturbations)
-  if len(perturbations) != count:
-    raise ValueError(f"expected {count} perturbations (one per site), got {len(perturbations)}")
-  return perturbations
 
 
 def describe_shape(x: Any) -> str:
@@ -68,31 +45,30 @@ def check_number(value: Any, name: str, *, positive: bool = False, arrays_ok: bo
 
 
 class Layer(nnx.Module):
-  """Base of every altgrad layer and model: a chain of sites with a tapped forward pass."""
+  """Base of every altgrad layer and model: a chain of sites with known structure.
+
+  Rules tap any NNX model through the same site mechanism (``altgrad.nn._sites``); an altgrad
+  layer adds what target propagation and Expectation Reflection need: its sites in forward
+  order, activations with inverses and regularized layer inverses.
+  """
 
   def sites(self) -> tuple[Any, ...]:
-    """The sites of this layer in forward order; each has ``linear(inputs)`` and ``activation``."""
-    raise NotImplementedError
-
-  def tapped(self, x: Array, perturbations: Sequence[Any] | None = None) -> tuple[Array, tuple[Tap, ...]]:
-    """Forward pass that adds ``perturbations[i]`` to site ``i``'s pre-activation and records taps."""
+    """The site modules of this layer in forward order; each has ``linear(inputs)`` and ``activation``."""
     raise NotImplementedError
 
   def check_input(self, x: Any) -> None:
     """Raises ``ValueError`` naming the problem when ``x`` cannot be this layer's input."""
     raise NotImplementedError
 
-  def __call__(self, x: Array) -> Array:
-    return self.tapped(x)[0]
-
 
 class SingleSite(Layer):
   """A layer that is one site: ``activation(linear(x))``.
 
-  Subclasses set ``activation`` and implement ``linear`` and ``check_input``.
+  Subclasses set ``activation`` and implement ``linear``, ``design``, ``matrix`` and ``check_input``.
   """
 
   activation: Activation
+  is_altgrad_site = True  # its calls are sites (altgrad.nn._sites)
 
   def linear(self, x: Array) -> Array:
     """The pre-activation, a function of this layer's parameters and its input only."""
@@ -109,12 +85,9 @@ class SingleSite(Layer):
   def sites(self) -> tuple[SingleSite]:
     return (self,)
 
-  def tapped(self, x, perturbations=None):
-    (delta,) = split_perturbations(perturbations, 1)
-    z = self.linear(x)
-    if delta is not None:
-      z = z + delta
-    return self.activation(z), (Tap(x, z),)
+  def __call__(self, x: Array) -> Array:
+    z = site(self, lambda delta: (x, self.linear(x) if delta is None else self.linear(x) + delta))
+    return self.activation(z)
 
 
 def design_rows(features: Array, bias: bool) -> Array:

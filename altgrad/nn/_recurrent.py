@@ -11,16 +11,9 @@ from flax import nnx
 
 from altgrad._linalg import RidgeSolver
 from altgrad.nn._activations import Activation, get_activation
-from altgrad.nn._base import (
-  Layer,
-  Tap,
-  describe_shape,
-  design_rows,
-  ridge_solver,
-  split_perturbations,
-  stacked_matrix,
-)
+from altgrad.nn._base import Layer, describe_shape, design_rows, ridge_solver, stacked_matrix
 from altgrad.nn._dense import Dense
+from altgrad.nn._sites import site
 
 Array = jax.Array
 
@@ -29,8 +22,10 @@ class RNNCell(nnx.Module):
   """The site ``h_t = activation(h_{t-1} W + x_t U + b)`` of a :class:`SimpleRNN`.
 
   Its ``linear`` takes the pair ``(h_prev, x)`` with any leading axes, so one call covers every
-  time step at once.
+  time step at once: the whole recurrence is one site call.
   """
+
+  is_altgrad_site = True  # its calls are sites (altgrad.nn._sites)
 
   def __init__(
     self,
@@ -157,12 +152,13 @@ class SimpleRNN(Layer):
     _, (h_prev, z) = jax.lax.scan(step, h0, drive)
     return jnp.swapaxes(h_prev, 0, 1), jnp.swapaxes(z, 0, 1)
 
-  def tapped(self, x, perturbations=None):
-    cell_delta, readout_delta = split_perturbations(perturbations, 2)
-    h_prev, z = self.states(x, cell_delta)
-    h_last = self.cell.activation(z[:, -1])
-    y, readout_taps = self.readout.tapped(h_last, (readout_delta,))
-    return y, (Tap((h_prev, x), z), *readout_taps)
+  def __call__(self, x):
+    def cell(delta):
+      h_prev, z = self.states(x, delta)
+      return (h_prev, x), z
+
+    z = site(self.cell, cell)
+    return self.readout(self.cell.activation(z[:, -1]))
 
   def check_input(self, x: Any) -> None:
     shape = getattr(x, "shape", None)

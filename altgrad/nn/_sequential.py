@@ -9,7 +9,7 @@ import jax
 from flax import nnx
 
 from altgrad.nn._activations import Activation
-from altgrad.nn._base import Layer, describe_shape, split_perturbations
+from altgrad.nn._base import Layer, describe_shape
 from altgrad.nn._dense import Dense
 
 Array = jax.Array
@@ -21,9 +21,8 @@ class Flatten(Layer):
   def sites(self):
     return ()
 
-  def tapped(self, x, perturbations=None):
-    split_perturbations(perturbations, 0)
-    return x.reshape(x.shape[0], -1), ()
+  def __call__(self, x):
+    return x.reshape(x.shape[0], -1)
 
   def check_input(self, x: Any) -> None:
     if getattr(x, "ndim", 0) < 2:
@@ -47,14 +46,10 @@ class Sequential(Layer):
   def sites(self):
     return tuple(site for layer in self.layers for site in layer.sites())
 
-  def tapped(self, x, perturbations=None):
-    perturbations = split_perturbations(perturbations, len(self.sites()))
-    taps = ()
+  def __call__(self, x):
     for layer in self.layers:
-      count = len(layer.sites())
-      x, layer_taps = layer.tapped(x, perturbations[len(taps) : len(taps) + count])
-      taps += layer_taps
-    return x, taps
+      x = layer(x)
+    return x
 
   def check_input(self, x: Any) -> None:
     self.layers[0].check_input(x)

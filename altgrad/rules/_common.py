@@ -7,8 +7,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from altgrad.nn._pure import LossFn
+from altgrad.nn._sites import is_site_module, original_class
 
-__all__ = ["LossFn", "check_loss_fn", "check_precision"]
+__all__ = ["LossFn", "check_loss_fn", "check_precision", "not_a_chain"]
 
 
 def check_loss_fn(loss_fn: object) -> None:
@@ -36,3 +37,20 @@ def check_precision(model: nnx.Module, rule: str, needs: str) -> None:
       f"{rule} {needs}, which {', '.join(low)} params cannot resolve: keep the params float32 "
       "(bfloat16 inputs are fine, they are computed in float32)"
     )
+
+
+def not_a_chain(model: nnx.Module, rule: str, chains: str) -> TypeError:
+  """The error for a rule that needs layer inverses, naming a layer of ``model`` that has none."""
+  culprit = next(
+    (
+      f"{'/'.join(map(str, path))} ({original_class(m).__module__.split('.')[0]}.{original_class(m).__name__})"
+      for path, m in nnx.iter_modules(model)
+      if is_site_module(m) and not hasattr(m, "inverse")
+    ),
+    None,
+  )
+  detail = f"layer {culprit} has no regularized inverse" if culprit else "its structure is not such a chain"
+  return TypeError(
+    f"{rule} propagates targets through layer inverses, so it needs {chains}; in "
+    f"{type(model).__name__}, {detail}. Use backprop, consequentialism or node_perturbation on this model"
+  )

@@ -17,9 +17,11 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import optax
+from flax import nnx
 
-from altgrad.nn import Layer, PureModel
+from altgrad.nn import PureModel
 from altgrad.nn._base import check_number
+from altgrad.nn._sites import matrix_form
 from altgrad.rules._common import LossFn, check_loss_fn, check_precision
 
 Array = jax.Array
@@ -74,11 +76,11 @@ def emend(
 
 
 class ConsequentialismState(NamedTuple):
-  model_variables: Any  # the model's decorrelation matrices (empty without decorrelation)
+  model_variables: Any  # the model's non-param variables (decorrelation, BatchNorm statistics, RNG counts)
 
 
 def consequentialism(
-  model: Layer,
+  model: nnx.Module,
   loss_fn: LossFn,
   *,
   eps: float = 1.0,
@@ -104,7 +106,11 @@ def consequentialism(
   which blows up outside the batch's span when the batch is smaller than the fan-in.
 
   Args:
-    model: an ``altgrad.nn`` model (Dense, Conv and SimpleRNN sites).
+    model: any Flax NNX model. Emended sites: ``nnx.Linear``, ``nnx.LinearGeneral`` without
+      batch axes (attention's query/key/value/out), ``nnx.Conv`` (ungrouped, unmasked,
+      SAME/VALID/explicit padding) and altgrad's Dense, Conv and SimpleRNN cell; a layer called
+      twice stacks the rows of its calls. Other sites (ConvTranspose, Einsum, LoRA, grouped
+      convs) and params outside any site (norm scales, embeddings) get the plain gradient.
     loss_fn: ``loss_fn(outputs, targets) -> (batch,)``.
     eps: the ridge (``lam`` of the spec), relative to the mean squared input norm by default.
     eps_mode: ``"relative"`` or ``"absolute"``.
@@ -130,13 +136,24 @@ def consequentialism(
     del updates, extra_args
     model = pure.with_variables(state.model_variables)
     x, targets = model.check_batch(params, batch, rule="consequentialism")
-    _, _, taps, errors = model.errors(params, x, targets, loss_fn)
-    matrices = []
-    for site, tap, error in zip(model.bind(params).sites(), taps, errors, strict=True):
-      rows = site.design(tap.inputs)
-      summed = x.shape[0] * error.reshape(rows.shape[0], -1)  # errors of the summed loss
-      matrices.append(emend(rows, summed, eps=eps, eps_mode=eps_mode, form=form, diag=diag))
-    updates = model.updates_from_matrices(params, matrices)
-    return updates, ConsequentialismState(model.decorrelation_step(params, taps))
+    back = model.errors(params, x, targets, loss_fn)
+    modules = model.modules(params)
+    emended, plain = {}, []
+    for path in model.site_paths(back.taps):
+      matrix = matrix_form(modules[path])
+      uses = [(t, e) for t, e in zip(back.taps, back.errors, strict=True) if t.path == path]
+      if matrix is None:  # no matrix form: the plain gradient
+        plain += uses
+        continue
+      rows = [matrix[0](t.inputs) for t, _ in uses]  # a shared layer stacks its uses
+      summed = [x.shape[0] * e.reshape(r.shape[0], -1) for r, (_, e) in zip(rows, uses, strict=True)]
+      emended[path] = emend(
+        jnp.concatenate(rows), jnp.concatenate(summed), eps=eps, eps_mode=eps_mode, form=form, diag=diag
+      )
+    updates = optax.tree.add(model.updates_from_matrices(params, emended), back.residual)
+    if plain:
+      taps, errors = zip(*plain, strict=True)
+      updates = optax.tree.add(updates, model.updates_from_errors(params, taps, errors))
+    return updates, ConsequentialismState(model.next_variables(params, back.variables, back.taps))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -23,10 +23,12 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import numpy as np
 import optax
+from flax import nnx
 
-from altgrad.nn import Dense, Layer, PureModel, Sequential
+from altgrad.nn import Dense, PureModel, Sequential
 from altgrad.nn._base import check_number
-from altgrad.rules._common import check_precision
+from altgrad.nn._sites import site_path
+from altgrad.rules._common import check_precision, not_a_chain
 
 Array = jax.Array
 
@@ -150,14 +152,12 @@ def refit(moments: Moments, reg: float | Array, *, center_outputs: bool = False)
 
 class ExpectationReflectionState(NamedTuple):
   discrepancy: Array  # mean discrepancy of the batch at the params the update was computed from
-  model_variables: Any  # the model's decorrelation matrices (empty without decorrelation)
+  model_variables: Any  # the model's non-param variables (decorrelation matrices)
 
 
-def _check_model(model: Layer) -> list[Dense]:
+def _check_model(model: nnx.Module) -> list[Dense]:
   if not (isinstance(model, Sequential) and all(isinstance(layer, Dense) for layer in model.layers)):
-    raise TypeError(
-      f"expectation_reflection handles an MLP (a Sequential of Dense layers), got {type(model).__name__}"
-    )
+    raise not_a_chain(model, "expectation_reflection", "an altgrad.nn MLP (a Sequential of Dense layers)")
   for layer in model.layers:
     if layer.bias is None:
       raise ValueError(
@@ -197,7 +197,7 @@ def _check_options(reg, expectation, multiclass, hidden_target, hidden_field) ->
 
 
 def expectation_reflection(
-  model: Layer,
+  model: nnx.Module,
   *,
   reg: float = 0.01,
   expectation: str = "tanh_half",
@@ -250,9 +250,8 @@ def expectation_reflection(
     view = pure.with_variables(state.model_variables)
     x, labels = view.check_batch(params, batch, rule="expectation_reflection")
     _check_labels(labels, outputs)
-    bound = view.bind(params)
-    sites = bound.sites()
-    _, taps = bound.tapped(x)
+    sites = view.bind(params).sites()
+    taps = view.tapped(params, x).taps
     s = spins(labels, outputs)
     field_target, discrepancy = reflect(taps[-1].preact, s, expectation=expectation, multiclass=multiclass)
     field_targets = [field_target]
@@ -269,24 +268,25 @@ def expectation_reflection(
         field_targets.insert(0, a_target * secant_ratio(below_tap.preact))
       else:
         field_targets.insert(0, below.activation.inverse(a_target))
-    matrices, inputs = [], x
-    for i, (site, target) in enumerate(zip(sites, field_targets, strict=True)):
+    matrices, inputs = {}, x
+    for i, (site, tap, target) in enumerate(zip(sites, taps, field_targets, strict=True)):
       features = site.decorrelated(inputs)
       kernel, bias = refit(
         Moments.of(features, target, discrepancy),
         reg,
         center_outputs=multiclass == "softmax" and i == len(sites) - 1,
       )
-      matrices.append(site.matrix() - jnp.concatenate([kernel, bias[None]]).astype(site.matrix().dtype))
+      matrices[tap.path] = site.matrix() - jnp.concatenate([kernel, bias[None]]).astype(site.matrix().dtype)
       inputs = site.activation(features @ kernel + bias)
     updates = view.updates_from_matrices(params, matrices)
     mean_discrepancy = jnp.mean(discrepancy).astype(jnp.float32)
-    return updates, ExpectationReflectionState(mean_discrepancy, view.decorrelation_step(params, taps))
+    variables = view.next_variables(params, view.variables, taps)
+    return updates, ExpectationReflectionState(mean_discrepancy, variables)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _single_layer(model: Layer) -> Dense:
+def _single_layer(model: nnx.Module) -> Dense:
   layers = _check_model(model)
   if len(layers) != 1:
     raise ValueError(f"the streaming ER API refits one layer; this model has {len(layers)}")
@@ -294,7 +294,7 @@ def _single_layer(model: Layer) -> Dense:
 
 
 def reflection_moments(
-  model: Layer, params: Any, batch, *, expectation: str = "tanh_half", multiclass: str = "ovr"
+  model: nnx.Module, params: Any, batch, *, expectation: str = "tanh_half", multiclass: str = "ovr"
 ) -> Moments:
   """The sufficient statistics of one ER refit of a single-layer model on ``batch``.
 
@@ -319,7 +319,7 @@ def reflection_moments(
 
 
 def reflection_solution(
-  model: Layer, params: Any, moments: Moments, *, reg: float = 0.01, multiclass: str = "ovr"
+  model: nnx.Module, params: Any, moments: Moments, *, reg: float = 0.01, multiclass: str = "ovr"
 ) -> Any:
   """The refit params (shaped like ``params``) of a single-layer model from accumulated moments."""
   _single_layer(model)
@@ -328,5 +328,5 @@ def reflection_solution(
   view = PureModel(model)
   site = view.bind(params).sites()[0]
   return view.updates_from_matrices(
-    params, [jnp.concatenate([kernel, bias[None]]).astype(site.matrix().dtype)]
+    params, {site_path(site): jnp.concatenate([kernel, bias[None]]).astype(site.matrix().dtype)}
   )

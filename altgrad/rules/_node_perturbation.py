@@ -15,8 +15,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
-from altgrad.nn import Layer, PureModel
+from altgrad.nn import PureModel
 from altgrad.nn._base import check_number
 from altgrad.rules._common import LossFn, check_loss_fn, check_precision
 
@@ -28,7 +29,7 @@ VARIANTS = ("np", "inp", "anp")
 
 class NodePerturbationState(NamedTuple):
   key: Array  # the PRNG key of the next step's noise
-  model_variables: Any  # the model's decorrelation matrices (empty without decorrelation)
+  model_variables: Any  # the model's non-param variables (decorrelation, BatchNorm statistics, RNG counts)
 
 
 def _per_example(values: Array) -> Array:
@@ -46,8 +47,11 @@ def _safe_ratio(numerator: Array, denominator: Array) -> Array:
   return jnp.where(positive, numerator / jnp.where(positive, denominator, 1.0), 0.0)
 
 
+FREE_PARAMS = ("perturb", "frozen")
+
+
 def node_perturbation(
-  model: Layer,
+  model: nnx.Module,
   loss_fn: LossFn,
   *,
   variant: str = "anp",
@@ -55,6 +59,8 @@ def node_perturbation(
   samples: int = 1,
   measured: bool = False,
   noise_fn: NoiseFn | None = None,
+  free_params: str = "perturb",
+  batch_coupled: bool | None = None,
   key: int | Array = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """Node perturbation: credit from the change in loss that noise at the pre-activations causes.
@@ -74,17 +80,35 @@ def node_perturbation(
   (``decorrelation_lr`` on its layers) this is DNP / DINP / DANP: the pseudo-gradient is taken at
   the current ``R``, then ``R`` moves by its own rule.
 
+  On any NNX model every call of a linear layer is a site (a layer called twice gets noise at
+  both calls). Params outside every site module (norm scales, embeddings, free params) are
+  handled by ``free_params``: ``"perturb"`` (default) adds weight noise of the same scale to them
+  in the same noisy pass and credits them with the batch-mean loss difference,
+  ``mean(dL) xi / sigma^2`` (weight perturbation; for ``"inp"`` in one more pass of its own, for
+  measured noise not at all: see below); ``"frozen"`` leaves them unchanged (a zero update). A
+  site param that is also used outside its site is credited through its site only. Dropout
+  masks and all other model state are the same in the clean and noisy passes of a step; the
+  clean pass alone advances BatchNorm statistics and RNG counts.
+
+  When a layer mixes the examples of a batch (``nnx.BatchNorm`` in training mode), per-example
+  credit is biased: an example's noise changes every example's loss. Then the batch-coupled form
+  credits every example with the whole batch's loss difference ``sum_j dL_j``, which is unbiased
+  (with more variance). It is chosen automatically (``batch_coupled=None``); pass ``True`` for a
+  mixing layer altgrad does not recognise.
+
   Args:
-    model: an ``altgrad.nn`` model (Dense, Conv and SimpleRNN sites).
+    model: any Flax NNX model (it is cloned, never modified).
     loss_fn: ``loss_fn(outputs, targets) -> (batch,)``; the per-example values matter here.
     variant: ``"np"``, ``"inp"`` or ``"anp"``.
     sigma: noise scale (standard deviation of the default Gaussian noise).
     samples: independent noisy passes per step (K), vmapped and averaged; one clean pass.
     measured: the inaccessible-noise mode (ANP only): two noisy passes, credit from their
       differences in activity and loss, and the update at the first pass's (noisy) inputs; the
-      rule never reads the noise.
+      rule never reads the noise, so params outside sites stay frozen.
     noise_fn: ``noise_fn(key, shape, dtype) -> noise`` replaces the Gaussian, e.g. a model of
       a noisy device. ``"np"`` divides by ``sigma^2``, so there it must have variance ``sigma^2``.
+    free_params: ``"perturb"`` or ``"frozen"``, for params outside every site (above).
+    batch_coupled: the batch-coupled credit (above); ``None`` detects it.
     key: seed or PRNG key of the noise; it lives in the rule's state.
   """
   pure = PureModel(model)
@@ -92,6 +116,8 @@ def node_perturbation(
   check_precision(model, "node_perturbation", "divides loss differences of order sigma")
   if variant not in VARIANTS:
     raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+  if free_params not in FREE_PARAMS:
+    raise ValueError(f"free_params must be one of {FREE_PARAMS}, got {free_params!r}")
   check_number(sigma, "sigma", positive=True)
   if not (isinstance(samples, int) and samples >= 1):
     raise ValueError(f"samples must be an int >= 1, got {samples!r}")
@@ -99,6 +125,7 @@ def node_perturbation(
     raise ValueError(
       "measured (inaccessible) noise needs variant='anp': NP and INP read the noise they inject"
     )
+  coupled = pure.batch_coupled if batch_coupled is None else bool(batch_coupled)
   if noise_fn is None:
 
     def noise_fn(noise_key, shape, dtype):
@@ -108,6 +135,12 @@ def node_perturbation(
     raise TypeError(
       f"noise_fn must be a function (key, shape, dtype) -> noise, got {type(noise_fn).__name__}"
     )
+
+  def credit(loss_difference: Array) -> Array:
+    """Each example's share of the loss difference: its own, or the batch's when coupled."""
+    if not coupled:
+      return loss_difference
+    return jnp.broadcast_to(jnp.sum(loss_difference), loss_difference.shape)
 
   def init_fn(params):
     del params
@@ -120,36 +153,63 @@ def node_perturbation(
     x, targets = model.check_batch(params, batch, rule="node_perturbation")
     next_key, step_key = jax.random.split(state.key)
 
-    def run(perturbations):
-      outputs, taps = model.tapped(params, x, perturbations)
-      return loss_fn(outputs, targets), taps
+    def run(perturbations, weight_noise=None):
+      noisy = params if weight_noise is None else optax.tree.add(params, weight_noise)
+      forward = model.tapped(noisy, x, perturbations)
+      return loss_fn(forward.outputs, targets), forward.taps
 
-    clean_loss, clean_taps = run(None)
+    clean = model.tapped(params, x)
+    clean_loss, clean_taps = loss_fn(clean.outputs, targets), clean.taps
     widths = [math.prod(t.preact.shape[1:]) for t in clean_taps]
+    free = model.free_params(params, clean_taps)
+    perturb_free = free_params == "perturb" and not measured and any(jax.tree.leaves(free))
 
     def draw(noise_key):
       keys = jax.random.split(noise_key, len(clean_taps))
       return tuple(noise_fn(k, t.preact.shape, t.preact.dtype) for k, t in zip(keys, clean_taps, strict=True))
 
+    def draw_weights(noise_key):
+      leaves, tree = jax.tree.flatten(params)
+      keys = jax.random.split(noise_key, len(leaves))
+      is_free = jax.tree.leaves(free)
+      noise = [
+        noise_fn(k, a.shape, a.dtype) if f else jnp.zeros_like(a)
+        for k, a, f in zip(keys, leaves, is_free, strict=True)
+      ]
+      return jax.tree.unflatten(tree, noise)
+
+    def weight_update(loss, weight_noise):
+      return jax.tree.map(lambda xi: jnp.mean(loss - clean_loss) * xi / sigma**2, weight_noise)
+
     def anp_errors(loss_a, taps_a, loss_b, taps_b):
       diffs = [a.preact - b.preact for a, b in zip(taps_a, taps_b, strict=True)]
-      scale = _safe_ratio(sum(widths) * (loss_a - loss_b), sum(_per_example(d * d) for d in diffs))
+      scale = _safe_ratio(sum(widths) * credit(loss_a - loss_b), sum(_per_example(d * d) for d in diffs))
       return tuple(_broadcast(scale, d) * d for d in diffs)
 
     def one_sample(noise_key):
-      noise = draw(noise_key)
+      node_key, weight_key = jax.random.split(noise_key)
+      noise = draw(node_key)
+      weight_noise = draw_weights(weight_key) if perturb_free else None
+      if variant == "inp":  # one pass per site (and one for the free params), vmapped over masks
+        count = len(noise) + perturb_free
+        masks = jnp.eye(count, dtype=noise[0].dtype)
+
+        def masked(m):
+          w = None if not perturb_free else jax.tree.map(lambda v: m[-1] * v, weight_noise)
+          return run(tuple(mi * e for mi, e in zip(m[: len(noise)], noise, strict=True)), w)[0]
+
+        losses = jax.vmap(masked)(masks)
+        errors = tuple(
+          _broadcast(_safe_ratio(n * credit(losses[i] - clean_loss), _per_example(e * e)), e) * e
+          for i, (n, e) in enumerate(zip(widths, noise, strict=True))
+        )
+        return errors, weight_update(losses[-1], weight_noise) if perturb_free else None
+      loss, taps = run(noise, weight_noise)
       if variant == "np":
-        loss, _ = run(noise)
-        return tuple(_broadcast(loss - clean_loss, e) * e / sigma**2 for e in noise)
-      if variant == "anp":
-        return anp_errors(*run(noise), clean_loss, clean_taps)
-      # "inp": one pass per site, vmapped over one-hot masks that keep the noise at that site.
-      masks = jnp.eye(len(noise), dtype=noise[0].dtype)
-      losses, _ = jax.vmap(lambda m: run(tuple(mi * e for mi, e in zip(m, noise, strict=True))))(masks)
-      return tuple(
-        _broadcast(_safe_ratio(n * (losses[i] - clean_loss), _per_example(e * e)), e) * e
-        for i, (n, e) in enumerate(zip(widths, noise, strict=True))
-      )
+        errors = tuple(_broadcast(credit(loss - clean_loss), e) * e / sigma**2 for e in noise)
+      else:
+        errors = anp_errors(loss, taps, clean_loss, clean_taps)
+      return errors, weight_update(loss, weight_noise) if perturb_free else None
 
     def measured_sample(noise_key):
       first, second = jax.random.split(noise_key)
@@ -167,9 +227,13 @@ def node_perturbation(
       updates = jax.tree.map(lambda u: jnp.mean(u, axis=0), per_sample(taps, errors))
       variables_taps = jax.tree.map(lambda v: v[0], taps)
     else:
-      errors = jax.tree.map(lambda e: jnp.mean(e, axis=0) / batch_size, jax.vmap(one_sample)(keys))
+      errors, weight_updates = jax.vmap(one_sample)(keys)
+      errors = jax.tree.map(lambda e: jnp.mean(e, axis=0) / batch_size, errors)
       updates = model.updates_from_errors(params, clean_taps, errors)
+      if perturb_free:
+        updates = optax.tree.add(updates, jax.tree.map(lambda u: jnp.mean(u, axis=0), weight_updates))
       variables_taps = clean_taps
-    return updates, NodePerturbationState(next_key, model.decorrelation_step(params, variables_taps))
+    variables = model.next_variables(params, clean.variables, variables_taps)
+    return updates, NodePerturbationState(next_key, variables)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -7,8 +7,8 @@ import functools
 from collections.abc import Callable
 
 import optax
+from flax import nnx
 
-from altgrad.nn import Layer
 from altgrad.rules._backprop import backprop
 from altgrad.rules._common import LossFn
 from altgrad.rules._consequentialism import consequentialism
@@ -16,7 +16,7 @@ from altgrad.rules._expectation_reflection import expectation_reflection
 from altgrad.rules._node_perturbation import node_perturbation
 from altgrad.rules._target_propagation import target_propagation
 
-RuleFactory = Callable[[Layer, LossFn], optax.GradientTransformationExtraArgs]
+RuleFactory = Callable[[nnx.Module, LossFn], optax.GradientTransformationExtraArgs]
 
 RULES: dict[str, RuleFactory] = {
   "backprop": backprop,

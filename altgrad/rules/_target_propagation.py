@@ -15,10 +15,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
-from altgrad.nn import Dense, Layer, PureModel, Sequential, SimpleRNN
+from altgrad.nn import Dense, PureModel, Sequential, SimpleRNN
 from altgrad.nn._base import check_number
-from altgrad.rules._common import LossFn, check_loss_fn, check_precision
+from altgrad.rules._common import LossFn, check_loss_fn, check_precision, not_a_chain
 
 Array = jax.Array
 
@@ -28,7 +29,7 @@ UPDATES = ("through_time", "local")
 
 class TargetPropagationState(NamedTuple):
   displacement_norms: tuple[Array, ...]  # RMS displacement of each hidden layer at the last step
-  model_variables: Any  # the model's decorrelation matrices (empty without decorrelation)
+  model_variables: Any  # the model's non-param variables (decorrelation matrices)
 
 
 def _clip(d: Array, max_rms: float | None) -> Array:
@@ -79,7 +80,7 @@ def _rnn_displacements(cell, tap, top: Array, mode: str, reg, max_rms) -> Array:
   return jnp.concatenate([jnp.swapaxes(lower, 0, 1), top[:, None]], axis=1)
 
 
-def _check_model(model: Layer) -> None:
+def _check_model(model: nnx.Module) -> None:
   if isinstance(model, SimpleRNN):
     hidden = [model.cell]
   elif isinstance(model, Sequential) and all(isinstance(layer, Dense) for layer in model.layers):
@@ -87,10 +88,7 @@ def _check_model(model: Layer) -> None:
       raise ValueError("target_propagation needs at least one hidden layer below the output layer")
     hidden = list(model.layers[:-1])
   else:
-    raise TypeError(
-      "target_propagation handles an MLP (a Sequential of Dense layers) or a SimpleRNN: its layers "
-      f"need regularized inverses; got {type(model).__name__}"
-    )
+    raise not_a_chain(model, "target_propagation", "an altgrad.nn MLP (a Sequential of Dense) or SimpleRNN")
   for site in hidden:
     if not site.activation.invertible:
       raise ValueError(
@@ -105,7 +103,7 @@ def _step(view: PureModel, params, x, targets, loss_fn, mode, reg, lr_target, up
   sites = bound.sites()
 
   def forward(perturbations):
-    _, taps = bound.tapped(x, perturbations)
+    taps = view.tapped(params, x, perturbations).taps
     return tuple(t.preact for t in taps), taps
 
   _, pull_back, taps = jax.vjp(forward, view.zero_perturbations(params, x), has_aux=True)
@@ -131,7 +129,7 @@ def _step(view: PureModel, params, x, targets, loss_fn, mode, reg, lr_target, up
 
 
 def target_displacements(
-  model: Layer,
+  model: nnx.Module,
   loss_fn: LossFn,
   params: Any,
   batch,
@@ -151,7 +149,7 @@ def target_displacements(
 
 
 def target_propagation(
-  model: Layer,
+  model: nnx.Module,
   loss_fn: LossFn,
   *,
   mode: str = "linearized",
@@ -224,6 +222,6 @@ def target_propagation(
       view, params, x, targets, loss_fn, mode, reg, lr_target, update, max_displacement
     )
     norms = tuple(jnp.sqrt(jnp.mean(d * d)) for d in displacements)
-    return updates, TargetPropagationState(norms, view.decorrelation_step(params, taps))
+    return updates, TargetPropagationState(norms, view.next_variables(params, view.variables, taps))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

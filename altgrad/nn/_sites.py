@@ -1,0 +1,301 @@
+"""Sites on any Flax NNX model: where a rule reads and perturbs a network.
+
+A *site* is one call of a linear layer: ``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Conv``,
+``nnx.ConvTranspose``, ``nnx.Einsum`` (and their subclasses, e.g. LoRA), or an ``altgrad.nn``
+layer's linear part. Its input and its output (the pre-activation) are what every rule works
+with. A layer called twice (shared weights) is two sites whose updates add up.
+
+NNX has no method interception, so :func:`make_tappable` takes a *clone* of the user's model
+and gives each linear layer of it a generated subclass of its own class (cached, so the graphdef
+is stable and nothing retraces) whose ``__call__`` goes through :func:`site`. Outside a
+:func:`tapping` pass that subclass behaves exactly as the original; inside one it adds the pass's
+perturbation to the output and records a :class:`Tap`. Param paths are unchanged, so the user's
+optimizer state, ``nnx.Optimizer`` and checkpoints still fit. This relies on NNX internals that
+are stable in flax 0.12 (modules have no ``__slots__``; the graphdef stores the class and static
+attributes); ``tests/test_any_model.py`` fails loudly if a Flax upgrade breaks them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+Path = tuple[Any, ...]
+
+#: The layer classes whose calls are sites (subclasses included).
+SITE_CLASSES: tuple[type[nnx.Module], ...] = (
+  nnx.Linear,
+  nnx.LinearGeneral,
+  nnx.Conv,
+  nnx.ConvTranspose,
+  nnx.Einsum,
+)
+_PATH_ATTRIBUTE = "altgrad_site_path"
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Tap:
+  """What a forward pass recorded at one site.
+
+  Attributes:
+    inputs: what entered the site's linear map (an array; for a recurrent cell the pair
+      ``(h_prev, x)`` stacked over time).
+    preact: the site's output, the pre-activation, including any injected perturbation.
+    path: the path of the site's module in the model (static): taps of one module share it.
+  """
+
+  inputs: Any
+  preact: Array
+  path: Path = dataclasses.field(default=(), metadata={"static": True})
+
+
+class SiteError(ValueError):
+  """A site that the rules cannot tap, or a model with none."""
+
+
+@dataclasses.dataclass
+class _Pass:
+  perturbations: tuple[Any, ...] | None
+  stop_site_params: bool
+  trace_state: Any
+  taps: list[Tap] = dataclasses.field(default_factory=list)
+
+
+_ACTIVE = threading.local()
+
+
+def _trace_state() -> Any:
+  return jax.extend.core.get_opaque_trace_state(convention="nnx")
+
+
+@contextlib.contextmanager
+def tapping(perturbations: Sequence[Any] | None = None, *, stop_site_params: bool = False) -> Iterator[list[Tap]]:
+  """Within this context every site call adds ``perturbations[i]`` (``None``: nothing) to the
+  output of the ``i``-th site call and appends a :class:`Tap` to the yielded list.
+
+  With ``stop_site_params`` each site reads its own params through ``stop_gradient``: the
+  gradient of the pass with respect to the params is then the *residual*, the part that comes
+  from uses of params outside any site call (a tied embedding head, a norm scale, a free param).
+  """
+  if getattr(_ACTIVE, "current", None) is not None:
+    raise RuntimeError("a tapped pass is already running in this thread")
+  current = _Pass(None if perturbations is None else tuple(perturbations), stop_site_params, _trace_state())
+  _ACTIVE.current = current
+  try:
+    yield current.taps
+  finally:
+    _ACTIVE.current = None
+  if current.perturbations is not None and len(current.perturbations) != len(current.taps):
+    raise ValueError(
+      f"expected {len(current.taps)} perturbations (one per site call), got {len(current.perturbations)}"
+    )
+
+
+def site_path(module: nnx.Module) -> Path:
+  """The path of a site module in the model it was made tappable in."""
+  return getattr(module, _PATH_ATTRIBUTE, ())
+
+
+def site(module: nnx.Module, compute: Callable[[Array | None], tuple[Any, Array]]) -> Array:
+  """One site call. ``compute(delta)`` returns ``(inputs, preact)`` with ``delta`` (or nothing,
+  for ``None``) added to the pre-activation; the site's output is that pre-activation.
+
+  Outside a :func:`tapping` pass this is ``compute(None)[1]``.
+  """
+  current = getattr(_ACTIVE, "current", None)
+  if current is None:
+    return compute(None)[1]
+  if _trace_state() != current.trace_state:
+    _ACTIVE.current = None  # leave the thread clean: the error ends the pass
+    raise SiteError(
+      f"site {type(module).__name__} at {'/'.join(map(str, site_path(module))) or 'the top'} runs "
+      "inside a JAX transform of the model's own code (a raw jax.lax.scan, jax.vmap or "
+      "jax.checkpoint): its taps cannot leave that transform. Apply the layer outside it, or "
+      "unroll the loop in Python"
+    )
+  index = len(current.taps)
+  delta = None
+  if current.perturbations is not None and index < len(current.perturbations):
+    delta = current.perturbations[index]
+  with _params_stopped(module) if current.stop_site_params else contextlib.nullcontext():
+    inputs, preact = compute(delta)
+  current.taps.append(Tap(inputs, preact, site_path(module)))
+  return preact
+
+
+@contextlib.contextmanager
+def _params_stopped(module: nnx.Module) -> Iterator[None]:
+  params = [v for _, v in nnx.iter_graph(module) if isinstance(v, nnx.Param)]
+  saved = [v[...] for v in params]
+  for v, value in zip(params, saved, strict=True):
+    v[...] = jax.lax.stop_gradient(value)
+  try:
+    yield
+  finally:
+    for v, value in zip(params, saved, strict=True):
+      v[...] = value
+
+
+# --- Interception of the user's linear layers ------------------------------------------------
+
+_TAPPED_CLASSES: dict[type, type] = {}
+
+
+def original_class(module: nnx.Module) -> type:
+  """The user's class of a module made tappable (the class itself otherwise)."""
+  cls = type(module)
+  return cls.__mro__[1] if getattr(cls, "_altgrad_tapped", False) else cls
+
+
+def _tapped_class(cls: type) -> type:
+  """A cached subclass of ``cls`` whose calls are sites; identical outside a tapped pass."""
+  if cls not in _TAPPED_CLASSES:
+
+    def __call__(self, inputs, *args, **kwargs):
+      if args or kwargs:
+        raise SiteError(
+          f"{cls.__name__} at {'/'.join(map(str, site_path(self)))} is called with arguments beyond "
+          "its input; altgrad replays a site from its input alone: call it as layer(x)"
+        )
+      call = super(tapped, self).__call__
+      return site(self, lambda delta: (inputs, call(inputs) if delta is None else call(inputs) + delta))
+
+    tapped = type(
+      cls.__name__, (cls,), {"__call__": __call__, "_altgrad_tapped": True, "__module__": cls.__module__}
+    )
+    tapped.__qualname__ = cls.__qualname__
+    _TAPPED_CLASSES[cls] = tapped
+  return _TAPPED_CLASSES[cls]
+
+
+def is_site_module(module: nnx.Module) -> bool:
+  """Whether calls of ``module`` are sites: an NNX linear layer or an altgrad site layer."""
+  return isinstance(module, SITE_CLASSES) or getattr(type(module), "is_altgrad_site", False)
+
+
+def make_tappable(model: nnx.Module) -> nnx.Module:
+  """A clone of ``model`` whose site calls :func:`tapping` can record; ``model`` is untouched."""
+  if not isinstance(model, nnx.Module):
+    raise TypeError(f"altgrad rules take a Flax NNX model (an nnx.Module), got {type(model).__name__}")
+  clone = nnx.clone(model)
+  found = False
+  for path, module in nnx.iter_modules(clone):
+    if not is_site_module(module):
+      continue
+    found = True
+    setattr(module, _PATH_ATTRIBUTE, tuple(path))
+    if isinstance(module, SITE_CLASSES) and not getattr(type(module), "_altgrad_tapped", False):
+      module.__class__ = _tapped_class(type(module))
+  if not found:
+    raise SiteError(
+      f"{type(model).__name__} has no linear layer (nnx.Linear, nnx.LinearGeneral, nnx.Conv, "
+      "nnx.ConvTranspose, nnx.Einsum or an altgrad.nn layer): the rules assign credit at linear layers"
+    )
+  return clone
+
+
+# --- What a site is as a map of its params ---------------------------------------------------
+
+
+def linear_map(module: nnx.Module, inputs: Any) -> Array:
+  """The site's pre-activation from recorded ``inputs`` with the module's current params."""
+  if getattr(type(module), "_altgrad_tapped", False):
+    return original_class(module).__call__(module, inputs)
+  return module.linear(inputs)
+
+
+def _conv_padding(padding: Any, dims: int) -> Any:
+  if isinstance(padding, str):
+    return padding if padding in ("SAME", "VALID") else None
+  if isinstance(padding, int):
+    return ((padding, padding),) * dims
+  pads = tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
+  return pads if len(pads) == dims else None
+
+
+def _as_tuple(value: Any, dims: int) -> tuple[int, ...]:
+  value = 1 if value is None else value
+  return (value,) * dims if isinstance(value, int) else tuple(value)
+
+
+def _with_bias(rows: Array, bias: Any) -> Array:
+  if bias is None:
+    return rows
+  return jnp.concatenate([rows, jnp.ones((rows.shape[0], 1), rows.dtype)], axis=1)
+
+
+def _stack_bias(matrix: Array, bias: Any) -> Array:
+  return matrix if bias is None else jnp.concatenate([matrix, bias[...].reshape(1, -1)], axis=0)
+
+
+def _param_or_none(module: nnx.Module, name: str) -> Any:
+  return getattr(module, name, None)
+
+
+def matrix_form(module: nnx.Module) -> tuple[Callable[[Any], Array], Callable[[], Array]] | None:
+  """``(design, matrix)`` with ``linear_map(module, x).reshape(-1, out) == design(x) @ matrix()``,
+  or ``None`` where the site is not such a product (grouped or masked convs, batch axes, Einsum,
+  ConvTranspose, LoRA). CW and ER solve per-site least squares on this form."""
+  if not getattr(type(module), "_altgrad_tapped", False):
+    design, matrix = getattr(module, "design", None), getattr(module, "matrix", None)
+    return (design, matrix) if callable(design) and callable(matrix) else None
+  cls, bias = original_class(module), _param_or_none(module, "bias")
+  if cls is nnx.Linear:
+
+    def linear_design(x):
+      return _with_bias(x.reshape(-1, x.shape[-1]), bias)
+
+    return linear_design, lambda: _stack_bias(module.kernel[...], bias)
+  if cls is nnx.LinearGeneral:
+    axes = tuple(module.axis)
+    width = math.prod(module.in_features)
+    if module.batch_axis:
+      return None
+
+    def general_design(x):
+      trailing = tuple(sorted(a % x.ndim for a in axes))
+      if trailing != tuple(range(x.ndim - len(axes), x.ndim)):
+        raise SiteError("LinearGeneral's matrix form needs its contracted axes last")
+      return _with_bias(x.reshape(-1, width), bias)
+
+    return general_design, lambda: _stack_bias(module.kernel[...].reshape(width, -1), bias)
+  if cls is nnx.Conv:
+    dims = len(module.kernel_size)
+    padding = _conv_padding(module.padding, dims)
+    if padding is None or module.feature_group_count != 1 or module.mask is not None:
+      return None
+    if _as_tuple(module.input_dilation, dims) != (1,) * dims:
+      return None
+    spatial = "DHW"[-dims:] if dims <= 3 else None
+    if spatial is None:
+      return None
+    numbers = (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
+
+    def conv_design(x):
+      x = x.reshape(-1, *x.shape[-dims - 1 :])
+      patches = jax.lax.conv_general_dilated_patches(
+        x.astype(jnp.result_type(x, module.kernel[...])),
+        tuple(module.kernel_size),
+        _as_tuple(module.strides, dims),
+        padding,
+        rhs_dilation=_as_tuple(module.kernel_dilation, dims),
+        dimension_numbers=numbers,
+      )
+      return _with_bias(patches.reshape(-1, patches.shape[-1]), bias)
+
+    def conv_matrix():
+      kernel = jnp.moveaxis(module.kernel[...], -2, 0)  # spatial..., in, out -> in, spatial..., out
+      return _stack_bias(kernel.reshape(-1, kernel.shape[-1]), bias)
+
+    return conv_design, conv_matrix
+  return None
