@@ -119,9 +119,9 @@ def site(module: nnx.Module, compute: Callable[[Array | None], tuple[Any, Array]
     _ACTIVE.current = None  # leave the thread clean: the error ends the pass
     raise SiteError(
       f"site {type(module).__name__} at {'/'.join(map(str, site_path(module))) or 'the top'} runs "
-      "inside a JAX transform of the model's own code (a raw jax.lax.scan, jax.vmap or "
-      "jax.checkpoint): its taps cannot leave that transform. Apply the layer outside it, or "
-      "unroll the loop in Python"
+      "inside a JAX or NNX transform of the model's own code (jax.lax.scan, nnx.scan, jax.vmap, "
+      "jax.checkpoint, nnx.remat, ...): its taps cannot leave that transform. Apply the layer "
+      "outside it, e.g. unroll the loop over a layer stack in Python"
     )
   index = len(current.taps)
   delta = None
@@ -162,7 +162,7 @@ def _tapped_class(cls: type) -> type:
   if cls not in _TAPPED_CLASSES:
 
     def __call__(self, inputs, *args, **kwargs):
-      if args or kwargs:
+      if args or any(v is not None for v in kwargs.values()):  # out_sharding=None is the default
         raise SiteError(
           f"{cls.__name__} at {'/'.join(map(str, site_path(self)))} is called with arguments beyond "
           "its input; altgrad replays a site from its input alone: call it as layer(x)"
