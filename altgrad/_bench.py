@@ -16,10 +16,13 @@ import platform
 import resource
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from altgrad import data as data_lib
 from altgrad import diagnostics, rules, train
@@ -224,6 +227,35 @@ def _er_suite() -> list[Run]:
   return runs
 
 
+def _models_suite() -> list[Run]:
+  """Ordinary NNX models, as a user writes them (altgrad._zoo, no altgrad layers): a small ResNet
+  (BatchNorm, dropout) on Fashion-MNIST and a small transformer (attention, tied head) on the
+  majority task, trained with backprop, CW and ANP (no decorrelation: NNX layers have no
+  decorrelating matrix), and with plain ``jax.grad``, which times the backprop rule's overhead."""
+  runs = []
+  for dataset, model, hidden, epochs, batch_size, options in (
+    ("fashion_mnist", "resnet", (16, 16), 3, 128, (("flatten", False),)),
+    ("majority", "transformer", (32, 32), 10, 64, ()),
+  ):
+    for rule, rule_options in (("jax_grad", ()), ("backprop", ()), ("consequentialism", ()), ("anp", (("sigma", 1e-3),))):
+      runs.append(
+        Run(
+          dataset,
+          hidden,
+          rule,
+          "adam",
+          1e-3,
+          epochs,
+          batch_size,
+          model=model,
+          activation="relu" if model == "resnet" else "gelu",
+          rule_options=rule_options,
+          dataset_options=options,
+        )
+      )
+  return runs
+
+
 def _smoke_suite() -> list[Run]:
   """Every rule on digits, three seeds each, in well under two minutes on 2 CPU cores. ER sweeps
   the full training set (its multilayer reconstruction diverges on minibatches of 64)."""
@@ -240,8 +272,35 @@ SUITES = {
   "np": _np_suite,
   "tp": _tp_suite,
   "er": _er_suite,
+  "models": _models_suite,
 }
-SUITES["all"] = lambda: [run for name in ("cw", "np", "tp", "er") for run in SUITES[name]()]
+SUITES["all"] = lambda: [run for name in ("cw", "np", "tp", "er", "models") for run in SUITES[name]()]
+
+class PlainGradientState(NamedTuple):
+  model_variables: Any  # the model's non-param variables after the step (BatchNorm statistics, RNG counts)
+
+
+def plain_gradient(model: nnx.Module, loss_fn) -> optax.GradientTransformationExtraArgs:
+  """``jax.grad`` of the mean loss through the model as it is, with no sites: the plain training
+  step of an NNX user, against which the backprop rule's overhead is timed."""
+  graphdef, _, variables = nnx.split(model, nnx.Param, ...)
+
+  def update_fn(updates, state, params=None, *, batch=None, **extra_args):
+    del updates, extra_args
+    x, targets = batch
+
+    def mean_loss(p):
+      bound = nnx.merge(graphdef, p, state.model_variables, copy=True)
+      return jnp.mean(loss_fn(bound(x), targets)), nnx.split(bound, nnx.Param, ...)[2]
+
+    gradient, variables = jax.grad(mean_loss, has_aux=True)(params)
+    return gradient, PlainGradientState(variables)
+
+  return optax.GradientTransformationExtraArgs(lambda params: PlainGradientState(variables), update_fn)
+
+
+#: The rules a suite can name: altgrad's, and ``jax_grad`` (:func:`plain_gradient`).
+BENCH_RULES = {**rules.RULES, "jax_grad": plain_gradient}
 
 #: How many training examples the per-layer cosine to backprop is measured on.
 PROBE_SIZE = 256
@@ -267,7 +326,7 @@ def execute(run: Run, *, data_parallel: bool = False) -> dict:
   over seeds) of accuracy and loss, step times, per-layer cosines to backprop and peak memory."""
   dataset = data_lib.load(run.dataset, **dict(run.dataset_options))
   loss_fn = loss_for(dataset)
-  factory = rules.RULES[run.rule]
+  factory = BENCH_RULES[run.rule]
   seeded = "key" in inspect.signature(factory).parameters  # the rule draws noise: seed it too
   built = {}
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import optax
 from flax import nnx
 
+from altgrad import _zoo, losses, nn, rules
 from altgrad import data as data_lib
-from altgrad import losses, nn, rules
 
 OPTIMIZERS = {
   "sgd": optax.sgd,
@@ -19,7 +20,7 @@ OPTIMIZERS = {
   "rmsprop": optax.rmsprop,
   "adam": optax.adam,
 }
-MODELS = ("auto", "mlp", "conv", "rnn")
+MODELS = ("auto", "mlp", "conv", "rnn", "resnet", "transformer")
 
 
 def optimizer_for(rule: str, optimizer: str, lr: float) -> optax.GradientTransformation:
@@ -41,11 +42,22 @@ def build_model(
   decorrelation_lr: float | None = None,
 ):
   """The model `compare` trains: an MLP for flat inputs, a SimpleRNN for sequences, a small
-  conv net for images."""
+  conv net for images; or an ordinary NNX model of the user's kind (no altgrad layers): a
+  ``resnet`` (width ``hidden[0]``, ``len(hidden)`` residual blocks) for images, a
+  ``transformer`` (width ``hidden[0]``, ``len(hidden)`` blocks, a head tied to the token
+  embedding) for token sequences whose classes are tokens."""
   rngs = nnx.Rngs(seed)
   shape, out = dataset.input_shape, dataset.output_size
   if kind == "auto":
     kind = {1: "mlp", 2: "rnn", 3: "conv"}.get(len(shape), "mlp")
+  if kind == "resnet":
+    if len(shape) != 3:
+      raise ValueError(f"--model resnet needs images (height, width, channels); {dataset.name} has {shape}")
+    return _zoo.ResNet(shape[-1], out, width=hidden[0], blocks=len(hidden), rngs=rngs)
+  if kind == "transformer":
+    if len(shape) != 1 or not np.issubdtype(dataset.x_train.dtype, np.integer):
+      raise ValueError(f"--model transformer needs token sequences (int ids); {dataset.name} has {shape}")
+    return _zoo.Transformer(out, shape[0], width=hidden[0], depth=len(hidden), rngs=rngs)
   if kind == "rnn":
     if len(shape) != 2:
       raise ValueError(f"--model rnn needs sequences (time, features); {dataset.name} has inputs {shape}")

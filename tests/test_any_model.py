@@ -30,10 +30,12 @@ def _zoo_case(name, batch_size=4, seed=0):
   if name == "transformer":
     model = _zoo.Transformer(5, 4, width=4, heads=2, depth=1, rngs=nnx.Rngs(seed))
     return model, (jnp.asarray(rng.integers(0, 5, size=(batch_size, 4)), jnp.int32), labels)
+  if name == "scanned":
+    return _zoo.ScannedMLP(4, 5, 3, depth=3, rngs=nnx.Rngs(seed)), (jnp.asarray(rng.normal(size=(batch_size, 4))), labels)
   raise KeyError(name)
 
 
-ZOO = ("residual_mlp", "resnet", "transformer")
+ZOO = ("residual_mlp", "resnet", "transformer", "scanned")
 
 
 def _jax_grad(model, batch):
@@ -94,7 +96,7 @@ def test_residual_gradient_covers_params_outside_sites():
 
 
 @pytest.mark.parametrize(
-  "name, variant, samples", [("residual_mlp", "np", 3000), ("transformer", "inp", 500)]
+  "name, variant, samples", [("residual_mlp", "np", 3000), ("transformer", "inp", 500), ("scanned", "np", 2000)]
 )
 def test_node_perturbation_mean_aligns_with_the_gradient(name, variant, samples):
   """Many draws (vmapped in one update) average to the gradient: sites and free params
@@ -275,14 +277,29 @@ class _RawScan(nnx.Module):
     return jax.lax.scan(lambda h, _: (jnp.tanh(self.layer(h)), None), x, None, length=2)[0]
 
 
-def test_a_site_inside_a_transform_of_user_code_is_a_clear_error():
+def test_layers_under_nnx_scan_are_stacked_sites():
+  model, (x, _) = _zoo_case("scanned", batch_size=5)
+  _, taps = tapped(model, x)
+  assert [(t.path, t.nested, t.stacked, t.preact.shape) for t in taps] == [
+    (("embed",), False, False, (5, 5)),
+    (("layers",), True, True, (5, 3, 5)),  # batch first, then the three scanned layers
+    (("head",), False, False, (5, 3)),
+  ]
+  deltas = tuple(jnp.full(t.preact.shape, 0.1 * (i + 1)) for i, t in enumerate(taps))
+  _, noisy = tapped(model, x, deltas)
+  layers = model.layers
+  h = jnp.tanh(noisy[0].preact)
+  for i in range(3):  # each scanned layer's pre-activation carries its own slice of the perturbation
+    z = h @ layers.kernel[...][i] + layers.bias[...][i] + 0.2
+    chex.assert_trees_all_close(noisy[1].preact[:, i], z, atol=1e-5)
+    h = jnp.tanh(z)
+
+
+def test_a_site_inside_a_jax_transform_of_user_code_is_a_clear_error():
   model = _RawScan()
   batch = (jnp.ones((2, 3)), jnp.zeros((2, 3)))
-  with pytest.raises(nn.SiteError, match="site Linear at layer runs inside a JAX or NNX transform"):
+  with pytest.raises(nn.SiteError, match="site Linear at layer runs inside a JAX transform .* Use the NNX transform"):
     _update(rules.backprop(model, losses.squared_error), model, batch)
-  scanned = _zoo.ScannedMLP(3, 4, 2, rngs=nnx.Rngs(0))
-  with pytest.raises(nn.SiteError, match="site Linear at layers"):
-    _update(rules.backprop(scanned, CE), scanned, (jnp.ones((2, 3)), jnp.zeros(2, jnp.int32)))
   # The thread is left clean: the next pass works.
   model, batch = _zoo_case("residual_mlp")
   _update(rules.backprop(model, CE), model, batch)

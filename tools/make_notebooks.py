@@ -268,8 +268,90 @@ plt.xlabel("epoch"); plt.ylabel("test accuracy"); plt.legend(); plt.grid(alpha=0
   ),
 ]
 
+YOUR_OWN_MODEL = [
+  (
+    "md",
+    """\
+# Your own Flax NNX model, three learning rules
+
+An ordinary NNX CNN, written as anyone would (`nnx.Conv`, `nnx.BatchNorm`, dropout, a linear
+head; no altgrad layers), trained with backprop, consequentialism (CW) and activity-based node
+perturbation (ANP). The rule is the only line that changes. The model is never modified by a
+rule: it is cloned and its linear layers are tapped; `fit` writes the trained params and the
+BatchNorm statistics back.""",
+  ),
+  ("code", INSTALL),
+  (
+    "code",
+    """\
+import jax, optax
+import jax.numpy as jnp
+from flax import nnx
+import matplotlib.pyplot as plt
+from altgrad import data, diagnostics, losses, rules, train
+
+print("running on", jax.devices()[0].platform)
+digits = data.digits()
+images = data.Dataset(digits.x_train.reshape(-1, 8, 8, 1), digits.y_train,
+                      digits.x_test.reshape(-1, 8, 8, 1), digits.y_test, 10, "digits-8x8")
+CE = losses.softmax_cross_entropy""",
+  ),
+  (
+    "code",
+    """\
+class CNN(nnx.Module):
+    def __init__(self, rngs):
+        self.conv1 = nnx.Conv(1, 16, (3, 3), rngs=rngs)
+        self.norm = nnx.BatchNorm(16, rngs=rngs)
+        self.conv2 = nnx.Conv(16, 32, (3, 3), strides=(2, 2), rngs=rngs)
+        self.dropout = nnx.Dropout(0.1, rngs=rngs)
+        self.head = nnx.Linear(32, 10, rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.relu(self.norm(self.conv1(x)))
+        h = nnx.relu(self.conv2(h))
+        return self.head(self.dropout(h.mean(axis=(1, 2))))""",
+  ),
+  ("md", "## One line changes: the rule"),
+  (
+    "code",
+    """\
+make_rule = {
+    "backprop": lambda model: rules.backprop(model, CE),
+    "cw": lambda model: rules.consequentialism(model, CE),
+    "anp": lambda model: rules.node_perturbation(model, CE, variant="anp", sigma=1e-3),
+}
+histories, cosines = {}, {}
+probe_batch = (images.x_train[:256], images.y_train[:256])
+for name, rule_of in make_rule.items():
+    model = CNN(nnx.Rngs(0))  # the same initial params for every rule
+    rule = rule_of(model)
+    probe = diagnostics.cosine_probe(model, CE, rule, probe_batch)
+    histories[name] = train.fit(model, optax.chain(rule, optax.adam(3e-3)), images, loss_fn=CE,
+                                epochs=6, batch_size=64, progress=False, probe=probe)
+reference = histories["backprop"].median_step_time
+for name, h in histories.items():
+    print(f"{name:9s} test accuracy {h.test_accuracy[-1]:.3f}  {h.median_step_time / reference:.2f} x backprop's step")""",
+  ),
+  (
+    "code",
+    """\
+fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.5))
+for name, h in histories.items():
+    left.plot(h.epoch, h.test_accuracy, marker="o", label=name)
+    layers = [k for k in h.probes[0] if k != "epoch"]
+    right.plot([p["epoch"] for p in h.probes], [sum(p[k] for k in layers) / len(layers) for p in h.probes],
+               marker="o", label=name)
+left.set(xlabel="epoch", ylabel="test accuracy"); right.set(xlabel="epoch", ylabel="mean per-layer cosine to backprop")
+for ax in (left, right):
+    ax.legend(); ax.grid(alpha=0.3)
+plt.show()""",
+  ),
+]
+
 NOTEBOOKS = {
   "quickstart.ipynb": QUICKSTART,
+  "your_own_model.ipynb": YOUR_OWN_MODEL,
   "node_perturbation.ipynb": NODE_PERTURBATION,
   "target_propagation.ipynb": TARGET_PROPAGATION,
   "expectation_reflection.ipynb": EXPECTATION_REFLECTION,

@@ -2,7 +2,7 @@
 
 from altgrad.data._dataset import NORMALIZATIONS, Dataset
 from altgrad.data._fashion import fashion_mnist, read_idx
-from altgrad.data._sequences import adding, temporal_order
+from altgrad.data._sequences import adding, majority, temporal_order
 from altgrad.data._tabular import breast_cancer, digits, mnist1d
 
 LOADERS = {
@@ -12,6 +12,7 @@ LOADERS = {
   "fashion_mnist": fashion_mnist,
   "temporal_order": temporal_order,
   "adding": adding,
+  "majority": majority,
 }
 
 
@@ -33,6 +34,7 @@ __all__ = [
   "digits",
   "fashion_mnist",
   "load",
+  "majority",
   "mnist1d",
   "read_idx",
   "temporal_order",

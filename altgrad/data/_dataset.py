@@ -13,7 +13,7 @@ class Dataset(NamedTuple):
   """Train and test splits as NumPy arrays.
 
   Attributes:
-    x_train, x_test: float32 inputs, ``(examples, ...)``.
+    x_train, x_test: float32 inputs, ``(examples, ...)``, or int32 token ids.
     y_train, y_test: int32 class labels ``(examples,)``, or float32 regression targets
       ``(examples, outputs)``.
     num_classes: number of classes, or None for regression.

@@ -69,3 +69,26 @@ def adding(length: int = 30, *, num_train: int = 10_000, num_test: int = 2_000, 
   x_train, y_train = _adding_split(rng, num_train, length)
   x_test, y_test = _adding_split(rng, num_test, length)
   return Dataset(x_train, y_train, x_test, y_test, None, f"adding_{length}")
+
+
+def _majority_split(rng: np.random.Generator, n: int, length: int, vocab: int):
+  tokens = rng.integers(0, vocab, size=(n, length))
+  counts = np.stack([(tokens == v).sum(axis=1) for v in range(vocab)], axis=1)
+  return tokens.astype(np.int32), np.argmax(counts, axis=1).astype(np.int32)
+
+
+def majority(
+  length: int = 16, *, vocab: int = 8, num_train: int = 10_000, num_test: int = 2_000, seed: int = 0
+) -> Dataset:
+  """Majority: the most frequent token of a uniform random sequence (ties go to the smallest).
+
+  A task for attention (it must count across the whole sequence). x ``(n, length)`` int32 token
+  ids in ``[0, vocab)``, y ``(n,)`` int32: ``vocab`` classes, one per token.
+  """
+  _check_length(length, 2, "majority")
+  if not isinstance(vocab, (int, np.integer)) or vocab < 2:
+    raise ValueError(f"majority needs a vocabulary of at least 2 tokens, got {vocab!r}")
+  rng = np.random.default_rng(seed)
+  x_train, y_train = _majority_split(rng, num_train, length, vocab)
+  x_test, y_test = _majority_split(rng, num_test, length, vocab)
+  return Dataset(x_train, y_train, x_test, y_test, vocab, f"majority_{length}")

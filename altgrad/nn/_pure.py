@@ -12,7 +12,16 @@ import numpy as np
 from flax import nnx
 
 from altgrad.nn._base import Layer, describe_shape
-from altgrad.nn._sites import Tap, linear_map, make_tappable, matrix_form, tapping
+from altgrad.nn._sites import (
+  Nested,
+  Tap,
+  collect_nested,
+  linear_map,
+  make_tappable,
+  matrix_form,
+  prepare_nested,
+  tapping,
+)
 
 Array = jax.Array
 LossFn = Callable[[Array, Array], Array]
@@ -68,7 +77,7 @@ class PureModel:
     #: Whether a layer mixes the examples of a batch (BatchNorm in training mode): per-example
     #: credit from loss differences is then biased.
     self.batch_coupled = any(_is_coupling(m) for _, m in nnx.iter_modules(tappable))
-    self.is_layer = isinstance(model, Layer)
+    self._layouts: dict[tuple, tuple[Tap, ...]] = {}  # shared by with_variables' copies
 
   def with_variables(self, variables: Any) -> PureModel:
     """The same model with other variables (from a rule's state)."""
@@ -82,7 +91,7 @@ class PureModel:
 
   def modules(self, params: Any) -> dict[Path, nnx.Module]:
     """The bound model's modules by path: where a tap's ``path`` leads."""
-    return {tuple(path): module for path, module in nnx.iter_modules(self.bind(params))}
+    return self._modules_of(self.bind(params))
 
   def apply(self, params: Any, x: Array) -> Array:
     """The model's outputs for inputs ``x`` with ``params``, in the mode the rule runs it."""
@@ -97,9 +106,26 @@ class PureModel:
   ) -> Forward:
     """A forward pass with ``perturbations[i]`` added to the ``i``-th site call's output."""
     model = self.bind(params)
+    if perturbations is not None:
+      layout = self._layout(params, x)
+      if any(t.nested for t in layout):
+        prepare_nested(self._modules_of(model), layout, perturbations)
     with tapping(perturbations, stop_site_params=stop_site_params) as taps:
       outputs = model(x)
+    if any(isinstance(t, Nested) for t in taps):
+      taps = collect_nested(self._modules_of(model), taps)
     return Forward(outputs, tuple(taps), nnx.split(model, nnx.Param, ...)[2])
+
+  def _layout(self, params: Any, x: Array) -> tuple[Tap, ...]:
+    """The taps of a pass on inputs shaped like ``x`` (shapes only; cached)."""
+    key = (tuple(x.shape), str(x.dtype))
+    if key not in self._layouts:
+      self._layouts[key] = jax.eval_shape(lambda p, x: self.tapped(p, x).taps, params, x)
+    return self._layouts[key]
+
+  @staticmethod
+  def _modules_of(model: nnx.Module) -> dict[Path, nnx.Module]:
+    return {tuple(path): module for path, module in nnx.iter_modules(model)}
 
   def zero_perturbations(self, params: Any, x: Array) -> tuple[Array, ...]:
     """Zeros shaped like each site call's pre-activation for inputs ``x`` (nothing is run)."""
@@ -126,7 +152,7 @@ class PureModel:
 
     def replay(p):
       modules = self.modules(p)
-      return tuple(linear_map(modules[tap.path], tap.inputs) for tap in taps)
+      return tuple(linear_map(modules[tap.path], tap.inputs, stacked=tap.stacked) for tap in taps)
 
     _, vjp = jax.vjp(replay, params)
     (updates,) = vjp(tuple(errors))
@@ -152,8 +178,8 @@ class PureModel:
   def next_variables(self, params: Any, variables: Any, taps: Sequence[Tap]) -> Any:
     """``variables`` with every decorrelation matrix advanced on its site's recorded inputs."""
     model = nnx.merge(self.graphdef, params, variables, copy=True)
-    modules = {tuple(path): module for path, module in nnx.iter_modules(model)}
-    for path in dict.fromkeys(tap.path for tap in taps):
+    modules = self._modules_of(model)
+    for path in dict.fromkeys(tap.path for tap in taps if not tap.stacked):
       module = modules[path]
       if getattr(module, "decorrelation", None) is not None:
         inputs = [t.inputs.reshape(-1, t.inputs.shape[-1]) for t in taps if t.path == path]

@@ -52,11 +52,18 @@ class Tap:
       ``(h_prev, x)`` stacked over time).
     preact: the site's output, the pre-activation, including any injected perturbation.
     path: the path of the site's module in the model (static): taps of one module share it.
+    nested: (static) the site ran inside an NNX transform of the model's own code (``nnx.scan``,
+      ``nnx.vmap``, ``nnx.remat``).
+    stacked: (static) that transform ran over a stack of layers (``nnx.scan``, ``nnx.vmap``):
+      ``inputs`` and ``preact`` have the stack's axis second, ``(batch, layers, ...)``, and the
+      module's params have it first.
   """
 
   inputs: Any
   preact: Array
   path: Path = dataclasses.field(default=(), metadata={"static": True})
+  nested: bool = dataclasses.field(default=False, metadata={"static": True})
+  stacked: bool = dataclasses.field(default=False, metadata={"static": True})
 
 
 class SiteError(ValueError):
@@ -68,7 +75,25 @@ class _Pass:
   perturbations: tuple[Any, ...] | None
   stop_site_params: bool
   trace_state: Any
-  taps: list[Tap] = dataclasses.field(default_factory=list)
+  taps: list[Any] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class Nested:
+  """The place of a tap that a site call inside an NNX transform left on its module (as an
+  :class:`_Record` Variable, which the transform carries out); ``shape`` is its pre-activation's
+  shape inside the transform."""
+
+  path: Path
+  shape: tuple[int, ...]
+
+
+class _Record(nnx.Variable):
+  """``(inputs, preact)`` of a site call inside an NNX transform of the model's own code."""
+
+
+class _Delta(nnx.Variable):
+  """The perturbation of a site call inside an NNX transform, set on its module before the pass."""
 
 
 _ACTIVE = threading.local()
@@ -115,22 +140,66 @@ def site(module: nnx.Module, compute: Callable[[Array | None], tuple[Any, Array]
   current = getattr(_ACTIVE, "current", None)
   if current is None:
     return compute(None)[1]
-  if _trace_state() != current.trace_state:
+  nested = _trace_state() != current.trace_state
+  if nested and not module._pytree__state.trace_state.is_valid():
     _ACTIVE.current = None  # leave the thread clean: the error ends the pass
     raise SiteError(
       f"site {type(module).__name__} at {'/'.join(map(str, site_path(module))) or 'the top'} runs "
-      "inside a JAX or NNX transform of the model's own code (jax.lax.scan, nnx.scan, jax.vmap, "
-      "jax.checkpoint, nnx.remat, ...): its taps cannot leave that transform. Apply the layer "
-      "outside it, e.g. unroll the loop over a layer stack in Python"
+      "inside a JAX transform of the model's own code (jax.lax.scan, jax.vmap, jax.checkpoint): "
+      "its taps cannot leave that transform. Use the NNX transform instead (nnx.scan, nnx.vmap, "
+      "nnx.remat), whose module state carries them out, or apply the layer outside it"
     )
   index = len(current.taps)
-  delta = None
-  if current.perturbations is not None and index < len(current.perturbations):
+  if nested:
+    delta = module.altgrad_delta.get_value() if hasattr(module, "altgrad_delta") else None
+  elif current.perturbations is not None and index < len(current.perturbations):
     delta = current.perturbations[index]
+  else:
+    delta = None
   with _params_stopped(module) if current.stop_site_params else contextlib.nullcontext():
     inputs, preact = compute(delta)
-  current.taps.append(Tap(inputs, preact, site_path(module)))
+  if not nested:
+    current.taps.append(Tap(inputs, preact, site_path(module)))
+    return preact
+  if hasattr(module, "altgrad_record"):
+    _ACTIVE.current = None
+    raise SiteError(
+      f"site {type(module).__name__} at {'/'.join(map(str, site_path(module)))} is called twice inside "
+      "one step of an NNX transform; altgrad taps one call per layer there"
+    )
+  module.altgrad_record = _Record((inputs, preact))
+  current.taps.append(Nested(site_path(module), tuple(preact.shape)))
   return preact
+
+
+def _batch_first(value: Any, stacked: bool) -> Any:
+  return jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), value) if stacked else value
+
+
+def prepare_nested(modules: dict[Path, nnx.Module], layout: Sequence[Any], perturbations: Sequence[Any]) -> None:
+  """Sets the perturbations of the site calls that run inside NNX transforms on their modules,
+  stack axis first, before the pass (``layout``: the taps of an earlier pass of the same shapes)."""
+  for tap, delta in zip(layout, perturbations, strict=True):
+    if tap.nested and delta is not None:
+      modules[tap.path].altgrad_delta = _Delta(_batch_first(delta, tap.stacked))
+
+
+def collect_nested(modules: dict[Path, nnx.Module], taps: Sequence[Any]) -> tuple[Tap, ...]:
+  """The taps of a pass, with those left on modules inside NNX transforms collected (batch axis
+  first), and the modules cleared of what the pass set on them."""
+  collected = []
+  for tap in taps:
+    if isinstance(tap, Nested):
+      module = modules[tap.path]
+      inputs, preact = module.altgrad_record.get_value()
+      stacked = preact.ndim == len(tap.shape) + 1
+      tap = Tap(_batch_first(inputs, stacked), _batch_first(preact, stacked), tap.path, True, stacked)
+    collected.append(tap)
+  for module in modules.values():
+    for name in ("altgrad_record", "altgrad_delta"):
+      if hasattr(module, name):
+        delattr(module, name)
+  return tuple(collected)
 
 
 @contextlib.contextmanager
@@ -207,8 +276,12 @@ def make_tappable(model: nnx.Module) -> nnx.Module:
 # --- What a site is as a map of its params ---------------------------------------------------
 
 
-def linear_map(module: nnx.Module, inputs: Any) -> Array:
-  """The site's pre-activation from recorded ``inputs`` with the module's current params."""
+def linear_map(module: nnx.Module, inputs: Any, *, stacked: bool = False) -> Array:
+  """The site's pre-activation from recorded ``inputs`` with the module's current params; for a
+  ``stacked`` tap (batch first, then the stack) each layer of the stack on its own inputs."""
+  if stacked:
+    per_layer = nnx.vmap(lambda m, x: linear_map(m, x), in_axes=(0, 0), out_axes=0)
+    return _batch_first(per_layer(module, _batch_first(inputs, True)), True)
   if getattr(type(module), "_altgrad_tapped", False):
     return original_class(module).__call__(module, inputs)
   return module.linear(inputs)

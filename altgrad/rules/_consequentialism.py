@@ -110,7 +110,8 @@ def consequentialism(
       batch axes (attention's query/key/value/out), ``nnx.Conv`` (ungrouped, unmasked,
       SAME/VALID/explicit padding) and altgrad's Dense, Conv and SimpleRNN cell; a layer called
       twice stacks the rows of its calls. Other sites (ConvTranspose, Einsum, LoRA, grouped
-      convs) and params outside any site (norm scales, embeddings) get the plain gradient.
+      convs, a stack of layers under ``nnx.scan``) and params outside any site (norm scales,
+      embeddings) get the plain gradient.
     loss_fn: ``loss_fn(outputs, targets) -> (batch,)``.
     eps: the ridge (``lam`` of the spec), relative to the mean squared input norm by default.
     eps_mode: ``"relative"`` or ``"absolute"``.
@@ -140,9 +141,9 @@ def consequentialism(
     modules = model.modules(params)
     emended, plain = {}, []
     for path in model.site_paths(back.taps):
-      matrix = matrix_form(modules[path])
       uses = [(t, e) for t, e in zip(back.taps, back.errors, strict=True) if t.path == path]
-      if matrix is None:  # no matrix form: the plain gradient
+      matrix = None if uses[0][0].stacked else matrix_form(modules[path])
+      if matrix is None:  # no matrix form (or a stack of layers): the plain gradient
         plain += uses
         continue
       rows = [matrix[0](t.inputs) for t, _ in uses]  # a shared layer stacks its uses
