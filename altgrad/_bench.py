@@ -233,9 +233,9 @@ def _models_suite() -> list[Run]:
   majority task, trained with backprop, CW and ANP (no decorrelation: NNX layers have no
   decorrelating matrix), and with plain ``jax.grad``, which times the backprop rule's overhead."""
   runs = []
-  for dataset, model, hidden, epochs, batch_size, options in (
-    ("fashion_mnist", "resnet", (16, 16), 3, 128, (("flatten", False),)),
-    ("majority", "transformer", (32, 32), 10, 64, ()),
+  for dataset, model, hidden, epochs, batch_size, lr, options in (
+    ("fashion_mnist", "resnet", (16,), 2, 128, 3e-3, (("flatten", False),)),
+    ("majority", "transformer", (32, 32), 10, 64, 1e-3, ()),
   ):
     for rule, rule_options in (("jax_grad", ()), ("backprop", ()), ("consequentialism", ()), ("anp", (("sigma", 1e-3),))):
       runs.append(
@@ -244,7 +244,7 @@ def _models_suite() -> list[Run]:
           hidden,
           rule,
           "adam",
-          1e-3,
+          lr,
           epochs,
           batch_size,
           model=model,

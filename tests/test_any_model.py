@@ -295,6 +295,24 @@ def test_layers_under_nnx_scan_are_stacked_sites():
     h = jnp.tanh(z)
 
 
+class _Remat(nnx.Module):
+  def __init__(self):
+    self.inner = nnx.Linear(4, 5, rngs=nnx.Rngs(0))
+    self.head = nnx.Linear(5, 3, rngs=nnx.Rngs(1))
+
+  def __call__(self, x):
+    return self.head(nnx.remat(lambda layer, x: jnp.tanh(layer(x)))(self.inner, x))
+
+
+def test_a_layer_under_nnx_remat_is_a_site():
+  model = _Remat()
+  x, y = _zoo_case("residual_mlp", batch_size=6)[1]
+  _, taps = tapped(model, x)
+  assert [(t.path, t.nested, t.stacked) for t in taps] == [(("inner",), True, False), (("head",), False, False)]
+  got, _ = _update(rules.backprop(model, CE), model, (x, y))
+  chex.assert_trees_all_close(got, _jax_grad(model, (x, y)), atol=1e-6)
+
+
 def test_a_site_inside_a_jax_transform_of_user_code_is_a_clear_error():
   model = _RawScan()
   batch = (jnp.ones((2, 3)), jnp.zeros((2, 3)))
