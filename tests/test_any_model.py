@@ -63,6 +63,29 @@ def test_backprop_rule_equals_jax_grad(name):
   chex.assert_tree_all_finite([a for a in jax.tree.leaves(state) if jnp.issubdtype(a.dtype, jnp.inexact)])
 
 
+class _OtherSites(nnx.Module):
+  """ConvTranspose, Einsum and LoRA (a Linear subclass): sites without CW's matrix form."""
+
+  def __init__(self, rngs):
+    self.up = nnx.ConvTranspose(2, 3, (3, 3), strides=(2, 2), rngs=rngs)
+    self.mix = nnx.Einsum("bhwc,cd->bhwd", (3, 4), (4,), rngs=rngs)
+    self.head = nnx.LoRALinear(4, 3, lora_rank=2, rngs=rngs)
+
+  def __call__(self, x):
+    h = jnp.tanh(self.mix(jnp.tanh(self.up(x))))
+    return self.head(jnp.mean(h, axis=(1, 2)))
+
+
+def test_conv_transpose_einsum_and_lora_are_sites_with_the_plain_gradient_in_cw():
+  model = _OtherSites(nnx.Rngs(0))
+  batch = (jnp.asarray(np.random.default_rng(0).normal(size=(4, 3, 3, 2)), jnp.float32), jnp.arange(4) % 3)
+  assert [t.path for t in tapped(model, batch[0])[1]] == [("up",), ("mix",), ("head",)]
+  want = _jax_grad(model, batch)
+  for rule in (rules.backprop, rules.consequentialism):
+    got, _ = _update(rule(model, CE), model, batch)
+    chex.assert_trees_all_close(got, want, atol=1e-6)
+
+
 def test_site_calls_are_taps_and_the_user_model_is_untouched():
   model, (x, _) = _zoo_case("residual_mlp")
   before = jax.tree.map(jnp.copy, nnx.state(model))
