@@ -129,8 +129,7 @@ class PureModel:
 
   def zero_perturbations(self, params: Any, x: Array) -> tuple[Array, ...]:
     """Zeros shaped like each site call's pre-activation for inputs ``x`` (nothing is run)."""
-    taps = jax.eval_shape(lambda p, x: self.tapped(p, x).taps, params, x)
-    return tuple(jnp.zeros(t.preact.shape, t.preact.dtype) for t in taps)
+    return tuple(jnp.zeros(t.preact.shape, t.preact.dtype) for t in self._layout(params, x))
 
   def errors(self, params: Any, x: Array, targets: Array, loss_fn: LossFn) -> Errors:
     """Backprop's per-site errors ``dL/dz`` of the mean loss and the residual param gradient,
