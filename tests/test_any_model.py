@@ -9,7 +9,7 @@ import pytest
 from conftest import cosine, tapped
 from flax import nnx
 
-from altgrad import _zoo, data, losses, nn, rules, train
+from altgrad import _bench, _zoo, data, losses, nn, rules, train
 
 CE = losses.softmax_cross_entropy
 
@@ -84,6 +84,17 @@ def test_conv_transpose_einsum_and_lora_are_sites_with_the_plain_gradient_in_cw(
   for rule in (rules.backprop, rules.consequentialism):
     got, _ = _update(rule(model, CE), model, batch)
     chex.assert_trees_all_close(got, want, atol=1e-6)
+
+
+def test_the_bench_baseline_is_plain_jax_grad_with_the_model_state():
+  model, batch = _zoo_case("resnet")
+  got, state = _update(_bench.plain_gradient(model, CE), model, batch)
+  chex.assert_trees_all_close(got, _jax_grad(model, batch), atol=1e-6)
+  plain = nnx.clone(model)
+  plain(batch[0])
+  chex.assert_trees_all_close(
+    _comparable(state.model_variables), _comparable(nnx.state(plain, nnx.Not(nnx.Param))), atol=1e-6
+  )
 
 
 def test_site_calls_are_taps_and_the_user_model_is_untouched():

@@ -93,10 +93,6 @@ class PureModel:
     """The bound model's modules by path: where a tap's ``path`` leads."""
     return self._modules_of(self.bind(params))
 
-  def apply(self, params: Any, x: Array) -> Array:
-    """The model's outputs for inputs ``x`` with ``params``, in the mode the rule runs it."""
-    return self.bind(params)(x)
-
   def evaluate(self, params: Any, x: Array) -> Array:
     """The outputs in evaluation mode (running BatchNorm statistics, no dropout)."""
     return nnx.merge(self.eval_graphdef, params, self.variables, copy=True)(x)

@@ -187,7 +187,7 @@ def node_perturbation(
       return tuple(_broadcast(scale, d) * d for d in diffs)
 
     def one_sample(noise_key):
-      node_key, weight_key = jax.random.split(noise_key)
+      node_key, weight_key = jax.random.split(noise_key) if perturb_free else (noise_key, None)
       noise = draw(node_key)
       weight_noise = draw_weights(weight_key) if perturb_free else None
       if variant == "inp":  # one pass per site (and one for the free params), vmapped over masks
