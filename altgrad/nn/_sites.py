@@ -330,15 +330,12 @@ def matrix_form(module: nnx.Module) -> tuple[Callable[[Any], Array], Callable[[]
 
     return linear_design, lambda: _stack_bias(module.kernel[...], bias)
   if cls is nnx.LinearGeneral:
-    axes = tuple(module.axis)
+    axes = tuple(sorted(module.axis))
     width = math.prod(module.in_features)
-    if module.batch_axis:
+    if module.batch_axis or axes != tuple(range(-len(axes), 0)):  # contracted axes must be the last
       return None
 
     def general_design(x):
-      trailing = tuple(sorted(a % x.ndim for a in axes))
-      if trailing != tuple(range(x.ndim - len(axes), x.ndim)):
-        raise SiteError("LinearGeneral's matrix form needs its contracted axes last")
       return _with_bias(x.reshape(-1, width), bias)
 
     return general_design, lambda: _stack_bias(module.kernel[...].reshape(width, -1), bias)
