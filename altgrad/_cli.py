@@ -159,13 +159,16 @@ def make_parser() -> argparse.ArgumentParser:
     "--model",
     choices=MODELS,
     default="auto",
-    help="model family; auto picks mlp for vectors, rnn for sequences, conv for images",
+    help="model family; auto picks mlp for vectors, rnn for sequences, conv for images; resnet "
+    "(images) and transformer (token sequences, e.g. --dataset majority) are ordinary NNX models "
+    "without altgrad layers",
   )
   p.add_argument(
     "--hidden",
     type=_sizes,
     default=(128, 128),
-    help="hidden widths, comma-separated (the RNN uses the first) (default: 128,128)",
+    help="hidden widths, comma-separated (the RNN uses the first; resnet and transformer: the "
+    "first is the width, the count the number of blocks) (default: 128,128)",
   )
   p.add_argument(
     "--activation", default="tanh", choices=nn.ACTIVATIONS, help="hidden activation (default: tanh)"
