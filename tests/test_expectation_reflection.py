@@ -274,3 +274,21 @@ def test_bad_models_and_options_are_clear_errors():
     tx.update(None, tx.init(params), params, batch=(jnp.ones((3, 4)), jnp.ones(3)))
   with pytest.raises(ValueError, match="refits one layer"):
     rules.reflection_moments(nn.MLP((4, 3, 2), rngs=nnx.Rngs(0)), None, None)
+
+
+def test_classifier_scores_the_last_refit_when_max_iter_ends_the_loop():
+  """max_iter=n makes n refits, and the n-th is a candidate for the best (issue: max_iter=1
+  returned the random initial weights)."""
+  ds = data.digits()
+  one = rules.ERClassifier(max_iter=1).fit(ds.x_train, ds.y_train)
+  assert one.score(ds.x_test, ds.y_test) > 0.8  # one refit, not the random start (~0.1)
+  last = rules.ERClassifier(max_iter=2, keep_best=False).fit(ds.x_train, ds.y_train)
+  best = rules.ERClassifier(max_iter=2).fit(ds.x_train, ds.y_train)
+  assert best.n_iter_ == 2  # the loop ran to max_iter: the second refit must have been scored
+  x = np.asarray(ds.x_train, np.float32)
+  spin = 2.0 * np.eye(10)[ds.y_train] - 1.0
+
+  def cost(model):
+    return float(np.mean(((np.tanh(model.decision_function(x) / 2) - spin) / 2) ** 2))
+
+  assert cost(best) <= min(cost(one), cost(last)) + 1e-6

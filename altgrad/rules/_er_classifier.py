@@ -39,8 +39,14 @@ def _fit(x, s, kernel, reg, *, max_iter, expectation, multiclass, keep_best):
     return (carry[0] < max_iter) & ~carry[4]
 
   init = (0, kernel, bias, (kernel, bias, jnp.asarray(jnp.inf, x.dtype)), jnp.asarray(False))
-  iterations, kernel, bias, (best_kernel, best_bias, _), _ = jax.lax.while_loop(cond, body, init)
-  return (best_kernel, best_bias, iterations) if keep_best else (kernel, bias, iterations)
+  iterations, kernel, bias, best, stopped = jax.lax.while_loop(cond, body, init)
+  if not keep_best:
+    return kernel, bias, iterations
+  # When max_iter ended the loop, its last refit was never scored: score it against the best.
+  _, discrepancy = reflect(x @ kernel + bias, s, expectation=expectation, multiclass=multiclass)
+  last_is_best = ~stopped & (jnp.mean(discrepancy) < best[2])
+  best_kernel, best_bias = jax.tree.map(lambda n, o: jnp.where(last_is_best, n, o), (kernel, bias), best[:2])
+  return best_kernel, best_bias, iterations
 
 
 class ERClassifier:
