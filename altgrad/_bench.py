@@ -10,7 +10,6 @@ together, vmapped in one compiled program, and reports their mean and spread. Re
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import platform
 import resource
@@ -26,7 +25,7 @@ from flax import nnx
 
 from altgrad import data as data_lib
 from altgrad import diagnostics, rules, train
-from altgrad._experiment import build_model, loss_for, optimizer_for
+from altgrad._experiment import build_model, loss_for, make_rule, optimizer_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,13 +325,12 @@ def execute(run: Run, *, data_parallel: bool = False) -> dict:
   over seeds) of accuracy and loss, step times, per-layer cosines to backprop and peak memory."""
   dataset = data_lib.load(run.dataset, **dict(run.dataset_options))
   loss_fn = loss_for(dataset)
-  factory = BENCH_RULES[run.rule]
-  seeded = "key" in inspect.signature(factory).parameters  # the rule draws noise: seed it too
   built = {}
 
   def build(seed):
     model = build_model(dataset, run.model, run.hidden, run.activation, seed, run.decorrelation_lr)
-    rule = factory(model, loss_fn, **dict(run.rule_options), **({"key": seed} if seeded else {}))
+    options = dict(run.rule_options)
+    rule = plain_gradient(model, loss_fn) if run.rule == "jax_grad" else make_rule(run.rule, model, loss_fn, seed, **options)
     built[seed] = (model, rule)
     return model, optax.chain(rule, optimizer_for(run.rule, run.optimizer, run.lr))
 

@@ -12,7 +12,7 @@ import optax
 
 from altgrad import _bench, nn, rules, train
 from altgrad import data as data_lib
-from altgrad._experiment import MODELS, OPTIMIZERS, build_model, loss_for, optimizer_for
+from altgrad._experiment import MODELS, OPTIMIZERS, build_model, loss_for, make_rule, optimizer_for
 
 DATA_PARALLEL_HELP = (
   "shard every batch over all devices (jax.devices()), params replicated; the batch size must divide "
@@ -58,7 +58,7 @@ def compare(args: argparse.Namespace) -> dict:
   for name in names:
     model = build_model(dataset, args.model, args.hidden, args.activation, args.seed, args.decorrelation_lr)
     try:
-      rule = rules.RULES[name](model, loss_fn)
+      rule = make_rule(name, model, loss_fn, args.seed)
     except (TypeError, ValueError) as reason:  # the rule cannot handle this model
       if name == "backprop":
         raise
@@ -177,7 +177,8 @@ def make_parser() -> argparse.ArgumentParser:
     "--decorrelation-lr",
     type=float,
     default=None,
-    help="give every Dense layer a decorrelating matrix trained at this rate (NP's D-variants; default: none)",
+    help="give every Dense layer a decorrelating matrix trained at this rate (NP's D-variants; mlp and "
+    "conv models, whose Conv layers have none; default: none)",
   )
   p.add_argument(
     "--optimizer",

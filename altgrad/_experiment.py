@@ -3,6 +3,7 @@ and its loss."""
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 
@@ -28,6 +29,14 @@ def optimizer_for(rule: str, optimizer: str, lr: float) -> optax.GradientTransfo
   return optax.sgd(rules.OWN_STEP[rule]) if rule in rules.OWN_STEP else OPTIMIZERS[optimizer](lr)
 
 
+def make_rule(name: str, model, loss_fn, seed: int, **options) -> optax.GradientTransformationExtraArgs:
+  """The rule ``name`` on ``model``; a rule that draws noise gets ``key=seed``, so runs of
+  different seeds draw different noise."""
+  factory = rules.RULES[name]
+  seeded = "key" in inspect.signature(factory).parameters
+  return factory(model, loss_fn, **options, **({"key": seed} if seeded else {}))
+
+
 def loss_for(dataset: data_lib.Dataset):
   """Cross-entropy for classification, squared error for regression."""
   return losses.squared_error if dataset.num_classes is None else losses.softmax_cross_entropy
@@ -50,6 +59,11 @@ def build_model(
   shape, out = dataset.input_shape, dataset.output_size
   if kind == "auto":
     kind = {1: "mlp", 2: "rnn", 3: "conv"}.get(len(shape), "mlp")
+  if decorrelation_lr is not None and kind not in ("mlp", "conv"):
+    raise ValueError(
+      f"--decorrelation-lr decorrelates the inputs of altgrad's Dense layers; the {kind} model has none "
+      "(use --model mlp or conv)"
+    )
   if kind == "resnet":
     if len(shape) != 3:
       raise ValueError(f"--model resnet needs images (height, width, channels); {dataset.name} has {shape}")
@@ -69,7 +83,12 @@ def build_model(
       nn.Conv(shape[-1], 16, 3, strides=2, activation=activation, rngs=rngs),
       nn.Conv(16, 32, 3, strides=2, activation=activation, rngs=rngs),
       nn.Flatten(),
-      nn.MLP((32 * -(-shape[0] // 4) * -(-shape[1] // 4), *hidden, out), activation=activation, rngs=rngs),
+      nn.MLP(
+        (32 * -(-shape[0] // 4) * -(-shape[1] // 4), *hidden, out),
+        activation=activation,
+        decorrelation_lr=decorrelation_lr,  # the Dense layers; a Conv has no decorrelating matrix
+        rngs=rngs,
+      ),
     )
   if len(shape) != 1:
     return nn.Sequential(

@@ -2,13 +2,15 @@
 
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from conftest import MODELS
 from flax import nnx
 
-from altgrad import _bench, _cli, data, losses, nn, rules, train
+from altgrad import _bench, _cli, _experiment, data, losses, nn, rules, train
 
 
 def _small_digits():
@@ -160,3 +162,21 @@ def test_bench_suites_are_well_formed():
     assert all(r.rule in _bench.BENCH_RULES for r in runs)
   assert {r.rule for r in _bench.SUITES["smoke"]()} == set(rules.RULES)
   assert len(_bench.SUITES["all"]()) == sum(len(_bench.SUITES[s]()) for s in ("cw", "np", "tp", "er", "models"))
+
+
+def test_rules_draw_noise_from_the_run_seed_and_decorrelation_is_refused_where_it_cannot_apply():
+  dataset = data.digits()
+  model = _experiment.build_model(dataset, "mlp", (8,), "tanh", 0)
+  params = nnx.state(model, nnx.Param)
+  for seed in (0, 3):
+    state = _experiment.make_rule("np", model, losses.softmax_cross_entropy, seed).init(params)
+    assert jnp.array_equal(jax.random.key_data(state.key), jax.random.key_data(jax.random.key(seed)))
+  assert _experiment.make_rule("backprop", model, losses.softmax_cross_entropy, 3).init(params) is not None
+  images = data.Dataset(
+    dataset.x_train.reshape(-1, 8, 8, 1), dataset.y_train, dataset.x_test.reshape(-1, 8, 8, 1), dataset.y_test, 10, "d"
+  )
+  conv = _experiment.build_model(images, "conv", (8,), "tanh", 0, decorrelation_lr=1e-3)
+  assert all(layer.decorrelation is not None for layer in conv.layers[-1].layers)
+  sequences = data.temporal_order(10, num_train=8, num_test=4)
+  with pytest.raises(ValueError, match="the rnn model has none"):
+    _experiment.build_model(sequences, "rnn", (8,), "tanh", 0, decorrelation_lr=1e-3)
