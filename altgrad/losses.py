@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,12 +17,18 @@ def softmax_cross_entropy(logits: Array, labels: Array) -> Array:
 
   Labels must be integers in ``[0, classes)``; outside jit a label out of range raises.
   """
+  labels = _check_labels(logits, labels, "softmax_cross_entropy")
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def _check_labels(logits: Array, labels: Array, name: str) -> Array:
+  """Integer labels ``(batch,)`` in range for ``logits`` ``(batch, classes)``, or a clear error."""
   labels = jnp.asarray(labels)
   if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise TypeError(f"softmax_cross_entropy needs integer class labels, got dtype {labels.dtype}")
+    raise TypeError(f"{name} needs integer class labels, got dtype {labels.dtype}")
   if logits.ndim != 2 or labels.shape != logits.shape[:1]:
     raise ValueError(
-      f"softmax_cross_entropy needs logits (batch, classes) and labels (batch,), "
+      f"{name} needs logits (batch, classes) and labels (batch,), "
       f"got {tuple(logits.shape)} and {tuple(labels.shape)}"
     )
   if not isinstance(labels, jax.core.Tracer):
@@ -31,7 +39,28 @@ def softmax_cross_entropy(logits: Array, labels: Array) -> Array:
         f"labels must lie in [0, {logits.shape[1]}) for {logits.shape[1]} classes, "
         f"got values from {low} to {high}"
       )
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return labels
+
+
+def clipped_cross_entropy(logits: Array, labels: Array, *, eps: float = 1e-7) -> Array:
+  """Cross-entropy in probability space, ``-log(clip(softmax(logits)[label], eps, 1 - eps))``.
+
+  The convention of the node-perturbation authors' code (SanderDalm/DANP_open_source trains with
+  Keras' categorical cross-entropy on softmax outputs, which clips probabilities to
+  ``[1e-7, 1 - 1e-7]``): bounded by ``-log(eps)`` (16.1 at the default), where a confidently
+  wrong example's unbounded log-loss would dominate NP's loss differences. Its gradient is zero
+  where the probability is clipped, as in Keras.
+  """
+  _check_labels(logits, labels, "clipped_cross_entropy")
+  p = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+  return -jnp.log(jnp.clip(p, eps, 1.0 - eps))
+
+
+def mean_squared_error(outputs: Array, targets: Array) -> Array:
+  """``mean((outputs - targets)^2)`` over the features of each example: with the rules' mean over
+  the batch this is torch's ``MSELoss()`` (twice :func:`squared_error` for one output), the
+  convention of the target-propagation authors' adding-task runs."""
+  return 2.0 * squared_error(outputs, targets) / math.prod(outputs.shape[1:])
 
 
 def squared_error(outputs: Array, targets: Array) -> Array:
