@@ -226,3 +226,10 @@ def test_updates_from_matrices_places_each_matrix_in_its_site(model_kind):
   matrices = {nn._sites.site_path(site): 2.0 * site.matrix() for site in pure.bind(params).sites()}
   doubled = pure.updates_from_matrices(params, matrices)
   chex.assert_trees_all_close(doubled, jax.tree.map(lambda p: 2.0 * p, params))
+
+
+def test_mlp_takes_a_kernel_initializer():
+  he = nn.MLP((400, 300, 3), kernel_init=nnx.initializers.he_normal(), rngs=nnx.Rngs(0))
+  lecun = nn.MLP((400, 300, 3), rngs=nnx.Rngs(0))
+  std = lambda m: float(jnp.std(m.layers[0].kernel[...]))  # noqa: E731
+  assert abs(std(he) / np.sqrt(2 / 400) - 1) < 0.05 and abs(std(lecun) / np.sqrt(1 / 400) - 1) < 0.05

@@ -63,6 +63,8 @@ class MLP(Sequential):
     activation: activation of the hidden layers.
     output_activation: activation of the last layer; ``None`` gives raw outputs (logits).
     decorrelation_lr: if given, every layer decorrelates its input (see :class:`Dense`).
+    kernel_init: initializer of every kernel (LeCun normal by default; the node-perturbation
+      authors use He normal, ``nnx.initializers.he_normal()``).
     rngs: Flax NNX random streams.
   """
 
@@ -73,6 +75,7 @@ class MLP(Sequential):
     activation: str | Callable[[Array], Array] | Activation = "tanh",
     output_activation: str | Callable[[Array], Array] | Activation | None = None,
     decorrelation_lr: float | None = None,
+    kernel_init: Callable[..., Array] = nnx.initializers.lecun_normal(),
     rngs: nnx.Rngs,
   ):
     sizes = tuple(int(s) for s in sizes)
@@ -86,6 +89,7 @@ class MLP(Sequential):
           n_out,
           activation=activation if i < last else (output_activation or "identity"),
           decorrelation_lr=decorrelation_lr,
+          kernel_init=kernel_init,
           rngs=rngs,
         )
         for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))
