@@ -292,3 +292,26 @@ def test_classifier_scores_the_last_refit_when_max_iter_ends_the_loop():
     return float(np.mean(((np.tanh(model.decision_function(x) / 2) - spin) / 2) ** 2))
 
   assert cost(best) <= min(cost(one), cost(last)) + 1e-6
+
+
+def test_classifier_stops_each_class_on_its_own_as_independent_binary_fits_would():
+  from altgrad.rules._er_classifier import _fit
+
+  rng = np.random.default_rng(0)  # four noisy, non-separable classes: the stop fires in each
+  x = jnp.asarray(rng.normal(size=(300, 5)), jnp.float32)
+  labels = np.argmax(np.asarray(x[:, :4]) + 1.5 * rng.normal(size=(300, 4)), axis=1)
+  s = rules._expectation_reflection.spins(jnp.asarray(labels), 4)
+  start = jnp.asarray(rng.normal(0.0, 0.4, (5, 4)), jnp.float32)
+  options = dict(max_iter=200, expectation="tanh_half", multiclass="ovr", keep_best=True)
+  kernel, bias, _ = _fit(x, s, start, 0.01, per_class=True, **options)
+  stops = []
+  for c in range(4):  # each class alone, from the same start: the reference's one-vs-rest
+    kernel_c, bias_c, iterations = _fit(x, s[:, c : c + 1], start[:, c : c + 1], 0.01, per_class=True, **options)
+    np.testing.assert_allclose(kernel[:, c], kernel_c[:, 0], atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(bias[c], bias_c[0], atol=1e-5, rtol=1e-4)
+    stops.append(int(iterations))
+  assert len(set(stops)) > 1 and max(stops) < 200  # the classes stop at different refits
+  joint, _, _ = _fit(x, s, start, 0.01, per_class=False, **options)
+  assert not np.allclose(joint, kernel, atol=1e-3)
+  with pytest.raises(ValueError, match="'joint' with multiclass='softmax'"):
+    rules.ERClassifier(multiclass="softmax", stopping="per_class")

@@ -17,34 +17,49 @@ from altgrad.rules._expectation_reflection import (
   spins,
 )
 
+STOPPING = ("per_class", "joint")
 
-@functools.partial(jax.jit, static_argnames=("max_iter", "expectation", "multiclass", "keep_best"))
-def _fit(x, s, kernel, reg, *, max_iter, expectation, multiclass, keep_best):
-  """Reflect and refit until the training discrepancy stops falling (the reference's rule)."""
+
+@functools.partial(
+  jax.jit, static_argnames=("max_iter", "expectation", "multiclass", "keep_best", "per_class")
+)
+def _fit(x, s, kernel, reg, *, max_iter, expectation, multiclass, keep_best, per_class):
+  """Reflect and refit until the training discrepancy stops falling (the reference's rule): of
+  each output on its own (``per_class``, one-vs-rest), or of their mean (``joint``)."""
   count = jnp.asarray(x.shape[0], x.dtype)
   factor = InputFactor.of(count, jnp.sum(x, axis=0), x.T @ x, reg)  # the inputs never change
   bias = jnp.zeros(kernel.shape[1], x.dtype)
 
+  def costs(kernel, bias):
+    """The discrepancy of each output (per_class), or their mean broadcast to every output."""
+    field = x @ kernel + bias
+    if per_class:  # one-vs-rest reflects each output on its own
+      per_output = jax.vmap(
+        lambda h, t: reflect(h[:, None], t[:, None], expectation=expectation)[1], in_axes=1, out_axes=1
+      )(field, s)
+      return reflect(field, s, expectation=expectation)[0], jnp.mean(per_output, axis=0)
+    target, discrepancy = reflect(field, s, expectation=expectation, multiclass=multiclass)
+    return target, jnp.full(kernel.shape[1], jnp.mean(discrepancy))
+
   def body(carry):
-    k, kernel, bias, best, _ = carry
-    target, discrepancy = reflect(x @ kernel + bias, s, expectation=expectation, multiclass=multiclass)
-    cost = jnp.mean(discrepancy)
-    improved = (k == 0) | (cost < best[2])
+    k, kernel, bias, best, active = carry
+    target, cost = costs(kernel, bias)
+    improved = active & ((k == 0) | (cost < best[2]))  # per output
     best = jax.tree.map(lambda new, old: jnp.where(improved, new, old), (kernel, bias, cost), best)
     new = factor.solve(count, jnp.sum(target, 0), x.T @ target, center_outputs=multiclass == "softmax")
     kernel, bias = jax.tree.map(lambda n, o: jnp.where(improved, n, o), new, (kernel, bias))
-    return k + 1, kernel, bias, best, ~improved
+    return k + 1, kernel, bias, best, improved  # an output that stopped stays stopped
 
   def cond(carry):
-    return (carry[0] < max_iter) & ~carry[4]
+    return (carry[0] < max_iter) & jnp.any(carry[4])
 
-  init = (0, kernel, bias, (kernel, bias, jnp.asarray(jnp.inf, x.dtype)), jnp.asarray(False))
-  iterations, kernel, bias, best, stopped = jax.lax.while_loop(cond, body, init)
+  outputs = kernel.shape[1]
+  init = (0, kernel, bias, (kernel, bias, jnp.full(outputs, jnp.inf, x.dtype)), jnp.ones(outputs, bool))
+  iterations, kernel, bias, best, active = jax.lax.while_loop(cond, body, init)
   if not keep_best:
     return kernel, bias, iterations
-  # When max_iter ended the loop, its last refit was never scored: score it against the best.
-  _, discrepancy = reflect(x @ kernel + bias, s, expectation=expectation, multiclass=multiclass)
-  last_is_best = ~stopped & (jnp.mean(discrepancy) < best[2])
+  # Outputs still active when max_iter ended the loop hold a refit that was never scored.
+  last_is_best = active & (costs(kernel, bias)[1] < best[2])
   best_kernel, best_bias = jax.tree.map(lambda n, o: jnp.where(last_is_best, n, o), (kernel, bias), best[:2])
   return best_kernel, best_bias, iterations
 
@@ -55,6 +70,9 @@ class ERClassifier:
   ``fit(X, y)`` reflects the fields and refits by ridge least squares (``reg`` added to the input
   covariance) until the training discrepancy ``mean((E[s] - s)^2 / 4)`` stops falling, or
   ``max_iter``; it keeps the best weights (``keep_best=False`` returns the last, as the reference).
+  With one-vs-rest outputs each class stops on its own discrepancy, as the reference does
+  (``stopping="per_class"``, the default; one output's refit does not depend on the others), or
+  all at once on their mean (``stopping="joint"``, the only choice for ``"softmax"``).
   Two classes use one output (labels' logit); more use one-vs-rest outputs normalized at
   prediction (``multiclass="ovr"``, the package's way) or a joint softmax (``"softmax"``).
   Inputs are used as given: standardize them first, as the reference's users do.
@@ -71,14 +89,21 @@ class ERClassifier:
     expectation: str = "tanh_half",
     multiclass: str = "ovr",
     keep_best: bool = True,
+    stopping: str | None = None,
     random_state: int = 1,
   ):
     if expectation not in EXPECTATIONS or multiclass not in MULTICLASS:
       raise ValueError(f"expectation must be one of {EXPECTATIONS} and multiclass one of {MULTICLASS}")
+    stopping = stopping or ("per_class" if multiclass == "ovr" else "joint")
+    if stopping not in STOPPING or (stopping == "per_class" and multiclass == "softmax"):
+      raise ValueError(
+        f"stopping must be one of {STOPPING} ('joint' with multiclass='softmax'), got {stopping!r}"
+      )
     if not (0 <= reg < float("inf")) or max_iter < 1:
       raise ValueError(f"need reg >= 0 (finite) and max_iter >= 1, got reg={reg!r}, max_iter={max_iter!r}")
     self.reg, self.max_iter, self.expectation = reg, max_iter, expectation
     self.multiclass, self.keep_best, self.random_state = multiclass, keep_best, random_state
+    self.stopping = stopping
 
   def fit(self, X, y) -> ERClassifier:
     """Fits the classifier to inputs ``X`` (examples, features) and labels ``y``; returns it."""
@@ -100,6 +125,7 @@ class ERClassifier:
       expectation=self.expectation,
       multiclass=self.multiclass,
       keep_best=self.keep_best,
+      per_class=self.stopping == "per_class",
     )
     self.coef_, self.intercept_, self.n_iter_ = np.asarray(kernel), np.asarray(bias), int(iterations)
     return self
