@@ -1,5 +1,10 @@
-"""A scikit-learn style classifier for single-layer Expectation Reflection, as the reference
-package is used on tabular data."""
+"""A scikit-learn style classifier for single-layer Expectation Reflection on tabular data.
+
+Which reference it follows: the authors' 2019 least-squares code (Hoang et al., Phys. Rev. E 99,
+023311; the refit is ridge least squares, matched to 1e-12 in float64). The published package
+``expectation-reflection`` (0.0.7-0.0.10) refits by penalized least absolute deviation instead;
+that refit is not implemented here, so iterates and accuracies can differ from the package's.
+"""
 
 from __future__ import annotations
 
@@ -65,7 +70,8 @@ def _fit(x, s, kernel, reg, *, max_iter, expectation, multiclass, keep_best, per
 
 
 class ERClassifier:
-  """Single-layer Expectation Reflection with the reference package's interface and defaults.
+  """Single-layer Expectation Reflection with the reference package's interface (fit, predict,
+  predict_proba, score) and the authors' least-squares refit (see the module docstring).
 
   ``fit(X, y)`` reflects the fields and refits by ridge least squares (``reg`` added to the input
   covariance) until the training discrepancy ``mean((E[s] - s)^2 / 4)`` stops falling, or
