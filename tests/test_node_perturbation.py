@@ -185,14 +185,17 @@ def test_same_key_same_update_and_the_key_advances():
   assert not np.allclose(flat(a), flat(c)) and not np.allclose(flat(a), flat(other))
 
 
-def test_zero_noise_gives_a_zero_update_not_nan():
-  model = MODELS["mlp"](0)
+def test_zero_noise_gives_a_zero_update_not_nan_and_is_counted():
+  model = MODELS["mlp"](0)  # three sites
   params = nnx.state(model, nnx.Param)
-  for variant in ("inp", "anp"):
-    update = _update(
-      model, params, make_batch("mlp"), variant=variant, noise_fn=lambda k, s, d: jnp.zeros(s, d)
-    )
+  batch = make_batch("mlp", batch_size=16)
+  for variant, count in (("inp", 2 * 16 * 3), ("anp", 2 * 16)):  # samples x examples (x sites)
+    tx = rules.node_perturbation(model, CE, variant=variant, samples=2, noise_fn=lambda k, s, d: jnp.zeros(s, d))
+    update, state = tx.update(None, tx.init(params), params, batch=batch)
     chex.assert_trees_all_equal(update, jax.tree.map(jnp.zeros_like, update))
+    assert int(state.zero_norm_credits) == count
+    tx = rules.node_perturbation(model, CE, variant=variant)
+    assert int(tx.update(None, tx.init(params), params, batch=batch)[1].zero_norm_credits) == 0
 
 
 @pytest.mark.parametrize(

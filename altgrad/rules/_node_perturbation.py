@@ -30,6 +30,7 @@ VARIANTS = ("np", "inp", "anp")
 class NodePerturbationState(NamedTuple):
   key: Array  # the PRNG key of the next step's noise
   model_variables: Any  # the model's non-param variables (decorrelation, BatchNorm statistics, RNG counts)
+  zero_norm_credits: Array  # int32: credits of the last step left at 0 because their noise had zero norm
 
 
 def _per_example(values: Array) -> Array:
@@ -41,10 +42,12 @@ def _broadcast(per_example: Array, like: Array) -> Array:
   return per_example.reshape(per_example.shape + (1,) * (like.ndim - 1))
 
 
-def _safe_ratio(numerator: Array, denominator: Array) -> Array:
-  """``numerator / denominator`` where the denominator is positive, 0 where it is 0 (no noise)."""
+def _safe_ratio(numerator: Array, denominator: Array) -> tuple[Array, Array]:
+  """``numerator / denominator`` where the denominator is positive, 0 where it is 0 (no noise),
+  and how many entries were left at 0."""
   positive = denominator > 0
-  return jnp.where(positive, numerator / jnp.where(positive, denominator, 1.0), 0.0)
+  ratio = jnp.where(positive, numerator / jnp.where(positive, denominator, 1.0), 0.0)
+  return ratio, jnp.sum(~positive).astype(jnp.int32)
 
 
 FREE_PARAMS = ("perturb", "frozen")
@@ -110,6 +113,13 @@ def node_perturbation(
     free_params: ``"perturb"`` or ``"frozen"``, for params outside every site (above).
     batch_coupled: the batch-coupled credit (above); ``None`` detects it.
     key: seed or PRNG key of the noise; it lives in the rule's state.
+
+  Guard: INP and ANP divide by the squared norm of an example's noise (or measured activity
+  change); where it is exactly zero (a noise model that can emit zeros, a dead layer) that
+  example's credit is 0, and the state's ``zero_norm_credits`` counts such credits in the last
+  step (per sample, example and, for INP, site). With measured noise, the decorrelation matrices
+  advance on the first sample's first noisy pass (the rule sees no clean inputs), while BatchNorm
+  statistics and RNG counts come from a clean pass, as in the other modes.
   """
   pure = PureModel(model)
   check_loss_fn(loss_fn)
@@ -145,7 +155,7 @@ def node_perturbation(
   def init_fn(params):
     del params
     seed = jax.random.key(key) if isinstance(key, int) else key
-    return NodePerturbationState(seed, pure.variables)
+    return NodePerturbationState(seed, pure.variables, jnp.zeros((), jnp.int32))
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del updates, extra_args
@@ -183,8 +193,8 @@ def node_perturbation(
 
     def anp_errors(loss_a, taps_a, loss_b, taps_b):
       diffs = [a.preact - b.preact for a, b in zip(taps_a, taps_b, strict=True)]
-      scale = _safe_ratio(sum(widths) * credit(loss_a - loss_b), sum(_per_example(d * d) for d in diffs))
-      return tuple(_broadcast(scale, d) * d for d in diffs)
+      scale, zeros = _safe_ratio(sum(widths) * credit(loss_a - loss_b), sum(_per_example(d * d) for d in diffs))
+      return tuple(_broadcast(scale, d) * d for d in diffs), zeros
 
     def one_sample(noise_key):
       node_key, weight_key = jax.random.split(noise_key) if perturb_free else (noise_key, None)
@@ -199,27 +209,30 @@ def node_perturbation(
           return run(tuple(mi * e for mi, e in zip(m[: len(noise)], noise, strict=True)), w)[0]
 
         losses = jax.vmap(masked)(masks)
-        errors = tuple(
-          _broadcast(_safe_ratio(n * credit(losses[i] - clean_loss), _per_example(e * e)), e) * e
+        scales = [
+          _safe_ratio(n * credit(losses[i] - clean_loss), _per_example(e * e))
           for i, (n, e) in enumerate(zip(widths, noise, strict=True))
-        )
-        return errors, weight_update(losses[-1], weight_noise) if perturb_free else None
+        ]
+        errors = tuple(_broadcast(scale, e) * e for (scale, _), e in zip(scales, noise, strict=True))
+        zeros = sum(z for _, z in scales)
+        return errors, weight_update(losses[-1], weight_noise) if perturb_free else None, zeros
       loss, taps = run(noise, weight_noise)
       if variant == "np":
         errors = tuple(_broadcast(credit(loss - clean_loss), e) * e / sigma**2 for e in noise)
+        zeros = jnp.zeros((), jnp.int32)
       else:
-        errors = anp_errors(loss, taps, clean_loss, clean_taps)
-      return errors, weight_update(loss, weight_noise) if perturb_free else None
+        errors, zeros = anp_errors(loss, taps, clean_loss, clean_taps)
+      return errors, weight_update(loss, weight_noise) if perturb_free else None, zeros
 
     def measured_sample(noise_key):
       first, second = jax.random.split(noise_key)
       loss_1, taps_1 = run(draw(first))
-      return anp_errors(loss_1, taps_1, *run(draw(second))), taps_1
+      return *anp_errors(loss_1, taps_1, *run(draw(second))), taps_1
 
     keys = jax.random.split(step_key, samples)
     batch_size = x.shape[0]
     if measured:
-      errors, taps = jax.vmap(measured_sample)(keys)
+      errors, zeros, taps = jax.vmap(measured_sample)(keys)
       # Each noisy pass has its own inputs: one update per sample, then the mean.
       per_sample = jax.vmap(
         lambda t, e: model.updates_from_errors(params, t, jax.tree.map(lambda v: v / batch_size, e))
@@ -227,13 +240,13 @@ def node_perturbation(
       updates = jax.tree.map(lambda u: jnp.mean(u, axis=0), per_sample(taps, errors))
       variables_taps = jax.tree.map(lambda v: v[0], taps)
     else:
-      errors, weight_updates = jax.vmap(one_sample)(keys)
+      errors, weight_updates, zeros = jax.vmap(one_sample)(keys)
       errors = jax.tree.map(lambda e: jnp.mean(e, axis=0) / batch_size, errors)
       updates = model.updates_from_errors(params, clean_taps, errors)
       if perturb_free:
         updates = optax.tree.add(updates, jax.tree.map(lambda u: jnp.mean(u, axis=0), weight_updates))
       variables_taps = clean_taps
     variables = model.next_variables(params, clean.variables, variables_taps)
-    return updates, NodePerturbationState(next_key, variables)
+    return updates, NodePerturbationState(next_key, variables, jnp.sum(zeros))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
