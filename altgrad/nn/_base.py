@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from altgrad._linalg import RidgeSolver
@@ -88,17 +87,6 @@ class SingleSite(Layer):
   def __call__(self, x: Array) -> Array:
     z = site(self, lambda delta: (x, self.linear(x) if delta is None else self.linear(x) + delta))
     return self.activation(z)
-
-
-def design_rows(features: Array, bias: bool) -> Array:
-  """``features`` as rows ``(n, d)``, with a column of ones appended when the site has a bias."""
-  rows = features.reshape(-1, features.shape[-1])
-  return jnp.concatenate([rows, jnp.ones((rows.shape[0], 1), rows.dtype)], axis=1) if bias else rows
-
-
-def stacked_matrix(kernel: Array, bias: Array | None) -> Array:
-  """``[kernel; bias]``: a site's parameters as the one matrix its design rows multiply."""
-  return kernel if bias is None else jnp.concatenate([kernel, bias[None]], axis=0)
 
 
 def ridge_solver(kernel: Array, reg: Any = None, solver: RidgeSolver | None = None) -> RidgeSolver:

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from altgrad.nn._activations import Activation, get_activation
-from altgrad.nn._base import SingleSite, describe_shape, design_rows, stacked_matrix
+from altgrad.nn._base import SingleSite, describe_shape
+from altgrad.nn._sites import design_rows, stacked_matrix
 
 Array = jax.Array
 

@@ -16,10 +16,9 @@ from altgrad.nn._base import (
   SingleSite,
   check_number,
   describe_shape,
-  design_rows,
   ridge_solver,
-  stacked_matrix,
 )
+from altgrad.nn._sites import design_rows, stacked_matrix
 
 Array = jax.Array
 

@@ -11,9 +11,9 @@ from flax import nnx
 
 from altgrad._linalg import RidgeSolver
 from altgrad.nn._activations import Activation, get_activation
-from altgrad.nn._base import Layer, describe_shape, design_rows, ridge_solver, stacked_matrix
+from altgrad.nn._base import Layer, describe_shape, ridge_solver
 from altgrad.nn._dense import Dense
-from altgrad.nn._sites import site
+from altgrad.nn._sites import design_rows, site, stacked_matrix
 
 Array = jax.Array
 

@@ -301,18 +301,15 @@ def _as_tuple(value: Any, dims: int) -> tuple[int, ...]:
   return (value,) * dims if isinstance(value, int) else tuple(value)
 
 
-def _with_bias(rows: Array, bias: Any) -> Array:
-  if bias is None:
-    return rows
-  return jnp.concatenate([rows, jnp.ones((rows.shape[0], 1), rows.dtype)], axis=1)
+def design_rows(features: Array, bias: bool) -> Array:
+  """``features`` as rows ``(n, d)``, with a column of ones appended when the site has a bias."""
+  rows = features.reshape(-1, features.shape[-1])
+  return jnp.concatenate([rows, jnp.ones((rows.shape[0], 1), rows.dtype)], axis=1) if bias else rows
 
 
-def _stack_bias(matrix: Array, bias: Any) -> Array:
-  return matrix if bias is None else jnp.concatenate([matrix, bias[...].reshape(1, -1)], axis=0)
-
-
-def _param_or_none(module: nnx.Module, name: str) -> Any:
-  return getattr(module, name, None)
+def stacked_matrix(kernel: Array, bias: Array | None) -> Array:
+  """``[kernel; bias]``: a site's parameters as the one matrix its design rows multiply."""
+  return kernel if bias is None else jnp.concatenate([kernel, bias.reshape(1, -1)], axis=0)
 
 
 def matrix_form(module: nnx.Module) -> tuple[Callable[[Any], Array], Callable[[], Array]] | None:
@@ -322,13 +319,18 @@ def matrix_form(module: nnx.Module) -> tuple[Callable[[Any], Array], Callable[[]
   if not getattr(type(module), "_altgrad_tapped", False):
     design, matrix = getattr(module, "design", None), getattr(module, "matrix", None)
     return (design, matrix) if callable(design) and callable(matrix) else None
-  cls, bias = original_class(module), _param_or_none(module, "bias")
+  cls, bias = original_class(module), getattr(module, "bias", None)
+  has_bias = bias is not None
+
+  def bias_value():
+    return bias[...] if has_bias else None
+
   if cls is nnx.Linear:
 
     def linear_design(x):
-      return _with_bias(x.reshape(-1, x.shape[-1]), bias)
+      return design_rows(x, has_bias)
 
-    return linear_design, lambda: _stack_bias(module.kernel[...], bias)
+    return linear_design, lambda: stacked_matrix(module.kernel[...], bias_value())
   if cls is nnx.LinearGeneral:
     axes = tuple(sorted(module.axis))
     width = math.prod(module.in_features)
@@ -336,9 +338,9 @@ def matrix_form(module: nnx.Module) -> tuple[Callable[[Any], Array], Callable[[]
       return None
 
     def general_design(x):
-      return _with_bias(x.reshape(-1, width), bias)
+      return design_rows(x.reshape(-1, width), has_bias)
 
-    return general_design, lambda: _stack_bias(module.kernel[...].reshape(width, -1), bias)
+    return general_design, lambda: stacked_matrix(module.kernel[...].reshape(width, -1), bias_value())
   if cls is nnx.Conv:
     dims = len(module.kernel_size)
     padding = _conv_padding(module.padding, dims)
@@ -361,11 +363,11 @@ def matrix_form(module: nnx.Module) -> tuple[Callable[[Any], Array], Callable[[]
         rhs_dilation=_as_tuple(module.kernel_dilation, dims),
         dimension_numbers=numbers,
       )
-      return _with_bias(patches.reshape(-1, patches.shape[-1]), bias)
+      return design_rows(patches, has_bias)
 
     def conv_matrix():
       kernel = jnp.moveaxis(module.kernel[...], -2, 0)  # spatial..., in, out -> in, spatial..., out
-      return _stack_bias(kernel.reshape(-1, kernel.shape[-1]), bias)
+      return stacked_matrix(kernel.reshape(-1, kernel.shape[-1]), bias_value())
 
     return conv_design, conv_matrix
   return None
