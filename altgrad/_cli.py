@@ -58,7 +58,7 @@ def compare(args: argparse.Namespace) -> dict:
   for name in names:
     model = build_model(dataset, args.model, args.hidden, args.activation, args.seed, args.decorrelation_lr)
     try:
-      rule = make_rule(name, model, loss_fn, args.seed)
+      rule = make_rule(name, model, loss_fn, args.seed, len(dataset.x_train))
     except (TypeError, ValueError) as reason:  # the rule cannot handle this model
       if name == "backprop":
         raise

@@ -29,12 +29,15 @@ def optimizer_for(rule: str, optimizer: str, lr: float) -> optax.GradientTransfo
   return optax.sgd(rules.OWN_STEP[rule]) if rule in rules.OWN_STEP else OPTIMIZERS[optimizer](lr)
 
 
-def make_rule(name: str, model, loss_fn, seed: int, **options) -> optax.GradientTransformationExtraArgs:
+def make_rule(
+  name: str, model, loss_fn, seed: int, data_size: int, **options
+) -> optax.GradientTransformationExtraArgs:
   """The rule ``name`` on ``model``; a rule that draws noise gets ``key=seed``, so runs of
-  different seeds draw different noise."""
-  factory = rules.RULES[name]
-  seeded = "key" in inspect.signature(factory).parameters
-  return factory(model, loss_fn, **options, **({"key": seed} if seeded else {}))
+  different seeds draw different noise, and one that streams statistics over the data set (ER)
+  gets ``data_size``, the number of training examples."""
+  parameters = inspect.signature(rules.RULES[name]).parameters
+  given = {"key": seed, "data_size": data_size}
+  return rules.RULES[name](model, loss_fn, **options, **{k: v for k, v in given.items() if k in parameters})
 
 
 def loss_for(dataset: data_lib.Dataset):

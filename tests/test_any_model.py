@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import cosine, tapped
+from conftest import cosine, make_rule, tapped
 from flax import nnx
 
 from altgrad import _bench, _zoo, data, losses, nn, rules, train
@@ -300,7 +300,7 @@ def test_fit_writes_back_batchnorm_statistics_and_evaluates_in_eval_mode():
 def test_rules_that_need_inverses_name_the_layer_without_one(rule_name):
   model, _ = _zoo_case("residual_mlp")
   with pytest.raises(TypeError, match=r"ResidualMLP, layer block \(flax.Linear\) has no regularized inverse"):
-    rules.RULES[rule_name](model, CE)
+    make_rule(rule_name, model, CE)
 
 
 class _RawScan(nnx.Module):

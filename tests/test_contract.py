@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from conftest import MODELS, make_batch
+from conftest import MODELS, make_batch, make_rule
 from flax import nnx
 
 from altgrad import losses, nn, rules
@@ -20,9 +20,9 @@ def _setup(rule_name, kind, seed=0):
   model = MODELS[kind](seed)
   if (rule_name, kind) in UNSUPPORTED:
     with pytest.raises(TypeError, match=CONSTRUCTOR[rule_name]):
-      rules.RULES[rule_name](model, losses.softmax_cross_entropy)
+      make_rule(rule_name, model, losses.softmax_cross_entropy)
     pytest.skip(f"{rule_name} does not handle {kind} models (and says so)")
-  tx = rules.RULES[rule_name](model, losses.softmax_cross_entropy)
+  tx = make_rule(rule_name, model, losses.softmax_cross_entropy)
   return model, tx, nnx.state(model, nnx.Param)
 
 
@@ -91,7 +91,7 @@ def test_float64_stays_float64(rule_name):
   with jax.enable_x64(True):
     model = MODELS["mlp"](0)
     model = jax.tree.map(lambda p: p.astype(jnp.float64), model)
-    tx = rules.RULES[rule_name](model, losses.softmax_cross_entropy)
+    tx = make_rule(rule_name, model, losses.softmax_cross_entropy)
     params = nnx.state(model, nnx.Param)
     updates, _ = tx.update(None, tx.init(params), params, batch=make_batch("mlp", dtype=jnp.float64))
     assert {u.dtype for u in jax.tree.leaves(updates)} == {jnp.dtype(jnp.float64)}
@@ -129,14 +129,14 @@ class _NoLinearLayer(nnx.Module):
 @pytest.mark.parametrize("rule_name", RULE_NAMES)
 def test_rejects_a_model_without_a_linear_layer(rule_name):
   with pytest.raises(nn.SiteError, match="_NoLinearLayer has no linear layer"):
-    rules.RULES[rule_name](_NoLinearLayer(), losses.softmax_cross_entropy)
+    make_rule(rule_name, _NoLinearLayer(), losses.softmax_cross_entropy)
 
 
 @pytest.mark.parametrize("rule_name", RULE_NAMES)
 def test_update_mutates_neither_its_state_nor_the_model(rule_name):
   """Pure like any optax transformation: the decorrelation matrices move in the returned state only."""
   model = nn.MLP((6, 16, 12, 3), decorrelation_lr=1e-1, rngs=nnx.Rngs(0))
-  tx = rules.RULES[rule_name](model, losses.softmax_cross_entropy)
+  tx = make_rule(rule_name, model, losses.softmax_cross_entropy)
   params = nnx.state(model, nnx.Param)
   state = tx.init(params)
   before = jax.tree.map(jnp.copy, (state, nnx.state(model)))

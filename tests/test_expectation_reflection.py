@@ -103,7 +103,7 @@ def test_sgd_one_after_the_rule_lands_on_the_refit():
   x, y = _binary_problem(dtype=np.float32)
   model = nn.MLP((10, 1), rngs=nnx.Rngs(0))
   params = nnx.state(model, nnx.Param)
-  tx = optax.chain(rules.expectation_reflection(model, reg=0.01), optax.sgd(1.0))
+  tx = optax.chain(rules.expectation_reflection(model, data_size=len(x), reg=0.01), optax.sgd(1.0))
   updates, state = tx.update(None, tx.init(params), params, batch=(x, y))
   landed = optax.apply_updates(params, updates)
   want = rules.reflection_solution(model, params, rules.reflection_moments(model, params, (x, y)), reg=0.01)
@@ -197,7 +197,7 @@ def test_classifier_keeps_the_best_weights_when_the_discrepancy_rises():
 def test_multilayer_one_sweep():
   ds = data.digits()
   model = nn.MLP((64, 100, 10), rngs=nnx.Rngs(0))
-  tx = optax.chain(rules.expectation_reflection(model, reg=1e-2), optax.sgd(1.0))
+  tx = optax.chain(rules.expectation_reflection(model, data_size=len(ds.x_train), reg=1e-2), optax.sgd(1.0))
   history = train.fit(
     model, tx, ds, loss_fn=losses.softmax_cross_entropy, epochs=1, batch_size=len(ds.x_train)
   )
@@ -218,7 +218,7 @@ def test_fit_stops_when_the_discrepancy_rises_and_keeps_the_best_params():
 
   def run(epochs, stop):
     model = nn.MLP((8, 1), rngs=nnx.Rngs(0))
-    tx = optax.chain(rules.expectation_reflection(model), optax.sgd(1.0))
+    tx = optax.chain(rules.expectation_reflection(model, data_size=400), optax.sgd(1.0))
     history = train.fit(
       model, tx, ds, loss_fn=_binary_loss, epochs=epochs, batch_size=400, stop_on_discrepancy=stop
     )
@@ -236,13 +236,14 @@ def test_fit_stops_when_the_discrepancy_rises_and_keeps_the_best_params():
 
 
 @pytest.mark.parametrize(
-  "options", [{"hidden_target": "plain"}, {"hidden_field": "atanh"}, {"multiclass": "softmax"}]
+  "options",
+  [{"hidden_target": "plain"}, {"hidden_target": "ratio"}, {"hidden_field": "atanh"}, {"multiclass": "softmax"}],
 )
 def test_multilayer_options_give_finite_descending_updates(options):
   ds = data.digits()
   model = nn.MLP((64, 32, 10), rngs=nnx.Rngs(0))
   params = nnx.state(model, nnx.Param)
-  tx = optax.chain(rules.expectation_reflection(model, **options), optax.sgd(1.0))
+  tx = optax.chain(rules.expectation_reflection(model, data_size=len(ds.x_train), **options), optax.sgd(1.0))
   batch = (jnp.asarray(ds.x_train), jnp.asarray(ds.y_train))
   updates, _ = tx.update(None, tx.init(params), params, batch=batch)
   chex.assert_tree_all_finite(updates)
@@ -260,16 +261,16 @@ def test_bad_models_and_options_are_clear_errors():
   with pytest.raises(ValueError, match="reflects hidden fields through tanh"):
     rules.expectation_reflection(nn.MLP((4, 5, 2), activation="relu", rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match="needs reg > 0"):
-    rules.expectation_reflection(nn.MLP((4, 5, 2), rngs=nnx.Rngs(0)), reg=0.0)
+    rules.expectation_reflection(nn.MLP((4, 5, 2), rngs=nnx.Rngs(0)), data_size=4, reg=0.0)
   for kwargs, message in (
     ({"reg": -1.0}, "reg must be"),
     ({"expectation": "langevin"}, "expectation must be"),
   ):
     with pytest.raises(ValueError, match=message):
-      rules.expectation_reflection(nn.MLP((4, 2), rngs=nnx.Rngs(0)), **kwargs)
+      rules.expectation_reflection(nn.MLP((4, 2), rngs=nnx.Rngs(0)), data_size=4, **kwargs)
   model = nn.MLP((4, 2), rngs=nnx.Rngs(0))
   params = nnx.state(model, nnx.Param)
-  tx = rules.expectation_reflection(model)
+  tx = rules.expectation_reflection(model, data_size=3)
   with pytest.raises(TypeError, match="integer class labels"):
     tx.update(None, tx.init(params), params, batch=(jnp.ones((3, 4)), jnp.ones(3)))
   with pytest.raises(ValueError, match="refits one layer"):
@@ -315,3 +316,73 @@ def test_classifier_stops_each_class_on_its_own_as_independent_binary_fits_would
   assert not np.allclose(joint, kernel, atol=1e-3)
   with pytest.raises(ValueError, match="'joint' with multiclass='softmax'"):
     rules.ERClassifier(multiclass="softmax", stopping="per_class")
+
+
+def _stream(model, rule, batches):
+  """Params and rule state after ``rule`` (then ``sgd(1.0)``) has stepped through ``batches``."""
+  tx = optax.chain(rule, optax.sgd(1.0))
+  params, state = nnx.state(model, nnx.Param), tx.init(nnx.state(model, nnx.Param))
+  for batch in batches:
+    updates, state = tx.update(None, state, params, batch=batch)
+    params = optax.apply_updates(params, updates)
+  return params, state[0]
+
+
+def test_streamed_moments_decay_over_the_data_set_and_full_batches_are_the_reference_rule():
+  x, y = _binary_problem(n=120, d=6, seed=2, dtype=np.float32)
+  model = nn.MLP((6, 1), rngs=nnx.Rngs(0))
+  halves = [(x[:60], y[:60]), (x[60:], y[60:])]
+  params, state = _stream(model, rules.expectation_reflection(model, data_size=120), halves[:1])
+  first = rules.reflection_moments(model, nnx.state(model, nnx.Param), halves[0])
+  second = rules.reflection_moments(model, params, halves[1])
+  _, state = _stream(model, rules.expectation_reflection(model, data_size=120), halves)
+  want = first.scaled(0.5) + second  # M <- (1 - B/N) M + moments(batch), B/N = 1/2
+  chex.assert_trees_all_close(tuple(state.moments[0]), tuple(want), rtol=1e-5, atol=1e-4)
+  # B = N: every refit is the full-batch rule's (nothing remembered); a 2-layer net, 3 sweeps
+  ds = data.digits()
+  deep = nn.MLP((64, 16, 10), rngs=nnx.Rngs(1))
+  sweeps = [(jnp.asarray(ds.x_train), jnp.asarray(ds.y_train))] * 3
+  streamed, _ = _stream(deep, rules.expectation_reflection(deep, data_size=len(ds.x_train)), sweeps)
+  alone, _ = _stream(deep, rules.expectation_reflection(deep, data_size="per_batch"), sweeps)
+  chex.assert_trees_all_close(streamed, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_minibatch_er_is_stable_on_digits_and_does_not_collapse_on_mnist1d():
+  """Issue 13: refit from one minibatch alone, ER oscillated on digits and collapsed to chance on
+  MNIST-1D; streamed over the data set it settles."""
+  digits = data.digits()
+  model = nn.MLP((64, 64, 10), rngs=nnx.Rngs(0))
+  tx = optax.chain(rules.expectation_reflection(model, data_size=len(digits.x_train)), optax.sgd(1.0))
+  acc = train.fit(model, tx, digits, loss_fn=losses.softmax_cross_entropy, epochs=4, batch_size=64).test_accuracy
+  assert acc[0] > 0.9 and min(acc) > 0.9
+  assert all(later > earlier - 0.02 for earlier, later in zip(acc[1:], acc[2:]))  # after the first epoch
+  mnist1d = data.mnist1d()
+  model = nn.MLP((40, 64, 10), rngs=nnx.Rngs(0))
+  tx = optax.chain(rules.expectation_reflection(model, data_size=len(mnist1d.x_train)), optax.sgd(1.0))
+  acc = train.fit(model, tx, mnist1d, loss_fn=losses.softmax_cross_entropy, epochs=3, batch_size=64).test_accuracy
+  assert min(acc) > 0.3  # a refit per batch alone: ~0.12, chance 0.1
+
+
+def test_data_size_is_required_checked_and_bounds_the_batch():
+  model = nn.MLP((4, 2), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="needs data_size: the number of training examples"):
+    rules.expectation_reflection(model)
+  for bad in (0, -3, 2.5, True, "all"):
+    with pytest.raises(ValueError, match="data_size must be a positive int or 'per_batch'"):
+      rules.expectation_reflection(model, data_size=bad)
+  tx = rules.expectation_reflection(model, data_size=2)
+  params = nnx.state(model, nnx.Param)
+  with pytest.raises(ValueError, match="a batch of 3 examples is larger than data_size=2"):
+    tx.update(None, tx.init(params), params, batch=(jnp.ones((3, 4)), jnp.zeros(3, jnp.int32)))
+
+
+def test_ratio_hidden_target_guards_small_predictions_and_leaves_tanh_range_to_the_difference():
+  from altgrad.rules._expectation_reflection import RATIO_FLOOR, ratio_target
+
+  activity = jnp.array([0.5, 0.5, 0.5, 0.9])
+  observed = jnp.array([0.3, 0.2, 0.4, 0.9])
+  predicted = jnp.array([0.6, 0.0, RATIO_FLOOR / 2, 0.5])  # ratio, 0, tiny, ratio out of range
+  want = jnp.array([0.25, 0.7, 0.9 - RATIO_FLOOR / 2, 0.9 + 0.4])
+  chex.assert_trees_all_close(ratio_target(activity, observed, predicted), want, rtol=1e-6)
+  grads = jax.grad(lambda p: jnp.sum(ratio_target(activity, observed, p)))(predicted)
+  chex.assert_tree_all_finite(grads)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from conftest import MODELS, make_batch
+from conftest import MODELS, make_batch, make_rule
 from flax import nnx
 
 from altgrad import losses, nn, rules
@@ -18,7 +18,7 @@ NEEDS_FLOAT32 = {"consequentialism", "np", "inp", "anp", "tp", "er"}
 
 
 def _rule(name, model, **options):
-  return rules.RULES[name](model, CE, **options)
+  return make_rule(name, model, CE, **options)
 
 
 def _update(tx, params, batch, state=None):

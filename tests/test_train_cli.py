@@ -169,9 +169,9 @@ def test_rules_draw_noise_from_the_run_seed_and_decorrelation_is_refused_where_i
   model = _experiment.build_model(dataset, "mlp", (8,), "tanh", 0)
   params = nnx.state(model, nnx.Param)
   for seed in (0, 3):
-    state = _experiment.make_rule("np", model, losses.softmax_cross_entropy, seed).init(params)
+    state = _experiment.make_rule("np", model, losses.softmax_cross_entropy, seed, 100).init(params)
     assert jnp.array_equal(jax.random.key_data(state.key), jax.random.key_data(jax.random.key(seed)))
-  assert _experiment.make_rule("backprop", model, losses.softmax_cross_entropy, 3).init(params) is not None
+  assert _experiment.make_rule("backprop", model, losses.softmax_cross_entropy, 3, 100).init(params) is not None
   images = data.Dataset(
     dataset.x_train.reshape(-1, 8, 8, 1), dataset.y_train, dataset.x_test.reshape(-1, 8, 8, 1), dataset.y_test, 10, "d"
   )

@@ -9,6 +9,13 @@ spec/er.md records. The paper's body was not available: the multilayer rule here
 reconstruction from its abstract ("modified gradient descent incorporating the inverse mapping of
 target propagation"), not the paper's algorithm.
 
+Minibatches: a refit from one minibatch alone has more unknowns per unit than the batch has rows,
+so it interpolates the batch and erases the weights outside the batch's span. The rule therefore
+refits from sufficient statistics streamed over the data set, ``M <- (1 - B/N) M + moments(batch)``
+(``N = data_size``): with ``B = N`` it is exactly the full-batch rule, with ``B < N`` every refit
+sees statistics of about the whole data set, the newest batches weighted most. No step size is
+involved. This streaming is altgrad's, not the paper's (which states no minibatch rule).
+
 Ridge convention: the refit solves ``(C + reg I) w = Cov(x, h*)`` with ``C`` the population
 covariance of the inputs (the bias is not penalized), i.e. ``reg`` is added to the covariance as
 the oldest reference file does (the 2019 package adds ``reg I / (2L)`` instead).
@@ -34,9 +41,13 @@ Array = jax.Array
 
 EXPECTATIONS = ("tanh_half", "tanh")
 MULTICLASS = ("ovr", "softmax")
-HIDDEN_TARGETS = ("diff", "plain")
+HIDDEN_TARGETS = ("diff", "plain", "ratio")
 HIDDEN_FIELDS = ("ratio", "atanh")
 _SMALL = 1e-4  # below this |u|, g(u) = u / tanh(u) is replaced by its Taylor series
+#: Below this magnitude of a hidden unit's back-projected prediction, ``hidden_target="ratio"``
+#: takes the difference form for that unit (the ratio is undefined at 0).
+RATIO_FLOOR = 1e-3
+PER_BATCH = "per_batch"
 
 
 def secant_ratio(u: Array) -> Array:
@@ -88,7 +99,7 @@ class Moments(NamedTuple):
   """Sufficient statistics of one refit: sums over examples, so batches and devices add them.
 
   ``count``, ``inputs`` (sum x), ``outer`` (sum x x^T), ``targets`` (sum h*), ``cross``
-  (sum x h*^T) and ``discrepancy`` (sum of the per-example discrepancy).
+  (sum x h*^T) and ``discrepancy_sum`` (sum of the per-example discrepancy).
   """
 
   count: Array
@@ -96,10 +107,20 @@ class Moments(NamedTuple):
   outer: Array
   targets: Array
   cross: Array
-  discrepancy: Array
+  discrepancy_sum: Array
 
   def __add__(self, other: Moments) -> Moments:  # type: ignore[override]
     return Moments(*jax.tree.map(jnp.add, tuple(self), tuple(other)))
+
+  def scaled(self, factor: float | Array) -> Moments:
+    """Every sum times ``factor`` (a memory's decay)."""
+    return Moments(*(factor * m for m in self))
+
+  @classmethod
+  def zeros(cls, features: int, outputs: int, dtype) -> Moments:
+    """The moments of no examples."""
+    z = lambda *shape: jnp.zeros(shape, dtype)  # noqa: E731
+    return cls(z(), z(features), z(features, features), z(outputs), z(features, outputs), z())
 
   @classmethod
   def of(cls, x: Array, target: Array, discrepancy: Array) -> Moments:
@@ -152,6 +173,7 @@ def refit(moments: Moments, reg: float | Array, *, center_outputs: bool = False)
 
 class ExpectationReflectionState(NamedTuple):
   discrepancy: Array  # mean discrepancy of the batch at the params the update was computed from
+  moments: tuple[Moments, ...]  # per layer, streamed over the data set (see the module docstring)
   model_variables: Any  # the model's non-param variables (decorrelation matrices)
 
 
@@ -184,6 +206,27 @@ def _check_labels(labels: Array, outputs: int) -> None:
       )
 
 
+def _check_data_size(data_size: int | str | None) -> None:
+  if data_size is None:
+    raise ValueError(
+      "expectation_reflection needs data_size: the number of training examples, over which its "
+      "refits stream statistics (data_size = batch size is the full-batch rule). "
+      f"data_size={PER_BATCH!r} refits on each batch alone, which interpolates every minibatch "
+      "and forgets the rest of the data set"
+    )
+  if data_size != PER_BATCH and (isinstance(data_size, bool) or not isinstance(data_size, int) or data_size < 1):
+    raise ValueError(f"data_size must be a positive int or {PER_BATCH!r}, got {data_size!r}")
+
+
+def _memory(data_size: int | str, batch_size: int) -> float:
+  """The decay ``1 - B/N`` of the streamed moments (0: the batch alone)."""
+  if data_size == PER_BATCH:
+    return 0.0
+  if batch_size > data_size:
+    raise ValueError(f"a batch of {batch_size} examples is larger than data_size={data_size}")
+  return 1.0 - batch_size / data_size
+
+
 def _check_options(reg, expectation, multiclass, hidden_target, hidden_field) -> None:
   check_number(reg, "reg")
   for name, value, allowed in (
@@ -199,6 +242,7 @@ def _check_options(reg, expectation, multiclass, hidden_target, hidden_field) ->
 def expectation_reflection(
   model: nnx.Module,
   *,
+  data_size: int | str | None = None,
   reg: float = 0.01,
   expectation: str = "tanh_half",
   multiclass: str = "ovr",
@@ -214,13 +258,22 @@ def expectation_reflection(
   on ``x`` (spec/er.md 2.1). With one output the labels are binary {0, 1}.
 
   Hidden layers [reconstruction, not the paper's algorithm]: the output field is reflected, then
-  targets travel down through each layer's regularized inverse, as in target propagation:
-  ``hidden_target="diff"`` ``a* = a + (z* - z) W^+`` or ``"plain"`` ``a* = (z* - b) W^+``, then a
-  field target ``z* = a* g(z)`` (``hidden_field="ratio"``) or ``atanh(a*)`` (``"atanh"``). Layers are
-  refit bottom-up, each on the inputs the already refit layers below now give.
+  targets travel down through each layer's ridge inverse ``P(v) = v W^+``, as in target
+  propagation. The activity target ``a*`` is ``hidden_target="diff"`` (default)
+  ``a + P(z* - z)``, ``"plain"`` ``P(z* - b)`` (loses the part of ``a`` outside ``W``'s row
+  space), or ``"ratio"`` ``a P(z* - b) / P(z - b)``: the unit's activity times the ratio of
+  back-projected target to back-projected prediction (the difference form where
+  ``|P(z - b)| <`` :data:`RATIO_FLOOR`). The field target is then ``z* = a* g(z) = z a*/a``
+  (``hidden_field="ratio"``, default: the output layer's reflection ``h* = h s/E[s]`` applied to a
+  hidden unit) or ``atanh(a*)`` (``"atanh"``). Layers are refit bottom-up, each on the inputs the
+  already refit layers below now give.
 
   Args:
     model: an MLP of Dense layers with biases (tanh hidden layers) and identity output.
+    data_size: the number of training examples. Each layer's refit uses moments streamed as
+      ``M <- (1 - B/data_size) M + moments(batch)``, so full-batch training (``B = data_size``)
+      is the reference rule and minibatches see the whole data set's statistics. Required:
+      ``"per_batch"`` refits on each batch alone (it interpolates every minibatch).
     reg: the ridge added to the input covariance (and of the pseudo-inverse of hidden targets).
     expectation: ``"tanh_half"`` (labels' logits, the reference default) or ``"tanh"``.
     multiclass: ``"ovr"`` (one-vs-rest, independent outputs) or ``"softmax"`` (joint).
@@ -232,6 +285,7 @@ def expectation_reflection(
   pure = PureModel(model)
   layers = _check_model(model)
   check_precision(model, "expectation_reflection", "solves a least-squares refit per layer")
+  _check_data_size(data_size)
   _check_options(reg, expectation, multiclass, hidden_target, hidden_field)
   outputs = layers[-1].out_features
   if multiclass == "softmax" and outputs < 2:
@@ -242,48 +296,67 @@ def expectation_reflection(
     )
 
   def init_fn(params):
-    del params
-    return ExpectationReflectionState(jnp.asarray(jnp.inf, jnp.float32), pure.variables)
+    dtype = jnp.promote_types(jax.tree.leaves(params)[0].dtype, jnp.float32)
+    moments = tuple(Moments.zeros(layer.in_features, layer.out_features, dtype) for layer in layers)
+    return ExpectationReflectionState(jnp.asarray(jnp.inf, jnp.float32), moments, pure.variables)
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del updates, extra_args
     view = pure.with_variables(state.model_variables)
     x, labels = view.check_batch(params, batch, rule="expectation_reflection")
     _check_labels(labels, outputs)
+    memory = _memory(data_size, x.shape[0])
     sites = view.bind(params).sites()
     taps = view.tapped(params, x).taps
-    s = spins(labels, outputs)
-    field_target, discrepancy = reflect(taps[-1].preact, s, expectation=expectation, multiclass=multiclass)
-    field_targets = [field_target]
-    for layer, tap, below, below_tap in zip(
-      sites[:0:-1], taps[:0:-1], sites[-2::-1], taps[-2::-1], strict=True
-    ):
-      solver = layer.ridge_solver(reg)
-      z_target = field_targets[0]
-      if hidden_target == "diff":
-        a_target = tap.inputs + solver(z_target - tap.preact)
-      else:
-        a_target = solver(z_target - layer.bias[...])
-      if hidden_field == "ratio":
-        field_targets.insert(0, a_target * secant_ratio(below_tap.preact))
-      else:
-        field_targets.insert(0, below.activation.inverse(a_target))
-    matrices, inputs = {}, x
-    for i, (site, tap, target) in enumerate(zip(sites, taps, field_targets, strict=True)):
+    field_target, discrepancy = reflect(
+      taps[-1].preact, spins(labels, outputs), expectation=expectation, multiclass=multiclass
+    )
+    field_targets = _hidden_field_targets(sites, taps, field_target, reg, hidden_target, hidden_field)
+    matrices, streamed, inputs = {}, [], x
+    for i, (site, tap, target, old) in enumerate(zip(sites, taps, field_targets, state.moments, strict=True)):
       features = site.decorrelated(inputs)
-      kernel, bias = refit(
-        Moments.of(features, target, discrepancy),
-        reg,
-        center_outputs=multiclass == "softmax" and i == len(sites) - 1,
-      )
+      batch_moments = Moments.of(features, target, discrepancy)
+      moments = old.scaled(memory) + Moments(*(m.astype(old.count.dtype) for m in batch_moments))
+      kernel, bias = refit(moments, reg, center_outputs=multiclass == "softmax" and i == len(sites) - 1)
       matrices[tap.path] = site.matrix() - jnp.concatenate([kernel, bias[None]]).astype(site.matrix().dtype)
+      streamed.append(moments)
       inputs = site.activation(features @ kernel + bias)
     updates = view.updates_from_matrices(params, matrices)
     mean_discrepancy = jnp.mean(discrepancy).astype(jnp.float32)
     variables = view.next_variables(params, view.variables, taps)
-    return updates, ExpectationReflectionState(mean_discrepancy, variables)
+    return updates, ExpectationReflectionState(mean_discrepancy, tuple(streamed), variables)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _hidden_field_targets(sites, taps, field_target, reg, hidden_target, hidden_field) -> list[Array]:
+  """Every layer's field target, the output's ``field_target`` carried down through each layer's
+  ridge inverse (see :func:`expectation_reflection` for the forms)."""
+  field_targets = [field_target]
+  for layer, tap, below, below_tap in zip(sites[:0:-1], taps[:0:-1], sites[-2::-1], taps[-2::-1], strict=True):
+    solve = layer.ridge_solver(reg)
+    z_target = field_targets[0]
+    if hidden_target == "plain":
+      a_target = solve(z_target - layer.bias[...])
+    elif hidden_target == "diff":
+      a_target = tap.inputs + solve(z_target - tap.preact)
+    else:
+      a_target = ratio_target(tap.inputs, solve(z_target - layer.bias[...]), solve(tap.preact - layer.bias[...]))
+    if hidden_field == "ratio":
+      field_targets.insert(0, a_target * secant_ratio(below_tap.preact))
+    else:
+      field_targets.insert(0, below.activation.inverse(a_target))
+  return field_targets
+
+
+def ratio_target(activity: Array, observed: Array, predicted: Array) -> Array:
+  """``activity * observed / predicted`` per unit where that lies in tanh's range (-1, 1) and
+  ``|predicted| >=`` :data:`RATIO_FLOOR`; elsewhere the difference form
+  ``activity + observed - predicted`` (safe under autodiff)."""
+  small = jnp.abs(predicted) < RATIO_FLOOR
+  ratio = activity * observed / jnp.where(small, 1.0, predicted)
+  difference = activity + observed - predicted
+  return jnp.where(small | (jnp.abs(ratio) >= 1.0), difference, ratio)
 
 
 def _single_layer(model: nnx.Module) -> Dense:

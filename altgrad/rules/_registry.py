@@ -25,9 +25,9 @@ RULES: dict[str, RuleFactory] = {
   "inp": functools.partial(node_perturbation, variant="inp"),
   "anp": functools.partial(node_perturbation, variant="anp"),
   "tp": target_propagation,
-  "er": lambda model, loss_fn, **options: expectation_reflection(
-    model, **options
-  ),  # no loss: it reflects labels
+  "er": lambda model, loss_fn, *, data_size=None, **options: expectation_reflection(
+    model, data_size=data_size, **options
+  ),  # no loss: it reflects labels; it streams statistics over data_size examples
 }
 
 #: Rules that fix their own step: their pseudo-gradient is applied by ``optax.sgd(step)`` whatever
