@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from altgrad.data import Dataset
 from altgrad.nn import Layer, PureModel
+from altgrad.rules._expectation_reflection import rises
 
 Array = jax.Array
 #: ``probe(params, opt_state) -> {name: scalar}``, recorded before training and after each epoch.
@@ -151,7 +152,8 @@ def fit(
     progress: show a progress bar; default only when stderr is a terminal.
     stop_on_discrepancy: the reference stopping rule of Expectation Reflection: stop when the
       discrepancy the rule reports (its state's ``discrepancy``, measured at the params its last
-      update started from) no longer falls, and keep the best params. Meant for full-batch
+      update started from) rises (by more than float rounding: :func:`~altgrad.rules._expectation_reflection.rises`),
+      and keep the best params. Meant for full-batch
       training (``batch_size`` = the training set), where each epoch is one update.
     data_parallel: shard every batch over all devices (``jax.devices()``, a one-axis mesh named
       :data:`BATCH_AXIS`) with params and rule state replicated; ``batch_size`` must divide by
@@ -389,11 +391,12 @@ def _train(
     if checkpoints is not None:
       checkpoints.save(epoch, params, opt_state, histories)
     if stop_on_discrepancy:
-      discrepancy = float(optax.tree_utils.tree_get(opt_state, "discrepancy"))  # measured at `before`
-      if best is not None and not discrepancy < best[0]:
+      discrepancy = optax.tree_utils.tree_get(opt_state, "discrepancy")  # measured at `before`
+      if best is not None and rises(discrepancy, best[0]):
         _, params, opt_state, histories[0].restored_epoch = best
         break
-      best = (discrepancy, *before, epoch - 1)
+      if best is None or discrepancy < best[0]:
+        best = (discrepancy, *before, epoch - 1)
   bar.close()
   if checkpoints is not None:
     checkpoints.close()

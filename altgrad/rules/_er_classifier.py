@@ -19,6 +19,7 @@ from altgrad.rules._expectation_reflection import (
   MULTICLASS,
   InputFactor,
   reflect,
+  rises,
   spins,
 )
 
@@ -29,8 +30,9 @@ STOPPING = ("per_class", "joint")
   jax.jit, static_argnames=("max_iter", "expectation", "multiclass", "keep_best", "per_class")
 )
 def _fit(x, s, kernel, reg, *, max_iter, expectation, multiclass, keep_best, per_class):
-  """Reflect and refit until the training discrepancy stops falling (the reference's rule): of
-  each output on its own (``per_class``, one-vs-rest), or of their mean (``joint``)."""
+  """Reflect and refit until the training discrepancy stops falling (the reference's rule; a rise
+  within rounding does not count, see :func:`rises`): of each output on its own (``per_class``,
+  one-vs-rest), or of their mean (``joint``)."""
   count = jnp.asarray(x.shape[0], x.dtype)
   factor = InputFactor.of(count, jnp.sum(x, axis=0), x.T @ x, reg)  # the inputs never change
   bias = jnp.zeros(kernel.shape[1], x.dtype)
@@ -50,10 +52,11 @@ def _fit(x, s, kernel, reg, *, max_iter, expectation, multiclass, keep_best, per
     k, kernel, bias, best, active = carry
     target, cost = costs(kernel, bias)
     improved = active & ((k == 0) | (cost < best[2]))  # per output
+    going = active & ((k == 0) | ~rises(cost, best[2]))  # a rise within rounding does not stop
     best = jax.tree.map(lambda new, old: jnp.where(improved, new, old), (kernel, bias, cost), best)
     new = factor.solve(count, jnp.sum(target, 0), x.T @ target, center_outputs=multiclass == "softmax")
-    kernel, bias = jax.tree.map(lambda n, o: jnp.where(improved, n, o), new, (kernel, bias))
-    return k + 1, kernel, bias, best, improved  # an output that stopped stays stopped
+    kernel, bias = jax.tree.map(lambda n, o: jnp.where(going, n, o), new, (kernel, bias))
+    return k + 1, kernel, bias, best, going  # an output that stopped stays stopped
 
   def cond(carry):
     return (carry[0] < max_iter) & jnp.any(carry[4])
@@ -78,7 +81,10 @@ class ERClassifier:
   ``max_iter``; it keeps the best weights (``keep_best=False`` returns the last, as the reference).
   With one-vs-rest outputs each class stops on its own discrepancy, as the reference does
   (``stopping="per_class"``, the default; one output's refit does not depend on the others), or
-  all at once on their mean (``stopping="joint"``, the only choice for ``"softmax"``).
+  all at once on their mean (``stopping="joint"``, the only choice for ``"softmax"``). A rise
+  within float rounding is not a rise (:func:`~altgrad.rules._expectation_reflection.rises`): near
+  convergence the discrepancy falls by less than float32 resolves, and an exact comparison
+  stopped float32 fits on rounding noise where float64 ones go on.
   Two classes use one output (labels' logit); more use one-vs-rest outputs normalized at
   prediction (``multiclass="ovr"``, the package's way) or a joint softmax (``"softmax"``).
   Inputs are used as given: standardize them first, as the reference's users do.
