@@ -1,16 +1,23 @@
 """Writes notebooks/*.ipynb from the cell sources below (run after editing them)."""
 
+import tomllib
 from pathlib import Path
 
 import nbformat
 
-INSTALL = """\
-# In Colab or a fresh environment, install altgrad first (skipped where it is installed).
-# Until altgrad is on PyPI, point ALTGRAD_SOURCE at this repository: "git+https://..." or a path.
-ALTGRAD_SOURCE = "altgrad"
-import importlib.util, subprocess, sys
+ROOT = Path(__file__).resolve().parent.parent
+#: Where the notebooks install altgrad from: pyproject's project.urls, the one place it is written.
+REPOSITORY = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
+
+INSTALL = f"""\
+# Installs altgrad where it is missing (Colab, a fresh environment) with pip alone: from its
+# repository, or from ALTGRAD_SOURCE if set (a wheel, a path or any other pip requirement).
+import importlib.util, os, subprocess, sys
 if importlib.util.find_spec("altgrad") is None:
-    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", ALTGRAD_SOURCE])"""
+    source = os.environ.get("ALTGRAD_SOURCE", "altgrad @ git+{REPOSITORY}")
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", source])
+import jax
+print(f"JAX {{jax.__version__}} on {{jax.default_backend()}}: {{jax.devices()}}")"""
 
 QUICKSTART = [
   (
@@ -388,12 +395,14 @@ def build(cells):
   nb.cells = [
     nbformat.v4.new_markdown_cell(s) if kind == "md" else nbformat.v4.new_code_cell(s) for kind, s in cells
   ]
+  for i, cell in enumerate(nb.cells):
+    cell.id = f"cell-{i}"  # stable ids: rewriting a notebook changes only the cells that changed
   nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
   return nb
 
 
 if __name__ == "__main__":
-  out = Path(__file__).resolve().parent.parent / "notebooks"
+  out = ROOT / "notebooks"
   for name, cells in NOTEBOOKS.items():
     nbformat.write(build(cells), out / name)
     print("wrote", out / name)

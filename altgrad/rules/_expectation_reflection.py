@@ -275,7 +275,8 @@ def expectation_reflection(
   ``a + P(z* - z)``, ``"plain"`` ``P(z* - b)`` (loses the part of ``a`` outside ``W``'s row
   space), or ``"ratio"`` ``a P(z* - b) / P(z - b)``: the unit's activity times the ratio of
   back-projected target to back-projected prediction (the difference form where
-  ``|P(z - b)| <`` :data:`RATIO_FLOOR`). The field target is then ``z* = a* g(z) = z a*/a``
+  ``|P(z - b)| <`` :data:`RATIO_FLOOR` or where the ratio target leaves tanh's range; unguarded,
+  the ratio diverged within three minibatches on digits). The field target is then ``z* = a* g(z) = z a*/a``
   (``hidden_field="ratio"``, default: the output layer's reflection ``h* = h s/E[s]`` applied to a
   hidden unit) or ``atanh(a*)`` (``"atanh"``). Layers are refit bottom-up, each on the inputs the
   already refit layers below now give.
