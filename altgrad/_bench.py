@@ -419,7 +419,8 @@ def run_suite(
   results = {"suite": suite, "environment": environment(), "data_parallel": data_parallel, "runs": {}}
   from tqdm.auto import tqdm
 
-  bar = tqdm(runs, desc=f"bench {suite}", unit="run", disable=progress is False)
+  primary = jax.process_index() == 0
+  bar = tqdm(runs, desc=f"bench {suite}", unit="run", disable=progress is False or not primary)
   for run in bar:
     bar.set_postfix_str(run.name, refresh=True)
     if run.name in previous.get("runs", {}):
@@ -429,11 +430,13 @@ def run_suite(
     results["runs"][run.name] = execute(run, data_parallel=data_parallel) | {
       "total_seconds": time.perf_counter() - start
     }
-    path.write_text(json.dumps(results, indent=1))  # resumable after every run
+    if primary:  # several processes: process 0 writes
+      path.write_text(json.dumps(results, indent=1))  # resumable after every run
   _add_ratios(runs, results["runs"])
-  path.write_text(json.dumps(results, indent=1))
-  (out_dir / f"{suite}.md").write_text(markdown(results))
-  plot(results, out_dir / f"{suite}.png")
+  if primary:
+    path.write_text(json.dumps(results, indent=1))
+    (out_dir / f"{suite}.md").write_text(markdown(results))
+    plot(results, out_dir / f"{suite}.png")
   return results
 
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import optax
 
-from altgrad import _bench, nn, rules, train
+from altgrad import _bench, _distributed, nn, rules, train
 from altgrad import data as data_lib
 from altgrad._experiment import MODELS, OPTIMIZERS, build_model, loss_for, make_rule, optimizer_for
 
@@ -18,6 +18,37 @@ DATA_PARALLEL_HELP = (
   "shard every batch over all devices (jax.devices()), params replicated; the batch size must divide "
   "by the device count"
 )
+
+
+def _add_process_options(p: argparse.ArgumentParser) -> None:
+  """Flags of a run that spans several processes (JAX's multi-controller runtime); they imply
+  --data-parallel. Every process runs the same command; process 0 prints and writes files."""
+  g = p.add_argument_group(
+    "several processes",
+    "run the same command in every process (one per host, or per GPU); they join into one "
+    "data-parallel run over all their devices, and only process 0 prints and writes files",
+  )
+  g.add_argument(
+    "--coordinator",
+    default="",
+    help="HOST:PORT where process 0 serves the coordinator (all processes pass the same), or "
+    f"'{_distributed.AUTO}' to let JAX find the cluster (TPU slices, SLURM, Open MPI)",
+  )
+  g.add_argument("--num-processes", type=_positive(int), help="how many processes join (with --coordinator)")
+  g.add_argument("--process-id", type=int, help="this process's index, 0 to num-processes - 1")
+  g.add_argument(
+    "--init-timeout",
+    type=_positive(float),
+    default=120.0,
+    help="seconds to wait for the other processes and the coordinator (default: 120)",
+  )
+  g.add_argument(
+    "--processes",
+    type=_positive(int),
+    default=1,
+    help="start this many local processes joined through 127.0.0.1, to try a multi-process run on "
+    "one machine (default: 1)",
+  )
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -80,6 +111,8 @@ def compare(args: argparse.Namespace) -> dict:
   reference = results["backprop"]["median_step_time"]
   for result in results.values():
     result["step_time_ratio"] = result["median_step_time"] / reference
+  if not _distributed.is_primary():
+    return results
   _print_table(dataset.name, results, sys.stdout)
   for name, reason in skipped.items():
     print(f"skipped {name}: {reason}")
@@ -200,6 +233,7 @@ def make_parser() -> argparse.ArgumentParser:
   p.add_argument("--json", default="", help="also write all histories to this JSON file")
   p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
   p.add_argument("--data-parallel", action="store_true", help=DATA_PARALLEL_HELP)
+  _add_process_options(p)
   p.set_defaults(func=compare)
 
   b = commands.add_parser(
@@ -215,6 +249,7 @@ def make_parser() -> argparse.ArgumentParser:
   b.add_argument("--out", default="results", help="output directory (default: results)")
   b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
   b.add_argument("--data-parallel", action="store_true", help=DATA_PARALLEL_HELP)
+  _add_process_options(b)
   b.set_defaults(func=bench)
   return parser
 
@@ -223,16 +258,38 @@ def bench(args: argparse.Namespace) -> dict:
   results = _bench.run_suite(
     args.suite, args.out, progress=False if args.no_progress else None, data_parallel=args.data_parallel
   )
-  print(_bench.markdown(results))
-  print(f"results written to {args.out}/{args.suite}.json, .md and .png")
+  if _distributed.is_primary():
+    print(_bench.markdown(results))
+    print(f"results written to {args.out}/{args.suite}.json, .md and .png")
   return results
 
 
+def _without_processes(argv: Sequence[str]) -> list[str]:
+  """``argv`` less its ``--processes N`` (or ``--processes=N``)."""
+  out, skip = [], False
+  for token in argv:
+    if skip:
+      skip = False
+    elif token == "--processes":
+      skip = True
+    elif not token.startswith("--processes="):
+      out.append(token)
+  return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
   args = make_parser().parse_args(argv)
   try:
+    if args.processes > 1:
+      if args.coordinator:
+        raise ValueError("--processes starts its own coordinator: do not pass --coordinator with it")
+      return _distributed.launch_local(_without_processes(argv), args.processes, args.init_timeout)
+    if args.coordinator:
+      _distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.init_timeout)
+      args.data_parallel = True
     args.func(args)
-  except (ValueError, FileNotFoundError) as error:
+  except (ValueError, FileNotFoundError, ConnectionError) as error:
     print(f"altgrad {args.command}: error: {error}", file=sys.stderr)
     return 2
   return 0

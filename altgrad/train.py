@@ -158,7 +158,11 @@ def fit(
     data_parallel: shard every batch over all devices (``jax.devices()``, a one-axis mesh named
       :data:`BATCH_AXIS`) with params and rule state replicated; ``batch_size`` must divide by
       the device count. The compiler reduces every batch mean and sum (gradients, Gram
-      matrices, moments) across devices, so the update is that of the whole batch.
+      matrices, moments) across devices, so the update is that of the whole batch. Under
+      ``jax.distributed`` (several processes, each calling ``fit`` with the same arguments and
+      data) the mesh spans every process's devices, each device reads its rows of each batch
+      from its own process's copy of the data, the history is the same in every process, and
+      only process 0 shows progress; required then.
     checkpoint_dir: save params, rule and optimizer state (PRNG keys and decorrelation matrices
       included) and the history there after every epoch with Orbax; if it holds a checkpoint,
       the run resumes from it and continues as the uninterrupted run would. Not with
@@ -297,13 +301,19 @@ def _train(
   x_eval, y_eval = x_train[:train_eval_size], y_train[:train_eval_size]
   batch_spec = P(None, BATCH_AXIS) if vmapped else P(BATCH_AXIS)
   constrain = lambda batch: batch  # noqa: E731
+  if jax.process_count() > 1 and not data_parallel:
+    raise ValueError(
+      f"running in {jax.process_count()} processes (jax.distributed): pass data_parallel=True, "
+      "so that they train one model on shards of each batch"
+    )
   if data_parallel:
     devices = jax.devices()
     if batch_size % len(devices):
-      raise ValueError(f"data_parallel: batch_size {batch_size} must divide by the {len(devices)} devices")
+      where = f" of {jax.process_count()} processes" if jax.process_count() > 1 else ""
+      raise ValueError(f"data_parallel: batch_size {batch_size} must divide by the {len(devices)} devices{where}")
     mesh = jax.sharding.Mesh(np.array(devices), (BATCH_AXIS,))
     replicated = NamedSharding(mesh, P())
-    params, opt_state, x_train, y_train, x_test, y_test, x_eval, y_eval = jax.device_put(
+    params, opt_state, x_train, y_train, x_test, y_test, x_eval, y_eval = _replicate(
       (params, opt_state, x_train, y_train, x_test, y_test, x_eval, y_eval), replicated
     )
     constrain = lambda batch: jax.lax.with_sharding_constraint(batch, NamedSharding(mesh, batch_spec))  # noqa: E731
@@ -360,7 +370,7 @@ def _train(
   for h in histories:
     h.compile_time = compile_time
 
-  show = sys.stderr.isatty() if progress is None else progress
+  show = (sys.stderr.isatty() if progress is None else progress) and jax.process_index() == 0
   bar = _progress_bar(epochs, data.name, show, initial=first - 1)
   elapsed = histories[0].wall_time[-1] if histories[0].wall_time else 0.0
   best = None  # (discrepancy, params, opt_state, epoch) of the best params seen by the stopping rule
@@ -410,6 +420,21 @@ def _map_members(update, *members):
   """``update`` of each run in turn (``lax.map`` over the leading axis): :func:`fit_seeds`'s
   ``vectorize=False``."""
   return jax.lax.map(lambda args: update(*args), members)
+
+
+def _replicate(tree, sharding: NamedSharding):
+  """Every leaf of ``tree`` on every device of ``sharding``'s mesh. Across processes (each holds
+  the same values), each process places its own copy: a host array can go to devices of other
+  processes' meshes, an array already on a local device cannot."""
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def one(leaf):
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(one(jax.random.key_data(leaf)), impl=jax.random.key_impl(leaf))
+    return jax.device_put(np.asarray(leaf), sharding)
+
+  return jax.tree.map(one, tree)
 
 
 class _Checkpoints:
