@@ -136,7 +136,11 @@ def _np_suite() -> list[Run]:
 
 
 def _tp_suite() -> list[Run]:
-  """spec/tp.md 5: a tanh RNN of 100 units, TP (SGD gamma_theta; gamma_h, r) against BPTT (Nesterov)."""
+  """spec/tp.md 5: a tanh RNN of 100 units, TP (SGD gamma_theta; gamma_h, r) against BPTT (Nesterov).
+
+  Not quite the authors' steps: torch's RNN cell has two biases (input and hidden), both moved by
+  the same gradient, so the reference's effective bias step is twice altgrad's (one bias).
+  """
   runs = []
   for length, epochs, tp_options, tp_lr, bp_lr in (
     (60, 20, (("lr_target", 1e-2), ("reg", 10.0)), 0.1, 1e-5),

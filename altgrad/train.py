@@ -44,7 +44,9 @@ class History:
   whose final params were kept (0: the initial ones); ``probes`` the values of ``fit``'s
   ``probe`` before training (epoch 0) and after each epoch, each with its ``epoch``;
   ``skipped_steps``, when ``tx`` is wrapped in :func:`altgrad.rules.finite_guard`, how many
-  steps it has skipped by the end of each epoch (non-finite update or state).
+  steps it has skipped by the end of each epoch (non-finite update or state);
+  ``clipped_displacements``, for target propagation with its guard, how many displacements the
+  guard has scaled down by the end of each epoch.
   """
 
   epoch: list[int] = dataclasses.field(default_factory=list)
@@ -55,6 +57,7 @@ class History:
   wall_time: list[float] = dataclasses.field(default_factory=list)
   probes: list[dict[str, float]] = dataclasses.field(default_factory=list)
   skipped_steps: list[int] = dataclasses.field(default_factory=list)
+  clipped_displacements: list[int] = dataclasses.field(default_factory=list)
   compile_time: float = 0.0
   compilations: int = 0
   restored_epoch: int | None = None
@@ -382,6 +385,7 @@ def _train(
     elapsed += seconds
     variables = variables_of(opt_state)
     skipped = optax.tree_utils.tree_get(opt_state, "skipped_steps")
+    clipped = optax.tree_utils.tree_get(opt_state, "clipped_displacements")
     test = jax.device_get(evaluate(params, variables, x_test, y_test))
     train_loss, _ = jax.device_get(evaluate(params, variables, x_eval, y_eval))
     for i, h in enumerate(histories):
@@ -393,6 +397,8 @@ def _train(
       h.wall_time.append(elapsed)
       if skipped is not None:
         h.skipped_steps.append(int(member(skipped, i)))
+      if clipped is not None:
+        h.clipped_displacements.append(int(member(clipped, i)))
     record(epoch, params, opt_state)
     bar.update(1)
     bar.set_postfix(

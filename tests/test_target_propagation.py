@@ -3,11 +3,12 @@
 import chex
 import jax
 import jax.numpy as jnp
+import optax
 import pytest
 from conftest import MODELS, cosine, flat, tapped
 from flax import nnx
 
-from altgrad import losses, nn, rules
+from altgrad import data, losses, nn, rules, train
 
 CE = losses.softmax_cross_entropy
 
@@ -139,6 +140,7 @@ def test_long_saturated_sequences_stay_finite(mode):
   update, state = jax.jit(lambda p: _tp(model, p, (x, y), mode=mode))(params)
   chex.assert_tree_all_finite((update, state.displacement_norms, _grad(model, params, (x, y))))
   (d,) = rules.target_displacements(model, CE, params, (x, y), mode=mode)
+  assert int(state.clipped_displacements) >= 1  # the guard fired, and says so
   assert float(jnp.max(jnp.sqrt(jnp.mean(d * d, axis=2)))) <= 1.0 + 1e-5
   if mode == "linearized":  # the exact inverses clip their targets into a^-1's range; this one does not
     # without the guard (the reference's behaviour) the linearized displacements overflow
@@ -149,9 +151,10 @@ def test_long_saturated_sequences_stay_finite(mode):
 def test_the_guard_leaves_ordinary_displacements_alone():
   with jax.enable_x64(True):
     model, params, batch = _rnn_problem()
-    guarded = _tp(model, params, batch)[0]
+    guarded, state = _tp(model, params, batch)
     raw = _tp(model, params, batch, max_displacement=None)[0]
     chex.assert_trees_all_close(guarded, raw)
+    assert int(state.clipped_displacements) == 0
 
 
 def test_difference_and_linearized_agree_to_second_order():
@@ -181,3 +184,17 @@ def test_rejections_are_clear():
   ):
     with pytest.raises(ValueError, match=message):
       rules.target_propagation(MODELS["mlp"](0), CE, **kwargs)
+
+
+def test_fit_records_how_often_the_guard_fired():
+  task = data.temporal_order(10, num_train=64, num_test=16)
+  counts = {}
+  for bound in (1e-6, None):  # a bound every displacement exceeds, and no guard
+    model = nn.SimpleRNN(6, 8, 4, rngs=nnx.Rngs(0))
+    tx = optax.chain(rules.target_propagation(model, CE, max_displacement=bound), optax.sgd(0.1))
+    history = train.fit(model, tx, task, loss_fn=CE, epochs=2, batch_size=16, progress=False)
+    counts[bound] = history.clipped_displacements
+  # cumulative over the steps; at most every example at every step below the top (4 steps an epoch)
+  first, second = counts[1e-6]
+  assert 0 < first < second <= 2 * first and second <= 16 * 9 * 8
+  assert counts[None] == [0, 0]

@@ -29,20 +29,23 @@ UPDATES = ("through_time", "local")
 
 class TargetPropagationState(NamedTuple):
   displacement_norms: tuple[Array, ...]  # RMS displacement of each hidden layer at the last step
+  clipped_displacements: Array  # how many displacements the guard has scaled down, all steps
   model_variables: Any  # the model's non-param variables (decorrelation matrices)
 
 
-def _clip(d: Array, max_rms: float | None) -> Array:
-  """Scales each example's displacement down to an RMS over its units of at most ``max_rms``."""
+def _clip(d: Array, max_rms: float | None) -> tuple[Array, Array]:
+  """Scales each example's displacement down to an RMS over its units of at most ``max_rms``;
+  also returns how many examples' displacements it scaled."""
   if max_rms is None:
-    return d
+    return d, jnp.zeros((), jnp.int32)
   rms = jnp.sqrt(jnp.mean(d * d, axis=tuple(range(1, d.ndim)), keepdims=True))
-  return d * jnp.minimum(1.0, max_rms / jnp.maximum(rms, max_rms))
+  return d * jnp.minimum(1.0, max_rms / jnp.maximum(rms, max_rms)), jnp.sum(rms > max_rms, dtype=jnp.int32)
 
 
-def _mlp_displacements(layers, taps, top: Array, mode: str, reg, max_rms) -> list[Array]:
-  """Displacements of each hidden layer's output, from ``top`` (that of the last hidden layer)."""
-  displacements = [top]
+def _mlp_displacements(layers, taps, top: Array, mode: str, reg, max_rms) -> tuple[list[Array], Array]:
+  """Displacements of each hidden layer's output, from ``top`` (that of the last hidden layer),
+  and how many the guard scaled down."""
+  displacements, clipped = [top], jnp.zeros((), jnp.int32)
   for layer, tap in zip(layers[1:][::-1], taps[1:][::-1], strict=True):
     d, output = displacements[0], layer.activation(tap.preact)
     if mode == "linearized":
@@ -51,13 +54,15 @@ def _mlp_displacements(layers, taps, top: Array, mode: str, reg, max_rms) -> lis
       below = layer.inverse(output + d, reg=reg) - layer.inverse(output, reg=reg)
     else:
       below = layer.inverse(output + d, reg=reg) - tap.inputs
-    displacements.insert(0, _clip(below, max_rms))
-  return displacements
+    below, count = _clip(below, max_rms)
+    displacements.insert(0, below)
+    clipped = clipped + count
+  return displacements, clipped
 
 
-def _rnn_displacements(cell, tap, top: Array, mode: str, reg, max_rms) -> Array:
+def _rnn_displacements(cell, tap, top: Array, mode: str, reg, max_rms) -> tuple[Array, Array]:
   """Displacements of ``h_1..h_T`` (batch, time, hidden), backward in time in one reverse scan,
-  with the regularized normal matrix factored once."""
+  with the regularized normal matrix factored once; and how many the guard scaled down."""
   solver = cell.ridge_solver(reg)
   h_prev, x = tap.inputs
   h = cell.activation(tap.preact)
@@ -73,11 +78,11 @@ def _rnn_displacements(cell, tap, top: Array, mode: str, reg, max_rms) -> Array:
       below = cell.inverse(h_t + d, x_t, solver=solver) - cell.inverse(h_t, x_t, solver=solver)
     else:
       below = cell.inverse(h_t + d, x_t, solver=solver) - h_before
-    below = _clip(below, max_rms)
-    return below, below
+    below, count = _clip(below, max_rms)
+    return below, (below, count)
 
-  _, lower = jax.lax.scan(step, top, (states, inputs, previous), reverse=True)
-  return jnp.concatenate([jnp.swapaxes(lower, 0, 1), top[:, None]], axis=1)
+  _, (lower, counts) = jax.lax.scan(step, top, (states, inputs, previous), reverse=True)
+  return jnp.concatenate([jnp.swapaxes(lower, 0, 1), top[:, None]], axis=1), jnp.sum(counts)
 
 
 def _check_model(model: nnx.Module) -> None:
@@ -113,9 +118,10 @@ def _step(view: PureModel, params, x, targets, loss_fn, mode, reg, lr_target, up
   (top_input_grad,) = input_vjp(top_error)
   first = -lr_target * top_input_grad  # displacement of the last hidden state
   if isinstance(bound, SimpleRNN):
-    displacements = [_rnn_displacements(sites[0], taps[0], first, mode, reg, max_rms)]
+    displacement, clipped = _rnn_displacements(sites[0], taps[0], first, mode, reg, max_rms)
+    displacements = [displacement]
   else:
-    displacements = _mlp_displacements(sites[:-1], taps[:-1], first, mode, reg, max_rms)
+    displacements, clipped = _mlp_displacements(sites[:-1], taps[:-1], first, mode, reg, max_rms)
   local = [
     -d * site.activation.derivative(tap.preact)
     for site, tap, d in zip(sites[:-1], taps[:-1], displacements, strict=True)
@@ -125,7 +131,7 @@ def _step(view: PureModel, params, x, targets, loss_fn, mode, reg, lr_target, up
     errors = (*errors[:-1], top_error)
   else:
     errors = (*local, top_error)
-  return view.updates_from_errors(params, taps, errors), displacements, taps
+  return view.updates_from_errors(params, taps, errors), displacements, clipped, taps
 
 
 def target_displacements(
@@ -193,7 +199,9 @@ def target_propagation(
       to an RMS over units of at most this, at every layer and time step. Saturated units
       multiply displacements by up to ``1 / a'`` per step (500 for tanh after the clip of
       ``a^-1``), which overflows within tens of steps; targets that far from the states carry no
-      useful signal. ``None`` reproduces the reference.
+      useful signal. ``None`` reproduces the reference. The state's ``clipped_displacements``
+      counts the displacements (example, layer, time step) it has scaled down over all steps,
+      and ``fit`` records it per epoch (``History.clipped_displacements``).
 
   The state records the RMS displacement of each hidden layer at the last step;
   :func:`target_displacements` gives them whole (per time step for an RNN).
@@ -212,16 +220,17 @@ def target_propagation(
   def init_fn(params):
     del params
     hidden = 1 if isinstance(model, SimpleRNN) else len(model.layers) - 1
-    return TargetPropagationState((jnp.zeros(()),) * hidden, pure.variables)
+    return TargetPropagationState((jnp.zeros(()),) * hidden, jnp.zeros((), jnp.int32), pure.variables)
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del updates, extra_args
     view = pure.with_variables(state.model_variables)
     x, targets = view.check_batch(params, batch, rule="target_propagation")
-    updates, displacements, taps = _step(
+    updates, displacements, clipped, taps = _step(
       view, params, x, targets, loss_fn, mode, reg, lr_target, update, max_displacement
     )
     norms = tuple(jnp.sqrt(jnp.mean(d * d)) for d in displacements)
-    return updates, TargetPropagationState(norms, view.next_variables(params, view.variables, taps))
+    variables = view.next_variables(params, view.variables, taps)
+    return updates, TargetPropagationState(norms, state.clipped_displacements + clipped, variables)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
