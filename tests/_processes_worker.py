@@ -72,6 +72,10 @@ def main():
       batch_size = len(ds.x_train) - len(ds.x_train) % 4 if name == "er" else 64  # ER: full batch
       train.fit(model, tx, ds, loss_fn=CE, epochs=2, batch_size=batch_size, data_parallel=True, progress=False)
       trained[name] = flat(model)
+    runs = train.fit_seeds(  # vmapped seeds, each batch sharded over every process's devices
+      lambda seed: build("consequentialism", 0), [0, 1], ds, loss_fn=CE, epochs=1, data_parallel=True, progress=False
+    )
+    trained["seeds"] = np.concatenate([flat(model) for model, _ in runs])
   else:  # "resume": ANP with decorrelation, checkpointed every epoch
     epochs, checkpoint_dir = int(sys.argv[6]), sys.argv[7]
     model, tx = build("anp", len(ds.x_train))

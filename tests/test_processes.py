@@ -55,7 +55,7 @@ def test_two_processes_train_as_one_and_resume_after_a_kill(tmp_path):
   assert all("batch_size 30 must divide by the 4 devices of 2 processes" in o for o in outputs)
   _finish(reference + reference_resume)
   pair, one = np.load(tmp_path / "pair.npz"), np.load(tmp_path / "one.npz")
-  for name in ("backprop", "consequentialism", "anp", "er"):
+  for name in ("backprop", "consequentialism", "anp", "er", "seeds"):
     np.testing.assert_allclose(pair[name], one[name], rtol=1e-4, atol=1e-5, err_msg=name)
 
   # kill both processes once a checkpoint is written, relaunch: the same params as without a kill
