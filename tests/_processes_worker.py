@@ -1,6 +1,6 @@
 """One process of tests/test_processes.py: ``python _processes_worker.py MODE OUT COORDINATOR
-NUM_PROCESSES PROCESS_ID [EPOCHS CHECKPOINT_DIR]``. With NUM_PROCESSES 1 it is the single-process
-reference (on however many devices XLA_FLAGS gives it)."""
+NUM_PROCESSES PROCESS_ID [EPOCHS [CHECKPOINT_DIR]]`` (see ``main``). With NUM_PROCESSES 1 it is the
+single-process reference (on however many devices XLA_FLAGS gives it)."""
 
 import sys
 
@@ -54,36 +54,47 @@ def check_one_step_updates(size, mesh):
   print("one-step updates equal", flush=True)
 
 
+def train_rules(ds):
+  """One epoch of backprop and CW, two full-batch refits of ER, two vmapped seeds of CW (ANP with
+  decorrelation trains in train_resumable)."""
+  trained = {}
+  for name in ("backprop", "consequentialism", "er"):  # ER with one layer (see check_one_step_updates)
+    model, tx = build(name, len(ds.x_train), (64, 10) if name == "er" else (64, 16, 10))
+    batch_size, epochs = (len(ds.x_train) - len(ds.x_train) % 4, 2) if name == "er" else (64, 1)
+    train.fit(model, tx, ds, loss_fn=CE, epochs=epochs, batch_size=batch_size, data_parallel=True, progress=False)
+    trained[name] = flat(model)
+  runs = train.fit_seeds(  # vmapped seeds, each batch sharded over every process's devices
+    lambda seed: build("consequentialism", 0), [0, 1], ds, loss_fn=CE, epochs=1, data_parallel=True, progress=False
+  )
+  trained["seeds"] = np.concatenate([flat(model) for model, _ in runs])
+  return trained
+
+
+def train_resumable(ds, epochs, checkpoint_dir):
+  """ANP with decorrelation, checkpointed every epoch (``checkpoint_dir`` None: not at all)."""
+  model, tx = build("anp", len(ds.x_train))
+  train.fit(model, tx, ds, loss_fn=CE, epochs=epochs, batch_size=32, data_parallel=True, checkpoint_dir=checkpoint_dir)
+  return {"anp": flat(model)}
+
+
 def main():
+  """Modes: ``rules`` (two processes: the checks, then train_rules), ``resume`` (two processes:
+  train_resumable with a checkpoint directory) and ``reference`` (one process: both, uncheckpointed)."""
   mode, out, coordinator, num_processes, process_id = sys.argv[1:6]
   if int(num_processes) > 1:
     _distributed.initialize(coordinator, int(num_processes), int(process_id), timeout=60)
   ds = data.digits()
   if mode == "rules":
-    if jax.process_count() > 1:
-      check_one_step_updates(len(ds.x_train), jax.sharding.Mesh(np.array(jax.devices()), ("batch",)))
-      try:
-        train.fit(*build("backprop", 0), ds, loss_fn=CE, epochs=1, batch_size=30, data_parallel=True)
-      except ValueError as error:
-        print("refused:", error, flush=True)
-    trained = {}
-    for name in RULES:  # ER with one layer (see check_one_step_updates)
-      model, tx = build(name, len(ds.x_train), (64, 10) if name == "er" else (64, 16, 10))
-      batch_size = len(ds.x_train) - len(ds.x_train) % 4 if name == "er" else 64  # ER: full batch
-      train.fit(model, tx, ds, loss_fn=CE, epochs=2, batch_size=batch_size, data_parallel=True, progress=False)
-      trained[name] = flat(model)
-    runs = train.fit_seeds(  # vmapped seeds, each batch sharded over every process's devices
-      lambda seed: build("consequentialism", 0), [0, 1], ds, loss_fn=CE, epochs=1, data_parallel=True, progress=False
-    )
-    trained["seeds"] = np.concatenate([flat(model) for model, _ in runs])
-  else:  # "resume": ANP with decorrelation, checkpointed every epoch
-    epochs, checkpoint_dir = int(sys.argv[6]), sys.argv[7]
-    model, tx = build("anp", len(ds.x_train))
-    checkpoint = None if checkpoint_dir == "-" else checkpoint_dir
-    train.fit(
-      model, tx, ds, loss_fn=CE, epochs=epochs, batch_size=16, data_parallel=True, checkpoint_dir=checkpoint
-    )
-    trained = {"anp": flat(model)}
+    check_one_step_updates(len(ds.x_train), jax.sharding.Mesh(np.array(jax.devices()), ("batch",)))
+    try:
+      train.fit(*build("backprop", 0), ds, loss_fn=CE, epochs=1, batch_size=30, data_parallel=True)
+    except ValueError as error:
+      print("refused:", error, flush=True)
+    trained = train_rules(ds)
+  elif mode == "resume":
+    trained = train_resumable(ds, int(sys.argv[6]), sys.argv[7])
+  else:
+    trained = train_rules(ds) | train_resumable(ds, int(sys.argv[6]), None)
   if _distributed.is_primary():
     np.savez(out, **trained)
 

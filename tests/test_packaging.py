@@ -2,6 +2,7 @@
 
 import json
 import os
+import site
 import subprocess
 import sys
 import tomllib
@@ -31,12 +32,19 @@ def test_every_notebook_installs_from_the_repository_named_in_pyproject():
 @pytest.mark.slow
 def test_install_cell_installs_a_built_wheel_in_a_fresh_environment(tmp_path):
   """The notebooks' first cell, in a new virtual environment with ALTGRAD_SOURCE set to a wheel
-  built from this checkout: pip installs it with its dependencies and altgrad imports from there."""
+  built from this checkout: pip installs it there and altgrad imports from there. The new
+  environment sees this one's packages (a .pth file), so pip finds the dependencies installed
+  and the test stays quick and offline; .ci/run installs the wheel and the sdist with their
+  dependencies into empty environments."""
   dist, venv = tmp_path / "dist", tmp_path / "venv"
   subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", dist, ROOT], check=True, capture_output=True)
   (wheel,) = dist.glob("altgrad-*.whl")
   subprocess.run([sys.executable, "-m", "venv", venv], check=True)
   python = venv / "bin" / "python"
+  fresh_site = subprocess.run(
+    [python, "-c", "import site; print(site.getsitepackages()[0])"], check=True, capture_output=True, text=True
+  ).stdout.strip()
+  Path(fresh_site, "dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
   env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
   env |= {"ALTGRAD_SOURCE": str(wheel), "JAX_PLATFORMS": "cpu"}
   cell = _install_cell(NOTEBOOKS[0])

@@ -241,7 +241,7 @@ the whole training set. `data_size="per_batch"` is the refit on each batch alone
 for data_size in (len(digits.x_train), "per_batch"):
     model = nn.MLP((64, 128, 128, 10), rngs=nnx.Rngs(0))
     tx = optax.chain(rules.expectation_reflection(model, data_size=data_size), optax.sgd(1.0))
-    h = train.fit(model, tx, digits, loss_fn=CE, epochs=8, batch_size=64, progress=False)
+    h = train.fit(model, tx, digits, loss_fn=CE, epochs=5, batch_size=64, progress=False)
     print(f"data_size={data_size!r}:", " ".join(f"{a:.3f}" for a in h.test_accuracy))
     plt.plot(h.epoch, h.test_accuracy, marker="o", label=f"data_size={data_size!r}")
 plt.xlabel("epoch (batches of 64)"); plt.ylabel("test accuracy"); plt.legend(); plt.grid(alpha=0.3); plt.show()""",
