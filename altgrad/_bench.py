@@ -24,8 +24,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from altgrad import _distributed, diagnostics, rules, train
 from altgrad import data as data_lib
-from altgrad import diagnostics, rules, train
 from altgrad._experiment import build_model, loss_for, make_rule, optimizer_for
 
 
@@ -337,8 +337,8 @@ def execute(run: Run, *, data_parallel: bool = False) -> dict:
 
   def build(seed):
     model = build_model(dataset, run.model, run.hidden, run.activation, seed, run.decorrelation_lr)
-    options = dict(run.rule_options)
-    rule = plain_gradient(model, loss_fn) if run.rule == "jax_grad" else make_rule(run.rule, model, loss_fn, seed, len(dataset.x_train), **options)
+    size = len(dataset.x_train)
+    rule = make_rule(run.rule, model, loss_fn, seed, size, registry=BENCH_RULES, **dict(run.rule_options))
     built[seed] = (model, rule)
     return model, optax.chain(rule, optimizer_for(run.rule, run.optimizer, run.lr))
 
@@ -423,7 +423,7 @@ def run_suite(
   results = {"suite": suite, "environment": environment(), "data_parallel": data_parallel, "runs": {}}
   from tqdm.auto import tqdm
 
-  primary = jax.process_index() == 0
+  primary = _distributed.is_primary()
   bar = tqdm(runs, desc=f"bench {suite}", unit="run", disable=progress is False or not primary)
   for run in bar:
     bar.set_postfix_str(run.name, refresh=True)

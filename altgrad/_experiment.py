@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import optax
@@ -30,14 +30,15 @@ def optimizer_for(rule: str, optimizer: str, lr: float) -> optax.GradientTransfo
 
 
 def make_rule(
-  name: str, model, loss_fn, seed: int, data_size: int, **options
+  name: str, model, loss_fn, seed: int, data_size: int, *, registry: Mapping = rules.RULES, **options
 ) -> optax.GradientTransformationExtraArgs:
-  """The rule ``name`` on ``model``; a rule that draws noise gets ``key=seed``, so runs of
-  different seeds draw different noise, and one that streams statistics over the data set (ER)
-  gets ``data_size``, the number of training examples."""
-  parameters = inspect.signature(rules.RULES[name]).parameters
-  given = {"key": seed, "data_size": data_size}
-  return rules.RULES[name](model, loss_fn, **options, **{k: v for k, v in given.items() if k in parameters})
+  """The rule ``registry[name]`` on ``model``; a rule that draws noise gets ``key=seed``, so runs
+  of different seeds draw different noise, and one that streams statistics over the data set (ER)
+  gets ``data_size``, the number of training examples. ``options`` override both."""
+  factory = registry[name]
+  parameters = inspect.signature(factory).parameters
+  given = {k: v for k, v in {"key": seed, "data_size": data_size}.items() if k in parameters}
+  return factory(model, loss_fn, **(given | options))
 
 
 def loss_for(dataset: data_lib.Dataset):

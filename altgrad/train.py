@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from altgrad import _distributed
 from altgrad.data import Dataset
 from altgrad.nn import Layer, PureModel
 from altgrad.rules._expectation_reflection import rises
@@ -155,9 +156,9 @@ def fit(
     progress: show a progress bar; default only when stderr is a terminal.
     stop_on_discrepancy: the reference stopping rule of Expectation Reflection: stop when the
       discrepancy the rule reports (its state's ``discrepancy``, measured at the params its last
-      update started from) rises (by more than float rounding: :func:`~altgrad.rules._expectation_reflection.rises`),
-      and keep the best params. Meant for full-batch
-      training (``batch_size`` = the training set), where each epoch is one update.
+      update started from) rises by more than float rounding
+      (:func:`~altgrad.rules._expectation_reflection.rises`), and keep the best params. Meant
+      for full-batch training (``batch_size`` = the training set), where each epoch is one update.
     data_parallel: shard every batch over all devices (``jax.devices()``, a one-axis mesh named
       :data:`BATCH_AXIS`) with params and rule state replicated; ``batch_size`` must divide by
       the device count. The compiler reduces every batch mean and sum (gradients, Gram
@@ -373,7 +374,7 @@ def _train(
   for h in histories:
     h.compile_time = compile_time
 
-  show = (sys.stderr.isatty() if progress is None else progress) and jax.process_index() == 0
+  show = (sys.stderr.isatty() if progress is None else progress) and _distributed.is_primary()
   bar = _progress_bar(epochs, data.name, show, initial=first - 1)
   elapsed = histories[0].wall_time[-1] if histories[0].wall_time else 0.0
   best = None  # (discrepancy, params, opt_state, epoch) of the best params seen by the stopping rule

@@ -4,25 +4,22 @@ import os
 
 os.environ["JAX_PLATFORMS"] = "cpu"
 
-import inspect  # noqa: E402
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from altgrad import losses, nn, rules  # noqa: E402
+from altgrad import _experiment, losses, nn  # noqa: E402
 
 #: The training-set size told to a rule that streams statistics over the data set (ER).
 DATA_SIZE = 1024
 
 
 def make_rule(name, model, loss_fn=losses.softmax_cross_entropy, **options):
-  """``rules.RULES[name](model, loss_fn, **options)``, with ``data_size`` for a rule that needs it."""
-  if "data_size" in inspect.signature(rules.RULES[name]).parameters:
-    options.setdefault("data_size", DATA_SIZE)
-  return rules.RULES[name](model, loss_fn, **options)
+  """``rules.RULES[name](model, loss_fn, **options)``, told ``data_size`` if it needs it (key 0 if
+  it draws noise, its default)."""
+  return _experiment.make_rule(name, model, loss_fn, 0, options.pop("data_size", DATA_SIZE), **options)
 
 
 # Small models of every family the rules must handle, with a matching batch:
