@@ -228,3 +228,20 @@ def test_decorrelation_step_is_the_spec_update():
   moment = xs.T @ xs / 7
   expected = r - 0.1 * r @ (moment * (1 - jnp.eye(5)))
   chex.assert_trees_all_close(layer.decorrelation_step(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_default_noise_is_standard_normal_with_independent_halves():
+  from scipy import stats
+
+  from altgrad.rules._node_perturbation import gaussian
+
+  z = np.asarray(gaussian(jax.random.key(0), (400, 501), jnp.float32))
+  halves = z[:, :250].ravel(), z[:, 251:501].ravel()  # the two words of the same hashes
+  assert abs(z.mean()) < 0.01 and abs(z.var() - 1) < 0.01 and np.isfinite(z).all()
+  assert stats.kstest(z.ravel(), "norm").pvalue > 1e-3
+  assert abs(np.corrcoef(*halves)[0, 1]) < 0.01
+  other = np.asarray(gaussian(jax.random.key(1), (400, 501), jnp.float32))
+  assert abs(np.corrcoef(z.ravel(), other.ravel())[0, 1]) < 0.01
+  samples = jax.vmap(lambda k: gaussian(k, (3, 4), jnp.float32))(jax.random.split(jax.random.key(0), 2))
+  assert not np.allclose(samples[0], samples[1])
+  assert gaussian(jax.random.key(0, impl="rbg"), (3,), jnp.bfloat16).dtype == jnp.bfloat16
