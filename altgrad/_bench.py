@@ -51,6 +51,7 @@ class Run:
   dataset_options: tuple[tuple[str, object], ...] = ()
   seed: int = 0
   decorrelation_lr: float | None = None
+  decorrelation_sample: float = 1.0
   stop_on_discrepancy: bool = False
   seeds: int = 1
   vectorize: bool = True
@@ -60,7 +61,8 @@ class Run:
     options = ",".join(f"{k}={v}" for k, v in self.rule_options)
     rule = f"{self.rule}({options})" if options else self.rule
     if self.decorrelation_lr is not None:
-      rule = f"d{rule}(decor={self.decorrelation_lr:g})"
+      sample = "" if self.decorrelation_sample == 1.0 else f",sample={self.decorrelation_sample:g}"
+      rule = f"d{rule}(decor={self.decorrelation_lr:g}{sample})"
     if self.stop_on_discrepancy:
       rule += "+stop"
     hidden = "-".join(map(str, self.hidden))
@@ -82,6 +84,7 @@ class Run:
       self.activation,
       self.batch_size,
       self.decorrelation_lr,
+      self.decorrelation_sample,
       self.seeds,
     )
 
@@ -336,7 +339,9 @@ def execute(run: Run, *, data_parallel: bool = False) -> dict:
   built = {}
 
   def build(seed):
-    model = build_model(dataset, run.model, run.hidden, run.activation, seed, run.decorrelation_lr)
+    model = build_model(
+      dataset, run.model, run.hidden, run.activation, seed, run.decorrelation_lr, run.decorrelation_sample
+    )
     size = len(dataset.x_train)
     rule = make_rule(run.rule, model, loss_fn, seed, size, registry=BENCH_RULES, **dict(run.rule_options))
     built[seed] = (model, rule)
@@ -467,6 +472,8 @@ def _rule_label(record: dict) -> str:
   rule = f"{record['rule']} ({options})" if options else record["rule"]
   if record.get("decorrelation_lr") is not None:
     rule = f"d{rule}, decorrelation lr {record['decorrelation_lr']:g}"
+    if record.get("decorrelation_sample", 1.0) != 1.0:
+      rule += f" on {record['decorrelation_sample']:g} of the batch"
   if record.get("stop_on_discrepancy"):
     rule += ", stopping rule"
   return rule

@@ -53,6 +53,7 @@ def build_model(
   activation: str,
   seed: int,
   decorrelation_lr: float | None = None,
+  decorrelation_sample: float = 1.0,
 ):
   """The model `compare` trains: an MLP for flat inputs, a SimpleRNN for sequences, a small
   conv net for images; or an ordinary NNX model of the user's kind (no altgrad layers): a
@@ -63,6 +64,8 @@ def build_model(
   shape, out = dataset.input_shape, dataset.output_size
   if kind == "auto":
     kind = {1: "mlp", 2: "rnn", 3: "conv"}.get(len(shape), "mlp")
+  if decorrelation_lr is None and decorrelation_sample != 1.0:
+    raise ValueError("--decorrelation-sample sets how the decorrelation update samples a batch: it needs --decorrelation-lr")
   if decorrelation_lr is not None and kind not in ("mlp", "conv"):
     raise ValueError(
       f"--decorrelation-lr decorrelates the inputs of altgrad's Dense layers; the {kind} model has none "
@@ -91,14 +94,13 @@ def build_model(
         (32 * -(-shape[0] // 4) * -(-shape[1] // 4), *hidden, out),
         activation=activation,
         decorrelation_lr=decorrelation_lr,  # the Dense layers; a Conv has no decorrelating matrix
+        decorrelation_sample=decorrelation_sample,
         rngs=rngs,
       ),
     )
+  decorrelation = dict(decorrelation_lr=decorrelation_lr, decorrelation_sample=decorrelation_sample)
   if len(shape) != 1:
     return nn.Sequential(
-      nn.Flatten(),
-      nn.MLP(
-        (math.prod(shape), *hidden, out), activation=activation, decorrelation_lr=decorrelation_lr, rngs=rngs
-      ),
+      nn.Flatten(), nn.MLP((math.prod(shape), *hidden, out), activation=activation, rngs=rngs, **decorrelation)
     )
-  return nn.MLP((shape[0], *hidden, out), activation=activation, decorrelation_lr=decorrelation_lr, rngs=rngs)
+  return nn.MLP((shape[0], *hidden, out), activation=activation, rngs=rngs, **decorrelation)

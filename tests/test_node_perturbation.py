@@ -219,15 +219,22 @@ def test_decorrelation_lr_must_be_a_finite_nonnegative_number():
     nn.Dense(3, 3, decorrelation_lr=-1.0, rngs=nnx.Rngs(0))
 
 
-def test_decorrelation_step_is_the_spec_update():
-  layer = nn.Dense(5, 3, decorrelation_lr=0.1, rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("sample, rows", [(1.0, slice(None)), (0.25, slice(0, 20, 4)), (0.1, slice(0, 20, 10))])
+def test_decorrelation_step_is_the_spec_update_on_its_sample_of_the_batch(sample, rows):
+  layer = nn.Dense(5, 3, decorrelation_lr=0.1, decorrelation_sample=sample, rngs=nnx.Rngs(0))
   layer.decorrelation[...] = jnp.eye(5) + 0.1 * jax.random.normal(jax.random.key(0), (5, 5))
-  x = jax.random.normal(jax.random.key(1), (7, 5))
+  x = jax.random.normal(jax.random.key(1), (20, 5))
   r = layer.decorrelation[...]
-  xs = x @ r
-  moment = xs.T @ xs / 7
+  xs = x[rows] @ r
+  moment = xs.T @ xs / len(xs)
   expected = r - 0.1 * r @ (moment * (1 - jnp.eye(5)))
   chex.assert_trees_all_close(layer.decorrelation_step(x), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("sample", [0.0, 1.5, -0.1])
+def test_decorrelation_sample_must_be_a_fraction(sample):
+  with pytest.raises(ValueError, match="decorrelation_sample is a fraction"):
+    nn.MLP((4, 3, 2), decorrelation_lr=0.1, decorrelation_sample=sample, rngs=nnx.Rngs(0))
 
 
 def test_default_noise_is_standard_normal_with_independent_halves():

@@ -155,6 +155,35 @@ def test_bench_writes_json_markdown_and_plot_and_resumes(tmp_path, monkeypatch):
     _bench.run_suite("tiny", tmp_path, progress=False, data_parallel=True)
 
 
+def test_perf_times_steps_against_backprop_and_writes_json_and_markdown(tmp_path):
+  from altgrad import _perf
+
+  shape = _perf._mlp((8, 16, 4), 8)
+  found = [
+    _perf.Case(shape, "backprop"),
+    _perf.Case(shape, "np"),
+    _perf.Case(shape, "backprop", decorrelation=(1e-2, 0.5)),
+  ]
+  cases = _perf.run(tmp_path, found=found, progress=False, rounds=2, round_seconds=0.002)["cases"]
+  reference = cases[f"{shape.name} / backprop"]
+  assert reference["step_ratio"] == reference["compile_ratio"] == reference["memory_ratio"] == 1.0
+  decorrelated = cases[f"{shape.name} / decorrelated backprop (lr 0.01, sample 0.5)"]
+  assert decorrelated["gflop"] > reference["gflop"] > 0  # x R and the decorrelation update
+  assert all(r["peak_mib"] > 0 and r["step_seconds"] > 0 and r["roofline_fraction"] > 0 for r in cases.values())
+  assert json.loads((tmp_path / "perf.json").read_text())["cases"].keys() == cases.keys()
+  assert (tmp_path / "perf.md").read_text().count(f"\n| {shape.name} |") == 3
+
+
+def test_perf_suite_is_well_formed():
+  from altgrad import _perf
+
+  found = _perf.cases()
+  assert len({(c.shape.name, c.label) for c in found}) == len(found)
+  assert all(c.rule in _bench.BENCH_RULES for c in found)
+  for shape in {c.shape for c in found}:  # every shape has its backprop reference
+    assert any(c.shape == shape and c.rule == "backprop" and not c.decorrelation for c in found)
+
+
 def test_bench_suites_are_well_formed():
   for name, make in _bench.SUITES.items():
     runs = make()
@@ -175,8 +204,11 @@ def test_rules_draw_noise_from_the_run_seed_and_decorrelation_is_refused_where_i
   images = data.Dataset(
     dataset.x_train.reshape(-1, 8, 8, 1), dataset.y_train, dataset.x_test.reshape(-1, 8, 8, 1), dataset.y_test, 10, "d"
   )
-  conv = _experiment.build_model(images, "conv", (8,), "tanh", 0, decorrelation_lr=1e-3)
+  conv = _experiment.build_model(images, "conv", (8,), "tanh", 0, decorrelation_lr=1e-3, decorrelation_sample=0.5)
   assert all(layer.decorrelation is not None for layer in conv.layers[-1].layers)
+  assert all(layer.decorrelation_sample == 0.5 for layer in conv.layers[-1].layers)
   sequences = data.temporal_order(10, num_train=8, num_test=4)
   with pytest.raises(ValueError, match="the rnn model has none"):
     _experiment.build_model(sequences, "rnn", (8,), "tanh", 0, decorrelation_lr=1e-3)
+  with pytest.raises(ValueError, match="needs --decorrelation-lr"):
+    _experiment.build_model(images, "conv", (8,), "tanh", 0, decorrelation_sample=0.1)

@@ -63,6 +63,8 @@ class MLP(Sequential):
     activation: activation of the hidden layers.
     output_activation: activation of the last layer; ``None`` gives raw outputs (logits).
     decorrelation_lr: if given, every layer decorrelates its input (see :class:`Dense`).
+    decorrelation_sample: the fraction of each batch the decorrelation update is estimated on
+      (see :class:`Dense`).
     kernel_init: initializer of every kernel (LeCun normal by default; the node-perturbation
       authors use He normal, ``nnx.initializers.he_normal()``).
     rngs: Flax NNX random streams.
@@ -75,6 +77,7 @@ class MLP(Sequential):
     activation: str | Callable[[Array], Array] | Activation = "tanh",
     output_activation: str | Callable[[Array], Array] | Activation | None = None,
     decorrelation_lr: float | None = None,
+    decorrelation_sample: float = 1.0,
     kernel_init: Callable[..., Array] = nnx.initializers.lecun_normal(),
     rngs: nnx.Rngs,
   ):
@@ -89,6 +92,7 @@ class MLP(Sequential):
           n_out,
           activation=activation if i < last else (output_activation or "identity"),
           decorrelation_lr=decorrelation_lr,
+          decorrelation_sample=decorrelation_sample,
           kernel_init=kernel_init,
           rngs=rngs,
         )

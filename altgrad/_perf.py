@@ -1,0 +1,280 @@
+"""`altgrad bench --suite perf`: what one training step of each rule costs against backprop's.
+
+Every case is one jitted step (rule, then ``optax.sgd``) on one batch passed as an argument, at a
+shape of spec/np.md, spec/cw.md and spec/tp.md's benchmarks or an ordinary NNX model. Per case:
+the median step time (cases of a shape are timed in turn, round after round, so that a drift of
+the machine hits them alike), the time to trace and compile the step, the FLOPs and peak device
+memory of the compiled step (XLA's cost and memory analyses: arguments, outputs and temporaries,
+not the process's resident memory) and its FLOP rate against a matmul's measured in the same
+run. Each is divided by the backprop case's at the same shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from altgrad import _distributed, _zoo, losses, nn
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  """A model and a batch: ``build(seed, decorrelation) -> (model, inputs, targets, loss_fn)``."""
+
+  name: str
+  build: Callable[..., tuple[nnx.Module, Any, Any, Callable]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One rule at one shape; ``decorrelation = (lr, sample)`` gives the model's Dense layers a
+  decorrelating matrix."""
+
+  shape: Shape
+  rule: str
+  options: tuple[tuple[str, Any], ...] = ()
+  decorrelation: tuple[float, float] | None = None
+
+  @property
+  def label(self) -> str:
+    options = ", ".join(f"{k}={v}" for k, v in self.options)
+    rule = f"{self.rule} ({options})" if options else self.rule
+    if self.decorrelation:
+      lr, sample = self.decorrelation
+      rule = f"decorrelated {rule} (lr {lr:g}, sample {sample:g})"
+    return rule
+
+
+def _labels(key: jax.Array, batch: int, classes: int) -> jax.Array:
+  return jax.random.randint(key, (batch,), 0, classes)
+
+
+def _mlp(sizes: tuple[int, ...], batch: int) -> Shape:
+  def build(seed, decorrelation=None):
+    lr, sample = decorrelation or (None, 1.0)
+    model = nn.MLP(
+      sizes,
+      activation="leaky_relu",
+      kernel_init=nnx.initializers.he_normal(),
+      decorrelation_lr=lr,
+      decorrelation_sample=sample,
+      rngs=nnx.Rngs(seed),
+    )
+    x = jax.random.normal(jax.random.key(seed + 1), (batch, sizes[0]))
+    return model, x, _labels(jax.random.key(seed + 2), batch, sizes[-1]), losses.softmax_cross_entropy
+
+  hidden = sizes[1:-1]
+  widths = f"{hidden[0]}x{len(hidden)}" if len(set(hidden)) == 1 else "-".join(map(str, hidden))
+  return Shape(f"MLP {sizes[0]}-{widths}-{sizes[-1]}, batch {batch}", build)
+
+
+def _conv(batch: int) -> Shape:
+  def build(seed, decorrelation=None):
+    del decorrelation
+    rngs = nnx.Rngs(seed)
+    model = nn.Sequential(
+      nn.Conv(1, 16, 3, strides=2, activation="relu", rngs=rngs),
+      nn.Conv(16, 32, 3, strides=2, activation="relu", rngs=rngs),
+      nn.Flatten(),
+      nn.MLP((32 * 7 * 7, 128, 10), activation="relu", rngs=rngs),
+    )
+    x = jax.random.normal(jax.random.key(seed + 1), (batch, 28, 28, 1))
+    return model, x, _labels(jax.random.key(seed + 2), batch, 10), losses.softmax_cross_entropy
+
+  return Shape(f"conv 16-32 + MLP 128 on 28x28, batch {batch}", build)
+
+
+def _rnn(length: int, features: int, classes: int, batch: int) -> Shape:
+  def build(seed, decorrelation=None):
+    del decorrelation
+    model = nn.SimpleRNN(features, 100, classes, rngs=nnx.Rngs(seed))
+    x = jax.random.normal(jax.random.key(seed + 1), (batch, length, features))
+    return model, x, _labels(jax.random.key(seed + 2), batch, classes), losses.softmax_cross_entropy
+
+  return Shape(f"RNN 100, T={length}, batch {batch}", build)
+
+
+def _resnet(batch: int) -> Shape:
+  def build(seed, decorrelation=None):
+    del decorrelation
+    model = _zoo.ResNet(1, 10, width=16, blocks=1, rngs=nnx.Rngs(seed))
+    x = jax.random.normal(jax.random.key(seed + 1), (batch, 28, 28, 1))
+    return model, x, _labels(jax.random.key(seed + 2), batch, 10), losses.softmax_cross_entropy
+
+  return Shape(f"NNX ResNet 16x1 (BatchNorm, dropout) on 28x28, batch {batch}", build)
+
+
+def _transformer(batch: int) -> Shape:
+  def build(seed, decorrelation=None):
+    del decorrelation
+    model = _zoo.Transformer(8, 16, width=32, depth=2, rngs=nnx.Rngs(seed))
+    x = jax.random.randint(jax.random.key(seed + 1), (batch, 16), 0, 8)
+    return model, x, _labels(jax.random.key(seed + 2), batch, 8), losses.softmax_cross_entropy
+
+  return Shape(f"NNX transformer 32x2 on 16 tokens, batch {batch}", build)
+
+
+def cases() -> list[Case]:
+  """The perf suite: issue 15's shapes, every rule that has a cost target there."""
+  danp = _mlp((3072, 1024, 1024, 1024, 10), 1000)
+  found = [Case(danp, rule) for rule in ("backprop", "np", "anp", "inp", "consequentialism")]
+  found += [Case(danp, rule, decorrelation=(1e-3, s)) for rule in ("backprop", "anp") for s in (1.0, 0.1)]
+  for shape in (_mlp((784, 256, 256, 10), 128), _mlp((784, 1024, 1024, 10), 128), _conv(128)):
+    found += [Case(shape, rule) for rule in ("backprop", "consequentialism")]
+  for length, features, classes, batch in ((60, 6, 4, 20), (120, 6, 4, 20), (784, 1, 10, 16)):
+    shape = _rnn(length, features, classes, batch)
+    found += [Case(shape, "backprop"), Case(shape, "tp", (("reg", 1.0),))]
+  for shape in (_resnet(128), _transformer(64)):
+    found += [Case(shape, rule) for rule in ("jax_grad", "backprop", "consequentialism", "anp")]
+  return found
+
+
+def matmul_rate(size: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of a float32 ``(size, size)`` matmul on the default device: the roofline."""
+  a = jax.random.normal(jax.random.key(0), (size, size))
+  product = jax.jit(jnp.matmul).lower(a, a).compile()
+  product(a, a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    product(a, a).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2 * size**3 / float(np.median(times))
+
+
+class _Compiled:
+  """A case's compiled step, its inputs and what XLA says of it."""
+
+  def __init__(self, case: Case, seed: int = 0):
+    from altgrad._bench import BENCH_RULES
+    from altgrad._experiment import make_rule
+
+    model, x, y, loss_fn = case.shape.build(seed, case.decorrelation)
+    rule = make_rule(case.rule, model, loss_fn, seed, x.shape[0], registry=BENCH_RULES, **dict(case.options))
+    tx = optax.chain(rule, optax.sgd(1e-3))
+    params = nnx.state(model, nnx.Param)
+
+    def step(params, state, x, y):
+      updates, state = tx.update(None, state, params, batch=(x, y))
+      return optax.apply_updates(params, updates), state
+
+    self.args = (params, tx.init(params), x, y)
+    start = time.perf_counter()
+    lowered = jax.jit(step).lower(*self.args)
+    self.trace_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    self.step = lowered.compile()
+    self.compile_seconds = time.perf_counter() - start
+    cost = self.step.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost  # one dict per device in older JAX
+    self.flops = float((cost or {}).get("flops", float("nan")))
+    memory = self.step.memory_analysis()
+    self.peak_bytes = (
+      memory.argument_size_in_bytes
+      + memory.output_size_in_bytes
+      + memory.temp_size_in_bytes
+      - memory.alias_size_in_bytes
+    )
+    self.times: list[float] = []
+
+  def time(self, steps: int) -> None:
+    """Runs ``steps`` steps from the same inputs; records the mean time of one."""
+    start = time.perf_counter()
+    for _ in range(steps):
+      out = self.step(*self.args)
+    jax.block_until_ready(out)
+    self.times.append((time.perf_counter() - start) / steps)
+
+
+def measure(found: list[Case], *, rounds: int = 7, round_seconds: float = 0.3, progress: bool = False) -> dict:
+  """Compiles and times every case; records per case, and ratios to the same shape's backprop."""
+  records = {}
+  shapes = list(dict.fromkeys(case.shape for case in found))
+  from tqdm.auto import tqdm
+
+  for shape in tqdm(shapes, desc="bench perf", unit="shape", disable=not progress):
+    group = [case for case in found if case.shape == shape]
+    compiled = [_Compiled(case) for case in group]
+    for c in compiled:
+      c.time(1)  # warm up
+      c.times.clear()
+    steps = [max(1, round(round_seconds / max(_one_step(c), 1e-6))) for c in compiled]
+    for _ in range(rounds):
+      for c, n in zip(compiled, steps, strict=True):
+        c.time(n)
+    reference = next(c for case, c in zip(group, compiled, strict=True) if case.rule == "backprop" and not case.decorrelation)
+    for case, c in zip(group, compiled, strict=True):
+      seconds = float(np.median(c.times))
+      records[f"{shape.name} / {case.label}"] = {
+        "shape": shape.name,
+        "rule": case.label,
+        "step_seconds": seconds,
+        "step_ratio": seconds / float(np.median(reference.times)),
+        "trace_seconds": c.trace_seconds,
+        "compile_seconds": c.compile_seconds,
+        "compile_ratio": (c.trace_seconds + c.compile_seconds)
+        / (reference.trace_seconds + reference.compile_seconds),
+        "gflop": c.flops / 1e9,
+        "gflop_per_second": c.flops / seconds / 1e9,
+        "peak_mib": c.peak_bytes / 2**20,
+        "memory_ratio": c.peak_bytes / reference.peak_bytes,
+      }
+  return records
+
+
+def _one_step(c: _Compiled) -> float:
+  start = time.perf_counter()
+  jax.block_until_ready(c.step(*c.args))
+  return time.perf_counter() - start
+
+
+def run(out_dir: str | Path, *, found: list[Case] | None = None, progress: bool | None = None, **options) -> dict:
+  """Measures the perf suite (or ``found``) and writes ``<out_dir>/perf.json`` and ``perf.md``."""
+  from altgrad._bench import environment
+
+  rate = matmul_rate()
+  records = measure(cases() if found is None else found, progress=progress is not False, **options)
+  for record in records.values():
+    record["roofline_fraction"] = record["gflop_per_second"] * 1e9 / rate
+  results = {"suite": "perf", "environment": environment(), "matmul_gflop_per_second": rate / 1e9, "cases": records}
+  if _distributed.is_primary():
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "perf.json").write_text(json.dumps(results, indent=1))
+    (out_dir / "perf.md").write_text(markdown(results))
+  return results
+
+
+def markdown(results: dict) -> str:
+  env = results["environment"]
+  lines = [
+    "# altgrad bench: perf",
+    "",
+    f"jax {env['jax']}, optax {env['optax']}, flax {env['flax']}; {env['device']} ({env['processor']}); "
+    f"float32 matmul roofline {results['matmul_gflop_per_second']:.0f} GFLOP/s (2048^3, measured in this run).",
+    "One jitted step (rule, then SGD), the batch passed as an argument; median over rounds in which the cases of "
+    "a shape take turns. Compile = trace + XLA compile. GFLOP and peak memory (arguments + outputs + "
+    "temporaries of the step) are XLA's analyses of the compiled step. Ratios divide by backprop's at the "
+    "same shape in the same run.",
+    "",
+    "| shape | rule | ms/step | x backprop | compile s | x backprop | GFLOP | GFLOP/s | of roofline "
+    "| peak MiB | x backprop |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+  ]
+  for r in results["cases"].values():
+    lines.append(
+      f"| {r['shape']} | {r['rule']} | {1e3 * r['step_seconds']:.2f} | {r['step_ratio']:.2f} "
+      f"| {r['trace_seconds'] + r['compile_seconds']:.2f} | {r['compile_ratio']:.2f} | {r['gflop']:.3f} "
+      f"| {r['gflop_per_second']:.1f} | {r['roofline_fraction']:.0%} | {r['peak_mib']:.1f} | {r['memory_ratio']:.2f} |"
+    )
+  return "\n".join(lines) + "\n"
