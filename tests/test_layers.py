@@ -193,6 +193,20 @@ def test_a_solver_factored_once_gives_the_same_inverse():
     layer.inverse(y, reg=float("nan"))
 
 
+@pytest.mark.parametrize("shape", [(4, 7), (7, 4), (5, 5)])
+def test_an_explicit_solver_is_the_same_ridge_solve_as_one_product(shape):
+  from altgrad._linalg import RidgeSolver
+
+  with jax.enable_x64(True):
+    kernel = jax.random.normal(jax.random.key(0), shape, jnp.float64)
+    z = jax.random.normal(jax.random.key(1), (3, 2, shape[1]), jnp.float64)
+    expected = jnp.linalg.solve(kernel @ kernel.T + 0.3 * jnp.eye(shape[0]), kernel @ z.reshape(-1, shape[1]).T).T
+    for explicit in (False, True):
+      solver = RidgeSolver.create(kernel, 0.3, explicit=explicit)
+      assert (solver.projection is not None) == explicit
+      chex.assert_trees_all_close(solver(z), expected.reshape(3, 2, shape[0]), rtol=1e-10)
+
+
 def test_ridge_solver_reports_a_failed_factorization():
   layer = _square_dense()
   layer.kernel[...] = layer.kernel[...].at[0, 0].set(jnp.nan)

@@ -89,11 +89,14 @@ class SingleSite(Layer):
     return self.activation(z)
 
 
-def ridge_solver(kernel: Array, reg: Any = None, solver: RidgeSolver | None = None) -> RidgeSolver:
-  """The solver a layer's inverse uses: ``solver`` if given, else one factored from ``reg``."""
+def ridge_solver(
+  kernel: Array, reg: Any = None, solver: RidgeSolver | None = None, *, explicit: bool = False
+) -> RidgeSolver:
+  """The solver a layer's inverse uses: ``solver`` if given, else one factored from ``reg``
+  (``explicit``: see :class:`RidgeSolver`)."""
   if (reg is None) == (solver is None):
     raise ValueError("give exactly one of reg (the ridge) or solver (from layer.ridge_solver(reg))")
   if solver is not None:
     return solver
   check_number(reg, "reg", arrays_ok=True)
-  return RidgeSolver.create(kernel, reg)
+  return RidgeSolver.create(kernel, reg, explicit=explicit)

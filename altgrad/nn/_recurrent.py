@@ -67,8 +67,9 @@ class RNNCell(nnx.Module):
     )
 
   def ridge_solver(self, reg: float | Array) -> RidgeSolver:
-    """The factored ``W W^T + reg I``: factor once per step, reuse for every time step."""
-    return ridge_solver(self.recurrent_kernel[...], reg)
+    """The regularized inverse of ``W`` as one ``(hidden, hidden)`` matrix, formed once per
+    training step and applied at every time step (one product each)."""
+    return ridge_solver(self.recurrent_kernel[...], reg, explicit=True)
 
   def inverse(
     self,
