@@ -13,7 +13,6 @@ import dataclasses
 import functools
 import json
 import platform
-import resource
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -371,17 +370,14 @@ def execute(run: Run, *, data_parallel: bool = False) -> dict:
     raise ValueError(f"{run.name}: the stopping rule stops one run; give it seeds=1")
   else:
     histories = [h for _, h in train.fit_seeds(build, seeds, dataset, vectorize=run.vectorize, **common)]
-  return (
-    dataclasses.asdict(run)
-    | _summarize(histories)
-    | {"name": run.name, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-  )
+  return dataclasses.asdict(run) | _summarize(histories) | {"name": run.name}
 
 
 def _summarize(histories: list[train.History]) -> dict:
   """One record of the runs of several seeds: shared timings, per-epoch mean and spread."""
   first = histories[0].as_dict()
   record = {k: first[k] for k in ("epoch", "step_time", "wall_time", "compile_time", "compilations")}
+  record["step_memory_mib"] = first["step_memory"] / 2**20
   record |= {"restored_epoch": first["restored_epoch"], "median_step_time": first["median_step_time"]}
   for key in ("train_loss", "test_loss", "test_accuracy"):
     values = np.array([getattr(h, key) for h in histories])
@@ -494,6 +490,11 @@ def _cosines(record: dict) -> str:
   return f"{layers(probes[0])} -> {layers(probes[-1])}"
 
 
+def _step_memory(record: dict) -> str:
+  memory = record.get("step_memory_mib")
+  return "-" if memory is None else f"{memory:.1f}"
+
+
 def markdown(results: dict) -> str:
   """The suite as a markdown table, one row per run."""
   env = results["environment"]
@@ -511,11 +512,13 @@ def markdown(results: dict) -> str:
     "per layer, input to output, between the rule's update and the backprop gradient on "
     f"{PROBE_SIZE} training examples, before training -> after the last epoch (mean over seeds). Where a "
     "suite has no backprop run at a rule's batch size, one with Adam (0.001) is added as the timing "
-    "reference: its accuracy is not a tuned baseline.",
+    "reference: its accuracy is not a tuned baseline. Step MiB is the device memory the compiled epoch needs "
+    "beyond its inputs (data set, params) and outputs: a step's working memory (XLA's memory analysis; runs "
+    "recorded before it was measured show -).",
     "",
     "| data | model | batch | rule | optimizer (lr) | epochs | n | test acc (per epoch) | final test loss "
-    "| cosine to backprop | ms/step | x backprop |",
-    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    "| cosine to backprop | ms/step | x backprop | step MiB |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
   ]
   for r in results["runs"].values():
     accs = " ".join(f"{a:.3f}" for a in r["test_accuracy"])
@@ -528,7 +531,8 @@ def markdown(results: dict) -> str:
     lines.append(
       f"| {_data_label(r)} | {r['model']} {'-'.join(map(str, r['hidden'])) or '(no hidden)'} {r['activation']} "
       f"| {r['batch_size']} | {_rule_label(r)} | {_optimizer_label(r)} | {r['epochs']} | {n} | {accs} "
-      f"| {r['test_loss'][-1]:.4f} | {_cosines(r)} | {1e3 * r['median_step_time']:.3f} | {r['step_time_ratio']:.2f} |"
+      f"| {r['test_loss'][-1]:.4f} | {_cosines(r)} | {1e3 * r['median_step_time']:.3f} | {r['step_time_ratio']:.2f} "
+      f"| {_step_memory(r)} |"
     )
   return "\n".join(lines) + "\n"
 

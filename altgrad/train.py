@@ -47,7 +47,9 @@ class History:
   ``skipped_steps``, when ``tx`` is wrapped in :func:`altgrad.rules.finite_guard`, how many
   steps it has skipped by the end of each epoch (non-finite update or state);
   ``clipped_displacements``, for target propagation with its guard, how many displacements the
-  guard has scaled down by the end of each epoch.
+  guard has scaled down by the end of each epoch; ``step_memory`` the device memory (bytes) the
+  compiled epoch needs beyond its inputs and outputs (XLA's memory analysis; the data set and
+  the params are inputs): the working memory of a training step.
   """
 
   epoch: list[int] = dataclasses.field(default_factory=list)
@@ -60,6 +62,7 @@ class History:
   skipped_steps: list[int] = dataclasses.field(default_factory=list)
   clipped_displacements: list[int] = dataclasses.field(default_factory=list)
   compile_time: float = 0.0
+  step_memory: int = 0
   compilations: int = 0
   restored_epoch: int | None = None
 
@@ -371,8 +374,9 @@ def _train(
     first += 1
   elif probe is not None:
     record(0, params, opt_state)
+  step_memory = run_epoch.memory_analysis().temp_size_in_bytes
   for h in histories:
-    h.compile_time = compile_time
+    h.compile_time, h.step_memory = compile_time, step_memory
 
   show = (sys.stderr.isatty() if progress is None else progress) and _distributed.is_primary()
   bar = _progress_bar(epochs, data.name, show, initial=first - 1)

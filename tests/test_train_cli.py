@@ -25,6 +25,7 @@ def test_fit_trains_in_place_without_recompiling():
   tx = optax.chain(rules.backprop(model, losses.softmax_cross_entropy), optax.adam(1e-2))
   history = train.fit(model, tx, ds, loss_fn=losses.softmax_cross_entropy, epochs=3, batch_size=64)
   assert history.epoch == [1, 2, 3] and history.compilations == 1
+  assert history.step_memory > 32 * 64 * 4  # at least the hidden activations of a batch
   assert len(history.test_accuracy) == len(history.step_time) == len(history.wall_time) == 3
   assert history.test_accuracy[-1] > 0.85
   assert history.train_loss[-1] < history.train_loss[0]
@@ -139,6 +140,7 @@ def test_bench_writes_json_markdown_and_plot_and_resumes(tmp_path, monkeypatch):
   assert np.allclose(anp["test_accuracy"], np.mean(anp["test_accuracy_seeds"], axis=0))
   assert [p["epoch"] for p in anp["probes"]] == [0, 1, 2] and len(anp["probes"][0]) == 4
   assert runs[suite[0].name]["step_time_ratio"] == 1.0
+  assert all(r["step_memory_mib"] > 0 for r in runs.values())
   assert all(abs(v - 1) < 1e-4 for p in runs[suite[0].name]["probes"] for k, v in p.items() if k != "epoch")
   assert json.loads((tmp_path / "tiny.json").read_text())["runs"].keys() == runs.keys()
   table = (tmp_path / "tiny.md").read_text()
