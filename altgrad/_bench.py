@@ -584,7 +584,8 @@ README_MARKERS = (
 
 def readme_results(out_dir: str | Path) -> str:
   """The README's results block: the smoke suite's table and plot, then every other suite's plot
-  and a link to its table, from the files ``altgrad bench`` wrote to ``out_dir``."""
+  and a link to its table, and a link to the perf table, from the files ``altgrad bench`` wrote
+  to ``out_dir``."""
   out_dir = Path(out_dir)
   smoke = json.loads((out_dir / "smoke.json").read_text())
   table = markdown(smoke).split("\n", 2)[2]  # without the title
@@ -597,4 +598,6 @@ def readme_results(out_dir: str | Path) -> str:
         f"![{suite} suite]({out_dir.name}/{suite}.png)",
         "",
       ]
+  if (out_dir / "perf.json").exists():
+    lines += [f"`perf` (step costs against backprop's): [table]({out_dir.name}/perf.md)", ""]
   return "\n".join([*lines, README_MARKERS[1]])
