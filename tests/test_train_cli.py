@@ -2,6 +2,7 @@
 
 import json
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -174,6 +175,19 @@ def test_perf_times_steps_against_backprop_and_writes_json_and_markdown(tmp_path
   assert all(r["peak_mib"] > 0 and r["step_seconds"] > 0 and r["roofline_fraction"] > 0 for r in cases.values())
   assert json.loads((tmp_path / "perf.json").read_text())["cases"].keys() == cases.keys()
   assert (tmp_path / "perf.md").read_text().count(f"\n| {shape.name} |") == 3
+
+
+def test_scaled_backprop_is_backprop_with_the_hidden_layers_scaled():
+  model = nn.SimpleRNN(3, 8, 2, rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  batch = (jax.random.normal(jax.random.key(0), (4, 5, 3)), jnp.array([0, 1, 1, 0]))
+  loss = losses.softmax_cross_entropy
+  plain = rules.backprop(model, loss)
+  scaled = _bench.scaled_backprop(model, loss, hidden_scale=0.01)
+  expected = plain.update(None, plain.init(params), params, batch=batch)[0]
+  update = scaled.update(None, scaled.init(params), params, batch=batch)[0]
+  chex.assert_trees_all_close(update["readout"], expected["readout"])
+  chex.assert_trees_all_close(update["cell"], jax.tree.map(lambda g: 0.01 * g, expected["cell"]))
 
 
 def test_perf_suite_is_well_formed():
