@@ -173,6 +173,9 @@ def test_perf_times_steps_against_backprop_and_writes_json_and_markdown(tmp_path
   decorrelated = cases[f"{shape.name} / decorrelated backprop (lr 0.01, sample 0.5)"]
   assert decorrelated["gflop"] > reference["gflop"] > 0  # x R and the decorrelation update
   assert all(r["peak_mib"] > 0 and r["step_seconds"] > 0 and r["roofline_fraction"] > 0 for r in cases.values())
+  assert all(r["largest_constant"] < 8 * 8 for r in cases.values())  # no step holds the batch (8 x 8)
+  batch = jnp.arange(900.0).reshape(30, 30)
+  assert _perf.largest_constant(jax.jit(lambda w: w @ batch).lower(batch).compile().as_text()) == 900
   assert json.loads((tmp_path / "perf.json").read_text())["cases"].keys() == cases.keys()
   assert (tmp_path / "perf.md").read_text().count(f"\n| {shape.name} |") == 3
 
