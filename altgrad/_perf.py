@@ -189,7 +189,8 @@ class _Compiled:
     cost = cost[0] if isinstance(cost, list) else cost  # one dict per device in older JAX
     self.flops = float((cost or {}).get("flops", float("nan")))
     memory = self.step.memory_analysis()
-    self.peak_bytes = getattr(memory, "peak_memory_in_bytes", 0) or (  # XLA's peak of live buffers
+    # XLA:CPU's peak_memory_in_bytes is the same for every rule at a shape, so: all buffers
+    self.peak_bytes = (
       memory.argument_size_in_bytes
       + memory.output_size_in_bytes
       + memory.temp_size_in_bytes
@@ -275,8 +276,8 @@ def markdown(results: dict) -> str:
     f"jax {env['jax']}, optax {env['optax']}, flax {env['flax']}; {env['device']} ({env['processor']}); "
     f"float32 matmul roofline {results['matmul_gflop_per_second']:.0f} GFLOP/s (2048^3, measured in this run).",
     "One jitted step (rule, then SGD), the batch passed as an argument; median over rounds in which the cases of "
-    "a shape take turns. Compile = trace + XLA compile. GFLOP and peak memory (the peak of the step's live "
-    "buffers, arguments included) are XLA's analyses of the compiled step. Ratios divide by backprop's at the "
+    "a shape take turns. Compile = trace + XLA compile. GFLOP and peak memory (arguments + outputs + "
+    "temporaries of the step) are XLA's analyses of the compiled step. Ratios divide by backprop's at the "
     "same shape in the same run. Largest constant in any step: "
     f"{max((r.get('largest_constant', 0) for r in results['cases'].values()), default=0)} elements (data "
     "closed over instead of passed would show here).",
