@@ -27,6 +27,8 @@ import optax
 from flax import nnx
 
 from altgrad import _distributed, _zoo, losses, nn
+from altgrad._bench import BENCH_RULES, environment
+from altgrad._experiment import make_rule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,9 +168,6 @@ class _Compiled:
   """A case's compiled step, its inputs and what XLA says of it."""
 
   def __init__(self, case: Case, seed: int = 0):
-    from altgrad._bench import BENCH_RULES
-    from altgrad._experiment import make_rule
-
     model, x, y, loss_fn = case.shape.build(seed, case.decorrelation)
     rule = make_rule(case.rule, model, loss_fn, seed, x.shape[0], registry=BENCH_RULES, **dict(case.options))
     tx = optax.chain(rule, optax.sgd(1e-3))
@@ -253,8 +252,6 @@ def _one_step(c: _Compiled) -> float:
 
 def run(out_dir: str | Path, *, found: list[Case] | None = None, progress: bool | None = None, **options) -> dict:
   """Measures the perf suite (or ``found``) and writes ``<out_dir>/perf.json`` and ``perf.md``."""
-  from altgrad._bench import environment
-
   rate = matmul_rate()
   records = measure(cases() if found is None else found, progress=progress is not False, **options)
   for record in records.values():
