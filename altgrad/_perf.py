@@ -138,8 +138,8 @@ def cases() -> list[Case]:
   for length, features, classes, batch in ((60, 6, 4, 20), (120, 6, 4, 20), (784, 1, 10, 16)):
     shape = _rnn(length, features, classes, batch)
     found += [Case(shape, "backprop"), Case(shape, "tp", (("reg", 1.0),))]
-  for shape in (_resnet(128), _transformer(64)):
-    found += [Case(shape, rule) for rule in ("jax_grad", "backprop", "consequentialism", "anp")]
+  for shape in (_resnet(128), _transformer(64)):  # the user-model path (TP and decorrelation need altgrad layers)
+    found += [Case(shape, rule) for rule in ("jax_grad", "backprop", "consequentialism", "np", "anp", "inp")]
   return found
 
 
