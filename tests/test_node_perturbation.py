@@ -277,3 +277,19 @@ def test_default_noise_is_one_hash_per_step_however_many_sites(depth):
   jaxpr = jax.make_jaxpr(lambda p, s: tx.update(None, s, p, batch=batch))(params, tx.init(params))
   hashes = {"threefry2x32", "random_split", "random_bits", "random_fold_in"}
   assert _count_primitives(jaxpr.jaxpr, hashes) == 2
+
+
+def test_a_site_on_a_reshaped_batch_is_a_clear_error():
+  class Tokens(nnx.Module):
+    def __init__(self, rngs):
+      self.embed = nnx.Linear(3, 4, rngs=rngs)
+      self.head = nnx.Linear(4 * 5, 2, rngs=rngs)
+
+    def __call__(self, x):  # (batch, 5, 3) -> one row per token -> back to examples
+      h = jnp.tanh(self.embed(x.reshape(-1, 3)))
+      return self.head(h.reshape(x.shape[0], -1))
+
+  model = Tokens(nnx.Rngs(0))
+  batch = (jnp.ones((6, 5, 3)), jnp.arange(6) % 2)
+  with pytest.raises(ValueError, match=r"site embed outputs \(30, 4\) for a batch of 6"):
+    _update(model, nnx.state(model, nnx.Param), batch, variant="anp")
