@@ -26,6 +26,7 @@ from flax import nnx
 from altgrad import _distributed, diagnostics, losses, nn, rules, train
 from altgrad import data as data_lib
 from altgrad._experiment import build_model, loss_for, make_rule, optimizer_for
+from altgrad.nn._pure import param_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,9 +311,8 @@ def scaled_backprop(model: nnx.Module, loss_fn, *, hidden_scale: float) -> optax
     raise TypeError(f"scaled_backprop knows the output layer of a SimpleRNN or Sequential, not {type(model).__name__}")
   rule = rules.backprop(model, loss_fn)
 
-  def scale(path, update):
-    keys = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
-    return update if keys[: len(output)] == output else hidden_scale * update
+  def scale(key_path, update):
+    return update if param_path(key_path)[: len(output)] == output else hidden_scale * update
 
   def update_fn(updates, state, params=None, **extra_args):
     updates, state = rule.update(updates, state, params, **extra_args)

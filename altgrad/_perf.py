@@ -26,9 +26,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from altgrad import _distributed, _zoo, losses, nn
+from altgrad import _distributed, losses
+from altgrad import data as data_lib
 from altgrad._bench import BENCH_RULES, environment
-from altgrad._experiment import make_rule
+from altgrad._experiment import build_model, make_rule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,86 +60,52 @@ class Case:
     return rule
 
 
-def _labels(key: jax.Array, batch: int, classes: int) -> jax.Array:
-  return jax.random.randint(key, (batch,), 0, classes)
+def _shape(
+  name: str,
+  kind: str,
+  input_shape: tuple[int, ...],
+  classes: int,
+  batch: int,
+  hidden: tuple[int, ...],
+  activation: str = "tanh",
+  tokens: bool = False,
+) -> Shape:
+  """The model ``build_model`` makes of ``kind`` (as `compare` and `bench` train it) for inputs of
+  ``input_shape`` (token ids below ``classes`` if ``tokens``), on a random batch with random labels."""
+  blank, labels = np.zeros((1, *input_shape), np.int32 if tokens else np.float32), np.zeros((1,), np.int32)
+  layout = data_lib.Dataset(blank, labels, blank, labels, classes, name)
 
-
-def _mlp(sizes: tuple[int, ...], batch: int) -> Shape:
   def build(seed, decorrelation=None):
     lr, sample = decorrelation or (None, 1.0)
-    model = nn.MLP(
-      sizes,
-      activation="leaky_relu",
-      kernel_init=nnx.initializers.he_normal(),
-      decorrelation_lr=lr,
-      decorrelation_sample=sample,
-      rngs=nnx.Rngs(seed),
-    )
-    x = jax.random.normal(jax.random.key(seed + 1), (batch, sizes[0]))
-    return model, x, _labels(jax.random.key(seed + 2), batch, sizes[-1]), losses.softmax_cross_entropy
+    model = build_model(layout, kind, hidden, activation, seed, lr, sample)
+    key = jax.random.key(seed + 1)
+    shape = (batch, *input_shape)
+    x = jax.random.randint(key, shape, 0, classes) if tokens else jax.random.normal(key, shape)
+    y = jax.random.randint(jax.random.key(seed + 2), (batch,), 0, classes)
+    return model, x, y, losses.softmax_cross_entropy
 
-  hidden = sizes[1:-1]
-  widths = f"{hidden[0]}x{len(hidden)}" if len(set(hidden)) == 1 else "-".join(map(str, hidden))
-  return Shape(f"MLP {sizes[0]}-{widths}-{sizes[-1]}, batch {batch}", build)
-
-
-def _conv(batch: int) -> Shape:
-  def build(seed, decorrelation=None):
-    del decorrelation
-    rngs = nnx.Rngs(seed)
-    model = nn.Sequential(
-      nn.Conv(1, 16, 3, strides=2, activation="relu", rngs=rngs),
-      nn.Conv(16, 32, 3, strides=2, activation="relu", rngs=rngs),
-      nn.Flatten(),
-      nn.MLP((32 * 7 * 7, 128, 10), activation="relu", rngs=rngs),
-    )
-    x = jax.random.normal(jax.random.key(seed + 1), (batch, 28, 28, 1))
-    return model, x, _labels(jax.random.key(seed + 2), batch, 10), losses.softmax_cross_entropy
-
-  return Shape(f"conv 16-32 + MLP 128 on 28x28, batch {batch}", build)
-
-
-def _rnn(length: int, features: int, classes: int, batch: int) -> Shape:
-  def build(seed, decorrelation=None):
-    del decorrelation
-    model = nn.SimpleRNN(features, 100, classes, rngs=nnx.Rngs(seed))
-    x = jax.random.normal(jax.random.key(seed + 1), (batch, length, features))
-    return model, x, _labels(jax.random.key(seed + 2), batch, classes), losses.softmax_cross_entropy
-
-  return Shape(f"RNN 100, T={length}, batch {batch}", build)
-
-
-def _resnet(batch: int) -> Shape:
-  def build(seed, decorrelation=None):
-    del decorrelation
-    model = _zoo.ResNet(1, 10, width=16, blocks=1, rngs=nnx.Rngs(seed))
-    x = jax.random.normal(jax.random.key(seed + 1), (batch, 28, 28, 1))
-    return model, x, _labels(jax.random.key(seed + 2), batch, 10), losses.softmax_cross_entropy
-
-  return Shape(f"NNX ResNet 16x1 (BatchNorm, dropout) on 28x28, batch {batch}", build)
-
-
-def _transformer(batch: int) -> Shape:
-  def build(seed, decorrelation=None):
-    del decorrelation
-    model = _zoo.Transformer(8, 16, width=32, depth=2, rngs=nnx.Rngs(seed))
-    x = jax.random.randint(jax.random.key(seed + 1), (batch, 16), 0, 8)
-    return model, x, _labels(jax.random.key(seed + 2), batch, 8), losses.softmax_cross_entropy
-
-  return Shape(f"NNX transformer 32x2 on 16 tokens, batch {batch}", build)
+  return Shape(f"{name}, batch {batch}", build)
 
 
 def cases() -> list[Case]:
   """The perf suite: issue 15's shapes, every rule that has a cost target there."""
-  danp = _mlp((3072, 1024, 1024, 1024, 10), 1000)
+  danp = _shape("MLP 3072-1024x3-10", "mlp", (3072,), 10, 1000, (1024,) * 3, "leaky_relu")
   found = [Case(danp, rule) for rule in ("backprop", "np", "anp", "inp", "consequentialism")]
   found += [Case(danp, rule, decorrelation=(1e-3, s)) for rule in ("backprop", "anp") for s in (1.0, 0.1)]
-  for shape in (_mlp((784, 256, 256, 10), 128), _mlp((784, 1024, 1024, 10), 128), _conv(128)):
+  for shape in (
+    _shape("MLP 784-256x2-10", "mlp", (784,), 10, 128, (256, 256), "leaky_relu"),
+    _shape("MLP 784-1024x2-10", "mlp", (784,), 10, 128, (1024, 1024), "leaky_relu"),
+    _shape("conv 16-32 + MLP 128 on 28x28", "conv", (28, 28, 1), 10, 128, (128,), "relu"),
+  ):
     found += [Case(shape, rule) for rule in ("backprop", "consequentialism")]
   for length, features, classes, batch in ((60, 6, 4, 20), (120, 6, 4, 20), (784, 1, 10, 16)):
-    shape = _rnn(length, features, classes, batch)
+    shape = _shape(f"RNN 100, T={length}", "rnn", (length, features), classes, batch, (100,))
     found += [Case(shape, "backprop"), Case(shape, "tp", (("reg", 1.0),))]
-  for shape in (_resnet(128), _transformer(64)):  # the user-model path (TP and decorrelation need altgrad layers)
+  user_models = (  # the user-model path (TP and decorrelation need altgrad layers)
+    _shape("NNX ResNet 16x1 (BatchNorm, dropout) on 28x28", "resnet", (28, 28, 1), 10, 128, (16,), "relu"),
+    _shape("NNX transformer 32x2 on 16 tokens", "transformer", (16,), 8, 64, (32, 32), "gelu", tokens=True),
+  )
+  for shape in user_models:
     found += [Case(shape, rule) for rule in ("jax_grad", "backprop", "consequentialism", "np", "anp", "inp")]
   return found
 
@@ -217,9 +184,11 @@ def measure(found: list[Case], *, rounds: int = 7, round_seconds: float = 0.3, p
     group = [case for case in found if case.shape == shape]
     compiled = [_Compiled(case) for case in group]
     for c in compiled:
-      c.time(1)  # warm up
+      c.time(1)  # warm up, then one step to size the rounds
+      c.time(1)
+    steps = [max(1, round(round_seconds / max(c.times[-1], 1e-6))) for c in compiled]
+    for c in compiled:
       c.times.clear()
-    steps = [max(1, round(round_seconds / max(_one_step(c), 1e-6))) for c in compiled]
     for _ in range(rounds):
       for c, n in zip(compiled, steps, strict=True):
         c.time(n)
@@ -242,12 +211,6 @@ def measure(found: list[Case], *, rounds: int = 7, round_seconds: float = 0.3, p
         "memory_ratio": c.peak_bytes / reference.peak_bytes,
       }
   return records
-
-
-def _one_step(c: _Compiled) -> float:
-  start = time.perf_counter()
-  jax.block_until_ready(c.step(*c.args))
-  return time.perf_counter() - start
 
 
 def run(out_dir: str | Path, *, found: list[Case] | None = None, progress: bool | None = None, **options) -> dict:

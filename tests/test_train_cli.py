@@ -161,7 +161,7 @@ def test_bench_writes_json_markdown_and_plot_and_resumes(tmp_path, monkeypatch):
 def test_perf_times_steps_against_backprop_and_writes_json_and_markdown(tmp_path):
   from altgrad import _perf
 
-  shape = _perf._mlp((8, 16, 4), 8)
+  shape = _perf._shape("MLP 8-16-4", "mlp", (8,), 4, 8, (16,), "leaky_relu")
   found = [
     _perf.Case(shape, "backprop"),
     _perf.Case(shape, "np"),

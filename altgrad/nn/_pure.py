@@ -51,6 +51,11 @@ class Errors(NamedTuple):
   variables: Any
 
 
+def param_path(key_path: Sequence[Any]) -> Path:
+  """A JAX tree key path of a params tree as the module path NNX uses (``("layers", 0, "kernel")``)."""
+  return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in key_path)
+
+
 def _is_coupling(module: nnx.Module) -> bool:
   """Whether ``module`` mixes the examples of a batch as it is set (BatchNorm in training mode)."""
   return isinstance(module, nnx.BatchNorm) and not module.use_running_average
@@ -190,7 +195,7 @@ class PureModel:
     sites = self.site_paths(taps)
 
     def free(key_path, _):
-      path = tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in key_path)
+      path = param_path(key_path)
       return not any(path[: len(s)] == s for s in sites)
 
     return jax.tree_util.tree_map_with_path(free, params)
