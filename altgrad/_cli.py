@@ -12,7 +12,7 @@ import optax
 
 from altgrad import _bench, _distributed, _perf, nn, rules, train
 from altgrad import data as data_lib
-from altgrad._experiment import MODELS, OPTIMIZERS, build_model, loss_for, make_rule, optimizer_for
+from altgrad._experiment import KERNEL_INITS, MODELS, OPTIMIZERS, build_model, loss_for, make_rule, optimizer_for
 
 DATA_PARALLEL_HELP = (
   "shard every batch over all devices (jax.devices()), params replicated; the batch size must divide "
@@ -102,6 +102,7 @@ def compare(args: argparse.Namespace) -> dict:
       args.seed,
       args.decorrelation_lr,
       args.decorrelation_sample,
+      args.kernel_init,
     )
     try:
       rule = make_rule(name, model, loss_fn, args.seed, len(dataset.x_train))
@@ -234,6 +235,12 @@ def make_parser() -> argparse.ArgumentParser:
     default=1.0,
     help="the fraction of each batch the decorrelation update is estimated on (default: 1.0, the "
     "whole batch, as the node-perturbation authors do; 0.1 makes it 10x cheaper)",
+  )
+  p.add_argument(
+    "--kernel-init",
+    choices=sorted(KERNEL_INITS),
+    help="initializer of the MLP's and conv net's kernels (default: lecun_normal; the "
+    "node-perturbation authors use he_normal)",
   )
   p.add_argument(
     "--optimizer",

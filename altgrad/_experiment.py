@@ -22,6 +22,11 @@ OPTIMIZERS = {
   "adam": optax.adam,
 }
 MODELS = ("auto", "mlp", "conv", "rnn", "resnet", "transformer")
+KERNEL_INITS = {
+  "lecun_normal": nnx.initializers.lecun_normal,
+  "he_normal": nnx.initializers.he_normal,
+  "glorot_uniform": nnx.initializers.glorot_uniform,
+}
 
 
 def optimizer_for(rule: str, optimizer: str, lr: float) -> optax.GradientTransformation:
@@ -54,12 +59,15 @@ def build_model(
   seed: int,
   decorrelation_lr: float | None = None,
   decorrelation_sample: float = 1.0,
+  kernel_init: str | None = None,
 ):
   """The model `compare` trains: an MLP for flat inputs, a SimpleRNN for sequences, a small
   conv net for images; or an ordinary NNX model of the user's kind (no altgrad layers): a
   ``resnet`` (width ``hidden[0]``, ``len(hidden)`` residual blocks) for images, a
   ``transformer`` (width ``hidden[0]``, ``len(hidden)`` blocks, a head tied to the token
-  embedding) for token sequences whose classes are tokens."""
+  embedding) for token sequences whose classes are tokens. ``kernel_init`` names the
+  initializer of the MLP's and conv net's kernels (a key of ``KERNEL_INITS``; LeCun normal if
+  None)."""
   rngs = nnx.Rngs(seed)
   shape, out = dataset.input_shape, dataset.output_size
   if kind == "auto":
@@ -71,6 +79,11 @@ def build_model(
       f"--decorrelation-lr decorrelates the inputs of altgrad's Dense layers; the {kind} model has none "
       "(use --model mlp or conv)"
     )
+  if kernel_init is not None and kind not in ("mlp", "conv"):
+    raise ValueError(f"--kernel-init sets the kernels of altgrad's MLP and conv net; the {kind} model keeps its own")
+  if kernel_init is not None and kernel_init not in KERNEL_INITS:
+    raise ValueError(f"unknown kernel init {kernel_init!r}; expected one of {sorted(KERNEL_INITS)}")
+  init = dict(kernel_init=KERNEL_INITS[kernel_init or "lecun_normal"]())
   if kind == "resnet":
     if len(shape) != 3:
       raise ValueError(f"--model resnet needs images (height, width, channels); {dataset.name} has {shape}")
@@ -87,8 +100,8 @@ def build_model(
     if len(shape) != 3:
       raise ValueError(f"--model conv needs images (height, width, channels); {dataset.name} has {shape}")
     return nn.Sequential(
-      nn.Conv(shape[-1], 16, 3, strides=2, activation=activation, rngs=rngs),
-      nn.Conv(16, 32, 3, strides=2, activation=activation, rngs=rngs),
+      nn.Conv(shape[-1], 16, 3, strides=2, activation=activation, rngs=rngs, **init),
+      nn.Conv(16, 32, 3, strides=2, activation=activation, rngs=rngs, **init),
       nn.Flatten(),
       nn.MLP(
         (32 * -(-shape[0] // 4) * -(-shape[1] // 4), *hidden, out),
@@ -96,11 +109,12 @@ def build_model(
         decorrelation_lr=decorrelation_lr,  # the Dense layers; a Conv has no decorrelating matrix
         decorrelation_sample=decorrelation_sample,
         rngs=rngs,
+        **init,
       ),
     )
-  decorrelation = dict(decorrelation_lr=decorrelation_lr, decorrelation_sample=decorrelation_sample)
+  options = dict(decorrelation_lr=decorrelation_lr, decorrelation_sample=decorrelation_sample, **init)
   if len(shape) != 1:
     return nn.Sequential(
-      nn.Flatten(), nn.MLP((math.prod(shape), *hidden, out), activation=activation, rngs=rngs, **decorrelation)
+      nn.Flatten(), nn.MLP((math.prod(shape), *hidden, out), activation=activation, rngs=rngs, **options)
     )
-  return nn.MLP((shape[0], *hidden, out), activation=activation, rngs=rngs, **decorrelation)
+  return nn.MLP((shape[0], *hidden, out), activation=activation, rngs=rngs, **options)

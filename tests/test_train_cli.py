@@ -231,3 +231,20 @@ def test_rules_draw_noise_from_the_run_seed_and_decorrelation_is_refused_where_i
     _experiment.build_model(sequences, "rnn", (8,), "tanh", 0, decorrelation_lr=1e-3)
   with pytest.raises(ValueError, match="needs --decorrelation-lr"):
     _experiment.build_model(images, "conv", (8,), "tanh", 0, decorrelation_sample=0.1)
+
+
+def test_kernel_init_is_chosen_by_name_for_altgrad_layers_and_refused_elsewhere():
+  dataset = data.digits()
+
+  def first_kernel(kernel_init):
+    model = _experiment.build_model(dataset, "mlp", (256,), "relu", 0, kernel_init=kernel_init)
+    return np.asarray(model.layers[0].kernel.value)
+
+  # He-normal draws with variance 2 / fan_in, LeCun-normal 1 / fan_in (both truncated: std ~0.88x)
+  ratio = first_kernel("he_normal").std() / first_kernel(None).std()
+  assert abs(ratio - np.sqrt(2)) < 0.05
+  sequences = data.temporal_order(10, num_train=8, num_test=4)
+  with pytest.raises(ValueError, match="the rnn model keeps its own"):
+    _experiment.build_model(sequences, "rnn", (8,), "tanh", 0, kernel_init="he_normal")
+  with pytest.raises(ValueError, match="unknown kernel init 'he'"):
+    _experiment.build_model(dataset, "mlp", (8,), "tanh", 0, kernel_init="he")
