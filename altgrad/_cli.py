@@ -12,7 +12,15 @@ import optax
 
 from altgrad import _bench, _distributed, _perf, nn, rules, train
 from altgrad import data as data_lib
-from altgrad._experiment import KERNEL_INITS, MODELS, OPTIMIZERS, build_model, loss_for, make_rule, optimizer_for
+from altgrad._experiment import (
+  KERNEL_INITS,
+  MODELS,
+  OPTIMIZERS,
+  build_model,
+  loss_for,
+  make_rule,
+  optimizer_for,
+)
 
 DATA_PARALLEL_HELP = (
   "shard every batch over all devices (jax.devices()), params replicated; the batch size must divide "
