@@ -46,8 +46,9 @@ class History:
   ``probe`` before training (epoch 0) and after each epoch, each with its ``epoch``;
   ``skipped_steps``, when ``tx`` is wrapped in :func:`altgrad.rules.finite_guard`, how many
   steps it has skipped by the end of each epoch (non-finite update or state);
-  ``clipped_displacements``, for target propagation with its guard, how many displacements the
-  guard has scaled down by the end of each epoch; ``step_memory`` the device memory (bytes) the
+  ``clipped_displacements``, for target propagation, how many displacements its guard has
+  changed (zeroed where not finite, or scaled down to ``max_displacement``) by the end of each
+  epoch; ``step_memory`` the device memory (bytes) the
   compiled epoch needs beyond its inputs and outputs (XLA's memory analysis; the data set and
   the params are inputs): the working memory of a training step.
   """

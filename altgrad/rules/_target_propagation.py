@@ -33,13 +33,19 @@ class TargetPropagationState(NamedTuple):
   model_variables: Any  # the model's non-param variables (decorrelation matrices)
 
 
-def _clip(d: Array, max_rms: float | None) -> tuple[Array, Array]:
-  """Scales each example's displacement down to an RMS over its units of at most ``max_rms``;
-  also returns how many examples' displacements it scaled."""
-  if max_rms is None:
-    return d, jnp.zeros((), jnp.int32)
-  rms = jnp.sqrt(jnp.mean(d * d, axis=tuple(range(1, d.ndim)), keepdims=True))
-  return d * jnp.minimum(1.0, max_rms / jnp.maximum(rms, max_rms)), jnp.sum(rms > max_rms, dtype=jnp.int32)
+def _guard(d: Array, max_rms: float | None) -> tuple[Array, Array]:
+  """Zeroes each example's displacement that is not finite (where the reference's overflows)
+  and, given ``max_rms``, scales the others down to an RMS over units of at most ``max_rms``;
+  also returns how many examples' displacements it changed."""
+  axes = tuple(range(1, d.ndim))
+  finite = jnp.all(jnp.isfinite(d), axis=axes, keepdims=True)
+  d = jnp.where(finite, d, 0.0)
+  fired = jnp.logical_not(finite)
+  if max_rms is not None:
+    rms = jnp.sqrt(jnp.mean(d * d, axis=axes, keepdims=True))
+    d = d * jnp.minimum(1.0, max_rms / jnp.maximum(rms, max_rms))
+    fired = fired | (rms > max_rms)
+  return d, jnp.sum(fired, dtype=jnp.int32)
 
 
 def _mlp_displacements(layers, taps, top: Array, mode: str, reg, max_rms) -> tuple[list[Array], Array]:
@@ -54,7 +60,7 @@ def _mlp_displacements(layers, taps, top: Array, mode: str, reg, max_rms) -> tup
       below = layer.inverse(output + d, reg=reg) - layer.inverse(output, reg=reg)
     else:
       below = layer.inverse(output + d, reg=reg) - tap.inputs
-    below, count = _clip(below, max_rms)
+    below, count = _guard(below, max_rms)
     displacements.insert(0, below)
     clipped = clipped + count
   return displacements, clipped
@@ -78,7 +84,7 @@ def _rnn_displacements(cell, tap, top: Array, mode: str, reg, max_rms) -> tuple[
       below = cell.inverse(h_t + d, x_t, solver=solver) - cell.inverse(h_t, x_t, solver=solver)
     else:
       below = cell.inverse(h_t + d, x_t, solver=solver) - h_before
-    below, count = _clip(below, max_rms)
+    below, count = _guard(below, max_rms)
     return below, (below, count)
 
   _, (lower, counts) = jax.lax.scan(step, top, (states, inputs, previous), reverse=True)
@@ -143,7 +149,7 @@ def target_displacements(
   mode: str = "linearized",
   reg: float = 1.0,
   lr_target: float = 1e-2,
-  max_displacement: float | None = 1.0,
+  max_displacement: float | None = None,
 ) -> list[Array]:
   """The displacements ``v - h`` that TP gives each hidden layer on ``batch``: one array per
   hidden layer of an MLP, or one ``(batch, time, hidden)`` array for a SimpleRNN (its norm over
@@ -162,7 +168,7 @@ def target_propagation(
   reg: float = 1.0,
   lr_target: float = 1e-2,
   update: str = "through_time",
-  max_displacement: float | None = 1.0,
+  max_displacement: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Target propagation via regularized inversion.
 
@@ -195,13 +201,16 @@ def target_propagation(
     reg: the inverse's ridge ``r > 0``; small values let targets explode backward.
     lr_target: the step ``gamma_h`` of the first target.
     update: ``"through_time"`` or ``"local"``.
-    max_displacement: a guard, not in the reference: each example's displacement is scaled down
-      to an RMS over units of at most this, at every layer and time step. Saturated units
-      multiply displacements by up to ``1 / a'`` per step (500 for tanh after the clip of
-      ``a^-1``), which overflows within tens of steps; targets that far from the states carry no
-      useful signal. ``None`` reproduces the reference. The state's ``clipped_displacements``
-      counts the displacements (example, layer, time step) it has scaled down over all steps,
-      and ``fit`` records it per epoch (``History.clipped_displacements``).
+    max_displacement: an optional bound, not in the reference: each example's displacement is
+      scaled down to an RMS over units of at most this, at every layer and time step. Whatever
+      the bound, a displacement that is not finite is set to zero (the example's target is its
+      state there, and, through the inverses, below it): saturated units multiply displacements
+      by up to ``1 / a'`` per step (500 for tanh after the clip of ``a^-1``), which overflows
+      float32 within tens of steps, where the reference's targets turn to inf and NaN. With the
+      default ``None`` the displacements are therefore the reference's wherever those are
+      finite. The state's ``clipped_displacements`` counts the displacements (example, layer,
+      time step) the guard has changed over all steps, and ``fit`` records it per epoch
+      (``History.clipped_displacements``).
 
   The state records the RMS displacement of each hidden layer at the last step;
   :func:`target_displacements` gives them whole (per time step for an RNN).
@@ -214,8 +223,9 @@ def target_propagation(
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
   if update not in UPDATES:
     raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
-  for name, value in (("reg", reg), ("lr_target", lr_target), ("max_displacement", max_displacement or 1.0)):
-    check_number(value, name, positive=True)
+  for name, value in (("reg", reg), ("lr_target", lr_target), ("max_displacement", max_displacement)):
+    if value is not None:
+      check_number(value, name, positive=True)
 
   def init_fn(params):
     del params
