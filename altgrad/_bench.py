@@ -311,12 +311,12 @@ def scaled_backprop(model: nnx.Module, loss_fn, *, hidden_scale: float) -> optax
   ``hidden_scale``: BPTT at target propagation's step sizes (its hidden layers move by about
   ``lr_target`` times the optimizer's step, its output layer by the step), the control that
   separates TP's credit assignment from its step sizes."""
-  if isinstance(model, nn.SimpleRNN):
+  if isinstance(model, (nn.SimpleRNN, nn.GRU)):
     output = ("readout",)
   elif isinstance(model, nn.Sequential):
     output = ("layers", len(model.layers) - 1)
   else:
-    raise TypeError(f"scaled_backprop knows the output layer of a SimpleRNN or Sequential, not {type(model).__name__}")
+    raise TypeError(f"scaled_backprop knows the output layer of a SimpleRNN, GRU or Sequential, not {type(model).__name__}")
   rule = rules.backprop(model, loss_fn)
 
   def scale(key_path, update):

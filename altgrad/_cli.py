@@ -216,7 +216,8 @@ def make_parser() -> argparse.ArgumentParser:
     "--model",
     choices=MODELS,
     default="auto",
-    help="model family; auto picks mlp for vectors, rnn for sequences, conv for images; resnet "
+    help="model family; auto picks mlp for vectors, rnn for sequences, conv for images; gru is a "
+    "GRU for sequences (target propagation inverts it gate by gate); resnet "
     "(images) and transformer (token sequences, e.g. --dataset majority) are ordinary NNX models "
     "without altgrad layers",
   )

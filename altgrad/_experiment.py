@@ -21,7 +21,7 @@ OPTIMIZERS = {
   "rmsprop": optax.rmsprop,
   "adam": optax.adam,
 }
-MODELS = ("auto", "mlp", "conv", "rnn", "resnet", "transformer")
+MODELS = ("auto", "mlp", "conv", "rnn", "gru", "resnet", "transformer")
 KERNEL_INITS = {
   "lecun_normal": nnx.initializers.lecun_normal,
   "he_normal": nnx.initializers.he_normal,
@@ -61,8 +61,8 @@ def build_model(
   decorrelation_sample: float = 1.0,
   kernel_init: str | None = None,
 ):
-  """The model `compare` trains: an MLP for flat inputs, a SimpleRNN for sequences, a small
-  conv net for images; or an ordinary NNX model of the user's kind (no altgrad layers): a
+  """The model `compare` trains: an MLP for flat inputs, a SimpleRNN (or, as ``gru``, a GRU)
+  for sequences, a small conv net for images; or an ordinary NNX model of the user's kind (no altgrad layers): a
   ``resnet`` (width ``hidden[0]``, ``len(hidden)`` residual blocks) for images, a
   ``transformer`` (width ``hidden[0]``, ``len(hidden)`` blocks, a head tied to the token
   embedding) for token sequences whose classes are tokens. ``kernel_init`` names the
@@ -92,9 +92,11 @@ def build_model(
     if len(shape) != 1 or not np.issubdtype(dataset.x_train.dtype, np.integer):
       raise ValueError(f"--model transformer needs token sequences (int ids); {dataset.name} has {shape}")
     return _zoo.Transformer(out, shape[0], width=hidden[0], depth=len(hidden), rngs=rngs)
-  if kind == "rnn":
+  if kind in ("rnn", "gru"):
     if len(shape) != 2:
-      raise ValueError(f"--model rnn needs sequences (time, features); {dataset.name} has inputs {shape}")
+      raise ValueError(f"--model {kind} needs sequences (time, features); {dataset.name} has inputs {shape}")
+    if kind == "gru":
+      return nn.GRU(shape[1], hidden[0], out, rngs=rngs)
     return nn.SimpleRNN(shape[1], hidden[0], out, activation=activation, rngs=rngs)
   if kind == "conv":
     if len(shape) != 3:

@@ -226,3 +226,83 @@ def test_fit_records_how_often_the_guard_fired():
   first, second = counts[1e-6]
   assert 0 < first < second <= 2 * first and second <= 16 * 9 * 8
   assert counts[None] == [0, 0]
+
+
+def _gru_problem(time=6, hidden=5, seed=0):
+  model = _f64(nn.GRU(2, hidden, 3, rngs=nnx.Rngs(seed)))
+  model.cell.input_bias[...] = 0.5 * jax.random.normal(jax.random.key(seed + 1), (3 * hidden,), jnp.float64)
+  model.cell.recurrent_bias[...] = 0.5 * jax.random.normal(jax.random.key(seed + 2), (hidden,), jnp.float64)
+  x = jax.random.normal(jax.random.key(seed), (4, time, 2), jnp.float64)
+  return model, nnx.state(model, nnx.Param), (x, jnp.arange(4) % 3)
+
+
+def _numpy_gru_step_inverse(cell, h, x, d, reg):
+  """The per-gate linearized inverse of one GRU step, in column form with torch's (out, in)
+  matrices: h' = (1 - z) n + z h; d_h = z d + sum over gates of (W^T W + reg)^-1 W^T e_g."""
+  hidden = cell.hidden_features
+  wi, wh = np.asarray(cell.input_kernel[...]).T, np.asarray(cell.recurrent_kernel[...]).T  # (3 hidden, .)
+  bi, bhn = np.asarray(cell.input_bias[...]), np.asarray(cell.recurrent_bias[...])
+  gate = lambda k: slice(k * hidden, (k + 1) * hidden)  # noqa: E731
+  sigmoid = lambda a: 1 / (1 + np.exp(-a))  # noqa: E731
+  r = sigmoid(wi[gate(0)] @ x + bi[gate(0)] + wh[gate(0)] @ h)
+  z = sigmoid(wi[gate(1)] @ x + bi[gate(1)] + wh[gate(1)] @ h)
+  m = wh[gate(2)] @ h + bhn
+  n = np.tanh(wi[gate(2)] @ x + bi[gate(2)] + r * m)
+
+  def ridge(k, e):
+    w = wh[gate(k)]
+    return np.linalg.solve(w.T @ w + reg * np.eye(hidden), w.T @ e)
+
+  sigmoid_slope = lambda g: np.clip(g, 1e-3, 1 - 1e-3) * (1 - np.clip(g, 1e-3, 1 - 1e-3))  # noqa: E731
+  candidate = (1 - z) * (1 - n**2) * d
+  return z * d + ridge(1, (h - n) * d / sigmoid_slope(z)) + ridge(0, m * candidate / sigmoid_slope(r)) + ridge(2, r * candidate)
+
+
+def test_gru_displacements_follow_the_per_gate_inverse_step_by_step():
+  with jax.enable_x64(True):
+    model, params, (x, y) = _gru_problem()
+    reg = 0.5
+    (d,) = rules.target_displacements(model, CE, params, (x, y), reg=reg, lr_target=0.1)
+    h_prev, h = model.states(x)
+    top = -0.1 * jax.grad(lambda s: jnp.mean(CE(model.readout(s), y)))(h[:, -1])
+    chex.assert_trees_all_close(d[:, -1], top, rtol=1e-12)
+    want = np.asarray(top[1])  # one example: the batch is handled row by row
+    for t in range(x.shape[1] - 1, 0, -1):  # step t + 1 (0-based t) carries d_t back to d_{t-1}
+      want = _numpy_gru_step_inverse(model.cell, np.asarray(h_prev[1, t]), np.asarray(x[1, t]), want, reg)
+      np.testing.assert_allclose(d[1, t - 1], want, rtol=1e-9, atol=1e-15)
+
+
+def test_gru_updates_are_the_surrogates_gradients_and_large_reg_leaves_the_direct_path():
+  with jax.enable_x64(True):
+    model, params, (x, y) = _gru_problem()
+    for update in ("through_time", "local"):
+      got, state = _tp(model, params, (x, y), reg=2.0, lr_target=1e-2, update=update)
+      (d,) = rules.target_displacements(model, CE, params, (x, y), reg=2.0, lr_target=1e-2)
+      h_prev, h = model.states(x)
+      targets = h + d
+
+      def surrogate(p, update=update, h_prev=h_prev, targets=targets):
+        bound = nnx.merge(nnx.graphdef(model), p)
+        states = bound.states(x)[1] if update == "through_time" else bound.cell(h_prev, x)
+        return 0.5 * jnp.sum((states - targets) ** 2)
+
+      chex.assert_trees_all_close(got["cell"], jax.grad(surrogate)(params)["cell"], rtol=1e-10, atol=1e-14)
+      chex.assert_trees_all_close(got["readout"], _grad(model, params, (x, y))["readout"], rtol=1e-12)
+      assert state.displacement_norms[0] > 0
+    # as reg grows the gates' inverses vanish and only the direct path z h carries displacements
+    # back: d_{t-1} = z_t d_t (so, unlike the SimpleRNN's, the update does not tend to BPTT's)
+    (d,) = rules.target_displacements(model, CE, params, (x, y), reg=1e14, lr_target=1e-2)
+    z = model.cell.gates(h_prev, x).update
+    chex.assert_trees_all_close(d[:, :-1], z[:, 1:] * d[:, 1:], rtol=1e-8, atol=1e-17)
+
+
+def test_tp_trains_a_gru_and_refuses_modes_it_has_no_inverse_for():
+  task = data.temporal_order(10, num_train=96, num_test=32)
+  model = nn.GRU(6, 16, 4, rngs=nnx.Rngs(0))
+  tx = optax.chain(rules.target_propagation(model, CE, reg=1.0, lr_target=1e-2), optax.sgd(0.5))
+  history = train.fit(model, tx, task, loss_fn=CE, epochs=3, batch_size=16, progress=False)
+  assert history.train_loss[-1] < history.train_loss[0]
+  assert history.clipped_displacements == [0, 0, 0]
+  for mode in ("difference", "exact"):
+    with pytest.raises(ValueError, match="GRU gate by gate"):
+      rules.target_propagation(model, CE, mode=mode)

@@ -248,3 +248,19 @@ def test_kernel_init_is_chosen_by_name_for_altgrad_layers_and_refused_elsewhere(
     _experiment.build_model(sequences, "rnn", (8,), "tanh", 0, kernel_init="he_normal")
   with pytest.raises(ValueError, match="unknown kernel init 'he'"):
     _experiment.build_model(dataset, "mlp", (8,), "tanh", 0, kernel_init="he")
+
+
+def test_compare_builds_a_gru_for_sequences_and_the_tp_control_scales_its_cell():
+  sequences = data.temporal_order(10, num_train=8, num_test=4)
+  model = _experiment.build_model(sequences, "gru", (8,), "tanh", 0)
+  assert isinstance(model, nn.GRU) and model(sequences.x_test).shape == (4, 4)
+  params = nnx.state(model, nnx.Param)
+  batch = (sequences.x_train, sequences.y_train)
+  updates = {}
+  for name, rule in (
+    ("scaled", _bench.scaled_backprop(model, losses.softmax_cross_entropy, hidden_scale=0.5)),
+    ("plain", rules.backprop(model, losses.softmax_cross_entropy)),
+  ):
+    updates[name] = rule.update(None, rule.init(params), params, batch=batch)[0]
+  chex.assert_trees_all_close(updates["scaled"]["cell"], jax.tree.map(lambda u: 0.5 * u, updates["plain"]["cell"]))
+  chex.assert_trees_all_close(updates["scaled"]["readout"], updates["plain"]["readout"])

@@ -3,7 +3,7 @@
 Rules reach a model only through its *sites* (every call of a linear layer: nnx.Linear,
 nnx.LinearGeneral, nnx.Conv, nnx.ConvTranspose, nnx.Einsum, or an altgrad layer's linear part)
 and the tapped forward pass; :class:`PureModel` is the pure ``(graphdef, params, variables)``
-view they use. The altgrad layers (Dense, Conv, SimpleRNN, MLP) are conveniences on the same
+view they use. The altgrad layers (Dense, Conv, SimpleRNN, GRU, MLP) are conveniences on the same
 mechanism that expose their activations and regularized inverses.
 """
 
@@ -12,7 +12,7 @@ from altgrad.nn._base import Decorrelation, Layer, SingleSite
 from altgrad.nn._conv import Conv
 from altgrad.nn._dense import Dense
 from altgrad.nn._pure import Errors, Forward, PureModel
-from altgrad.nn._recurrent import RNNCell, SimpleRNN
+from altgrad.nn._recurrent import GRU, GRUCell, GRUGates, RNNCell, SimpleRNN
 from altgrad.nn._sequential import MLP, Flatten, Sequential
 from altgrad.nn._sites import SITE_CLASSES, SiteError, Tap
 
@@ -25,6 +25,9 @@ __all__ = [
   "Errors",
   "Flatten",
   "Forward",
+  "GRU",
+  "GRUCell",
+  "GRUGates",
   "Layer",
   "MLP",
   "PureModel",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -167,3 +167,159 @@ class SimpleRNN(Layer):
       raise ValueError(
         f"SimpleRNN expects inputs shaped (batch, time >= 1, {self.in_features}), got {describe_shape(x)}"
       )
+
+
+class GRUGates(NamedTuple):
+  """The gates of GRU steps: ``reset``, ``update``, ``candidate`` and ``recurrent_candidate``
+  (the candidate's state term ``h_prev W_n + b_hn``, before the reset gate scales it)."""
+
+  reset: Array
+  update: Array
+  candidate: Array
+  recurrent_candidate: Array
+
+
+def _orthogonal_blocks(init: Callable[..., Array], key: Array, rows: int, width: int, dtype: Any) -> Array:
+  """Three ``(rows, width)`` blocks drawn by ``init`` side by side: one per gate, as the TP
+  authors initialise each of torch's gate matrices (semi-)orthogonal on its own."""
+  return jnp.concatenate([init(k, (rows, width), dtype) for k in jax.random.split(key, 3)], axis=1)
+
+
+class GRUCell(nnx.Module):
+  """One GRU step in the Flax and torch convention,
+
+  ``r = sigmoid(x U_r + h W_r + b_r)``, ``z = sigmoid(x U_z + h W_z + b_z)``,
+  ``n = tanh(x U_n + b_n + r * (h W_n + b_hn))``, ``h' = (1 - z) n + z h``,
+
+  with the gates' kernels side by side (``input_kernel`` ``(in, 3 hidden)``,
+  ``recurrent_kernel`` ``(hidden, 3 hidden)``, order r, z, n). ``b_hn`` is torch's hidden bias
+  of the candidate (Flax's GRUCell has none); torch's other hidden biases add to the input
+  ones and are folded into ``input_bias``. Its :meth:`inverse_linearized` is target
+  propagation's per-gate regularized inverse.
+  """
+
+  def __init__(
+    self,
+    in_features: int,
+    hidden_features: int,
+    *,
+    kernel_init: Callable[..., Array] = nnx.initializers.orthogonal(),
+    param_dtype: Any = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    self.in_features = in_features
+    self.hidden_features = hidden_features
+    self.input_kernel = nnx.Param(
+      _orthogonal_blocks(kernel_init, rngs.params(), in_features, hidden_features, param_dtype)
+    )
+    self.recurrent_kernel = nnx.Param(
+      _orthogonal_blocks(kernel_init, rngs.params(), hidden_features, hidden_features, param_dtype)
+    )
+    self.input_bias = nnx.Param(jnp.zeros((3 * hidden_features,), param_dtype))
+    self.recurrent_bias = nnx.Param(jnp.zeros((hidden_features,), param_dtype))
+
+  def recurrent_kernels(self) -> tuple[Array, Array, Array]:
+    """``W_r, W_z, W_n``, each ``(hidden, hidden)``."""
+    return tuple(jnp.split(self.recurrent_kernel[...], 3, axis=-1))
+
+  def gates(self, h_prev: Array, x: Array) -> GRUGates:
+    """The gates of the steps from ``h_prev`` on inputs ``x`` (any leading axes)."""
+    drive_r, drive_z, drive_n = jnp.split(x @ self.input_kernel[...] + self.input_bias[...], 3, axis=-1)
+    state_r, state_z, state_n = jnp.split(h_prev @ self.recurrent_kernel[...], 3, axis=-1)
+    reset = jax.nn.sigmoid(drive_r + state_r)
+    recurrent_candidate = state_n + self.recurrent_bias[...]
+    candidate = jnp.tanh(drive_n + reset * recurrent_candidate)
+    return GRUGates(reset, jax.nn.sigmoid(drive_z + state_z), candidate, recurrent_candidate)
+
+  def __call__(self, h_prev: Array, x: Array) -> Array:
+    """``h'``, the state after one step (any leading axes)."""
+    gates = self.gates(h_prev, x)
+    return (1 - gates.update) * gates.candidate + gates.update * h_prev
+
+  def ridge_solvers(self, reg: float | Array) -> tuple[RidgeSolver, RidgeSolver, RidgeSolver]:
+    """The regularized inverses of ``W_r``, ``W_z``, ``W_n`` (one factorization each per
+    training step, each formed as one ``(hidden, hidden)`` matrix)."""
+    return tuple(ridge_solver(kernel, reg, explicit=True) for kernel in self.recurrent_kernels())
+
+  def inverse_linearized(
+    self,
+    displacement: Array,
+    h_prev: Array,
+    gates: GRUGates,
+    solvers: tuple[RidgeSolver, RidgeSolver, RidgeSolver],
+  ) -> Array:
+    """The displacement of ``h_prev`` that TP gives a step's ``displacement`` of ``h'``: the
+    per-gate linearized inverse of the TP authors' code, re-derived for this cell's convention
+    (``h' = (1 - z) n + z h``; the authors' derivation is written for ``(1 - z) h + z n``).
+
+    ``d_prev = z d + R_z[(h - n) d / z'] + R_r[(h W_n + b_hn)(1 - z) n' d / r'] + R_n[r (1 - z) n' d]``
+
+    where ``R_g(e) = e W_g^T (W_g W_g^T + reg I)^-1`` inverts the gate's state map by ridge
+    regression, ``r' = r (1 - r)`` and ``z'`` are the sigmoid gates' derivatives (each gate
+    clipped to [1e-3, 1 - 1e-3] first, as the authors do) and ``n' = 1 - n^2``. Each path from
+    ``h`` to ``h'`` contributes: the sigmoid gates' derivatives are divided out (inverted), the
+    other factors multiply (as the transpose would), and the direct path ``z h`` has no kernel
+    to invert. [recon] the per-gate split is the authors' code's; the paper's text was not
+    available.
+    """
+    solve_r, solve_z, solve_n = solvers
+    r, z, n, state_n = gates
+    clip = lambda g: jnp.clip(g, 1e-3, 1 - 1e-3)  # noqa: E731
+    through_candidate = (1 - z) * (1 - n * n) * displacement
+    return (
+      z * displacement
+      + solve_z((h_prev - n) * displacement / (clip(z) * (1 - clip(z))))
+      + solve_r(state_n * through_candidate / (clip(r) * (1 - clip(r))))
+      + solve_n(r * through_candidate)
+    )
+
+
+class GRU(Layer):
+  """A GRU on inputs shaped ``(batch, time, in_features)``; outputs ``readout(h_T)``.
+
+  ``h_0 = 0``; the time loop is a ``lax.scan`` of :class:`GRUCell`. The readout is a linear
+  :class:`Dense` (a site); target propagation inverts the cell gate by gate. For the other
+  rules the cell's params are params outside any site, as in any NNX model (consequentialism
+  gives them backprop's gradient, node perturbation perturbs them).
+
+  Args:
+    in_features: features per time step.
+    hidden_features: state width.
+    out_features: readout width.
+    rngs: Flax NNX random streams.
+  """
+
+  def __init__(self, in_features: int, hidden_features: int, out_features: int, *, rngs: nnx.Rngs):
+    if min(in_features, hidden_features, out_features) < 1:
+      raise ValueError(f"GRU needs positive sizes, got {in_features}, {hidden_features}, {out_features}")
+    self.in_features = in_features
+    self.cell = GRUCell(in_features, hidden_features, rngs=rngs)
+    self.readout = Dense(
+      hidden_features,
+      out_features,
+      activation="identity",
+      kernel_init=nnx.initializers.orthogonal(),
+      rngs=rngs,
+    )
+
+  def sites(self):
+    return (self.readout,)
+
+  def states(self, x: Array) -> tuple[Array, Array]:
+    """The states ``h_{t-1}`` and ``h_t`` of every step, both ``(batch, time, hidden)``."""
+
+    def step(h, x_t):
+      h_next = self.cell(h, x_t)
+      return h_next, (h, h_next)
+
+    h0 = jnp.zeros((x.shape[0], self.cell.hidden_features), x.dtype)
+    _, (h_prev, h) = jax.lax.scan(step, h0, jnp.swapaxes(x, 0, 1))
+    return jnp.swapaxes(h_prev, 0, 1), jnp.swapaxes(h, 0, 1)
+
+  def __call__(self, x):
+    return self.readout(self.states(x)[1][:, -1])
+
+  def check_input(self, x: Any) -> None:
+    shape = getattr(x, "shape", None)
+    if shape is None or len(shape) != 3 or shape[-1] != self.in_features or shape[1] < 1:
+      raise ValueError(f"GRU expects inputs shaped (batch, time >= 1, {self.in_features}), got {describe_shape(x)}")

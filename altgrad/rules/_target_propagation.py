@@ -1,4 +1,4 @@
-"""Target propagation via regularized inversion (TP-RI), for MLPs and Elman RNNs.
+"""Target propagation via regularized inversion (TP-RI), for MLPs, Elman RNNs and GRUs.
 
 Roulet and Harchaoui, "Target Propagation via Regularized Inversion", arXiv:2112.01453 (TMLR
 2023: "... for Recurrent Neural Networks"). The algorithm follows the authors' public code
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from altgrad.nn import Dense, PureModel, Sequential, SimpleRNN
+from altgrad.nn import GRU, Dense, PureModel, Sequential, SimpleRNN
 from altgrad.nn._base import check_number
 from altgrad.rules._common import LossFn, check_loss_fn, check_precision, not_a_chain
 
@@ -91,7 +91,51 @@ def _rnn_displacements(cell, tap, top: Array, mode: str, reg, max_rms) -> tuple[
   return jnp.concatenate([jnp.swapaxes(lower, 0, 1), top[:, None]], axis=1), jnp.sum(counts)
 
 
-def _check_model(model: nnx.Module) -> None:
+def _gru_displacements(cell, h_prev: Array, x: Array, top: Array, reg, max_rms) -> tuple[Array, Array]:
+  """Displacements of a GRU's ``h_1..h_T`` (batch, time, hidden), backward in time by the
+  cell's per-gate inverse in one reverse scan (gates of every step computed beforehand, in
+  parallel); and how many the guard changed."""
+  solvers = cell.ridge_solvers(reg)
+  time_major = lambda a: jnp.swapaxes(a, 0, 1)  # noqa: E731
+  before = h_prev[:, 1:]  # h_{t-1} for the steps t = 2..T
+  gates = jax.tree.map(time_major, cell.gates(before, x[:, 1:]))
+
+  def step(d, step_inputs):
+    h_before, step_gates = step_inputs
+    below, count = _guard(cell.inverse_linearized(d, h_before, step_gates, solvers), max_rms)
+    return below, (below, count)
+
+  _, (lower, counts) = jax.lax.scan(step, top, (time_major(before), gates), reverse=True)
+  return jnp.concatenate([time_major(lower), top[:, None]], axis=1), jnp.sum(counts)
+
+
+def _gru_step(view: PureModel, params, x, targets, loss_fn, reg, lr_target, update, max_rms):
+  """:func:`_step` for a GRU: the readout's loss gradient plus the cell's surrogate gradient
+  (cotangent ``h - v = -d`` through the whole scan, or at each step's stored input)."""
+  h_prev, h = view.bind(params).states(x)
+
+  def mean_loss(p, last_state):
+    return jnp.mean(loss_fn(view.bind(p).readout(last_state), targets))
+
+  readout_update, top_grad = jax.grad(mean_loss, argnums=(0, 1))(params, h[:, -1])
+  cell = view.bind(params).cell
+  displacement, clipped = _gru_displacements(cell, h_prev, x, -lr_target * top_grad, reg, max_rms)
+  if update == "through_time":
+    _, pull_back = jax.vjp(lambda p: view.bind(p).states(x)[1], params)
+  else:
+    _, pull_back = jax.vjp(lambda p: view.bind(p).cell(h_prev, x), params)
+  (cell_update,) = pull_back(-displacement)
+  return optax.tree.add(readout_update, cell_update), [displacement], clipped, ()
+
+
+def _check_model(model: nnx.Module, mode: str) -> None:
+  if isinstance(model, GRU):
+    if mode != "linearized":
+      raise ValueError(
+        f"target_propagation inverts a GRU gate by gate, linearized (as the authors' code does); mode {mode!r} "
+        "needs a whole-cell inverse it does not have: use mode='linearized'"
+      )
+    return
   if isinstance(model, SimpleRNN):
     hidden = [model.cell]
   elif isinstance(model, Sequential) and all(isinstance(layer, Dense) for layer in model.layers):
@@ -99,7 +143,7 @@ def _check_model(model: nnx.Module) -> None:
       raise ValueError("target_propagation needs at least one hidden layer below the output layer")
     hidden = list(model.layers[:-1])
   else:
-    raise not_a_chain(model, "target_propagation", "an altgrad.nn MLP (a Sequential of Dense) or SimpleRNN")
+    raise not_a_chain(model, "target_propagation", "an altgrad.nn MLP (a Sequential of Dense), SimpleRNN or GRU")
   for site in hidden:
     if not site.activation.invertible:
       raise ValueError(
@@ -111,6 +155,8 @@ def _check_model(model: nnx.Module) -> None:
 def _step(view: PureModel, params, x, targets, loss_fn, mode, reg, lr_target, update, max_rms):
   """The update, the hidden layers' displacements and the taps of one TP step."""
   bound = view.bind(params)
+  if isinstance(bound, GRU):
+    return _gru_step(view, params, x, targets, loss_fn, reg, lr_target, update, max_rms)
   sites = bound.sites()
 
   def forward(perturbations):
@@ -152,10 +198,10 @@ def target_displacements(
   max_displacement: float | None = None,
 ) -> list[Array]:
   """The displacements ``v - h`` that TP gives each hidden layer on ``batch``: one array per
-  hidden layer of an MLP, or one ``(batch, time, hidden)`` array for a SimpleRNN (its norm over
+  hidden layer of an MLP, or one ``(batch, time, hidden)`` array for a SimpleRNN or GRU (its norm over
   time shows how far back the targets carry signal). Options as in :func:`target_propagation`."""
   view = PureModel(model)
-  _check_model(model)
+  _check_model(model, mode)
   x, targets = view.check_batch(params, batch, rule="target_displacements")
   return _step(view, params, x, targets, loss_fn, mode, reg, lr_target, "local", max_displacement)[1]
 
@@ -195,7 +241,8 @@ def target_propagation(
   ``lr_target`` times the optimizer's step, so compare learning rates fairly.
 
   Args:
-    model: an MLP (Sequential of Dense) or a SimpleRNN with invertible hidden activations.
+    model: an MLP (Sequential of Dense) or a SimpleRNN with invertible hidden activations, or a
+      GRU (inverted gate by gate, ``mode="linearized"`` only: see ``GRUCell.inverse_linearized``).
     loss_fn: ``loss_fn(outputs, targets) -> (batch,)``.
     mode: ``"linearized"``, ``"difference"`` or ``"exact"``.
     reg: the inverse's ridge ``r > 0``; small values let targets explode backward.
@@ -216,7 +263,7 @@ def target_propagation(
   :func:`target_displacements` gives them whole (per time step for an RNN).
   """
   pure = PureModel(model)
-  _check_model(model)
+  _check_model(model, mode)
   check_loss_fn(loss_fn)
   check_precision(model, "target_propagation", "solves a ridge system per layer")
   if mode not in MODES:
@@ -229,7 +276,7 @@ def target_propagation(
 
   def init_fn(params):
     del params
-    hidden = 1 if isinstance(model, SimpleRNN) else len(model.layers) - 1
+    hidden = 1 if isinstance(model, (SimpleRNN, GRU)) else len(model.layers) - 1
     return TargetPropagationState((jnp.zeros(()),) * hidden, jnp.zeros((), jnp.int32), pure.variables)
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
