@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -72,3 +73,25 @@ def squared_error(outputs: Array, targets: Array) -> Array:
     )
   diff = outputs - targets
   return 0.5 * jnp.sum(diff.reshape(diff.shape[0], -1) ** 2, axis=-1)
+
+
+def over_time(loss_fn: Callable[[Array, Array], Array]) -> Callable[[Array, Array], Array]:
+  """``loss_fn`` at every step of a sequence, averaged over the steps: outputs
+  ``(batch, time, ...)`` and targets ``(batch, time, ...)`` give ``(batch,)``, so a model with
+  a readout at every step (``SimpleRNN(..., sequence_output=True)``) keeps the per-example
+  contract. With the rules' mean over the batch this is the mean over every token, as torch's
+  default reduction is."""
+
+  def loss(outputs: Array, targets: Array) -> Array:
+    targets = jnp.asarray(targets)
+    if outputs.ndim < 3 or targets.shape[:2] != outputs.shape[:2]:
+      raise ValueError(
+        f"over_time needs outputs (batch, time, ...) and targets with the same first two axes, "
+        f"got {tuple(outputs.shape)} and {tuple(targets.shape)}"
+      )
+    batch, time = outputs.shape[:2]
+    per_step = loss_fn(outputs.reshape(batch * time, *outputs.shape[2:]), targets.reshape(batch * time, *targets.shape[2:]))
+    return jnp.mean(per_step.reshape(batch, time), axis=1)
+
+  loss.__name__ = f"over_time({getattr(loss_fn, '__name__', 'loss')})"
+  return loss

@@ -112,9 +112,9 @@ def make_evaluate(model: nnx.Module, loss_fn: Callable, num_classes: int | None,
       loss = loss_fn(out, ys)
       if num_classes is None:
         correct = jnp.all(jnp.abs(out - ys) < REGRESSION_TOLERANCE, axis=-1)
-      else:
-        correct = jnp.argmax(out, axis=-1) == ys
-      return jnp.sum(jnp.where(ms, loss, 0.0)), jnp.sum(jnp.where(ms, correct, False))
+      else:  # per example: the fraction of its steps right when there is an output per step
+        correct = jnp.mean((jnp.argmax(out, axis=-1) == ys).reshape(size, -1), axis=1)
+      return jnp.sum(jnp.where(ms, loss, 0.0)), jnp.sum(jnp.where(ms, correct, 0.0))
 
     losses, corrects = jax.lax.map(one, tuple(chunks))
     return jnp.sum(losses) / n, jnp.sum(corrects) / n

@@ -27,3 +27,13 @@ def test_mean_squared_error_is_torch_mse_and_twice_squared_error_for_one_output(
   np.testing.assert_allclose(jnp.mean(losses.mean_squared_error(out, target)), jnp.mean((out - target) ** 2), rtol=1e-6)
   one = out[:, :1], target[:, :1]
   np.testing.assert_allclose(losses.mean_squared_error(*one), 2 * losses.squared_error(*one), rtol=1e-6)
+
+
+def test_over_time_averages_a_loss_over_the_steps_of_each_example():
+  rng = np.random.default_rng(0)
+  logits, labels = jnp.asarray(rng.normal(size=(3, 5, 4))), jnp.asarray(rng.integers(0, 4, size=(3, 5)))
+  got = losses.over_time(losses.softmax_cross_entropy)(logits, labels)
+  want = [np.mean([losses.softmax_cross_entropy(logits[i], labels[i])]) for i in range(3)]
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  with pytest.raises(ValueError, match=r"over_time needs outputs \(batch, time, ...\)"):
+    losses.over_time(losses.softmax_cross_entropy)(logits[:, 0], labels[:, 0])

@@ -98,7 +98,8 @@ class RNNCell(nnx.Module):
 
 
 class SimpleRNN(Layer):
-  """Elman RNN on inputs shaped ``(batch, time, in_features)``; outputs ``readout(h_T)``.
+  """Elman RNN on inputs shaped ``(batch, time, in_features)``; outputs ``readout(h_T)``, or
+  with ``sequence_output=True`` ``readout(h_t)`` at every step, ``(batch, time, out_features)``.
 
   ``h_0 = 0``; the time loop is a ``lax.scan``. Two sites: the cell (pre-activations shaped
   ``(batch, time, hidden_features)``) and the linear readout.
@@ -108,6 +109,8 @@ class SimpleRNN(Layer):
     hidden_features: state width.
     out_features: readout width.
     activation: the cell's activation (tanh by default).
+    sequence_output: a readout at every step (a language model's setting; pair it with a loss
+      over steps such as ``losses.over_time(losses.softmax_cross_entropy)``).
     rngs: Flax NNX random streams.
   """
 
@@ -118,6 +121,7 @@ class SimpleRNN(Layer):
     out_features: int,
     *,
     activation: str | Callable[[Array], Array] | Activation = "tanh",
+    sequence_output: bool = False,
     rngs: nnx.Rngs,
   ):
     if min(in_features, hidden_features, out_features) < 1:
@@ -125,6 +129,7 @@ class SimpleRNN(Layer):
         f"SimpleRNN needs positive sizes, got {in_features}, {hidden_features}, {out_features}"
       )
     self.in_features = in_features
+    self.sequence_output = sequence_output
     self.cell = RNNCell(in_features, hidden_features, activation=activation, rngs=rngs)
     self.readout = Dense(
       hidden_features,
@@ -159,7 +164,8 @@ class SimpleRNN(Layer):
       return (h_prev, x), z
 
     z = site(self.cell, cell)
-    return self.readout(self.cell.activation(z[:, -1]))
+    h = self.cell.activation(z)
+    return self.readout(h if self.sequence_output else h[:, -1])
 
   def check_input(self, x: Any) -> None:
     shape = getattr(x, "shape", None)
@@ -275,7 +281,8 @@ class GRUCell(nnx.Module):
 
 
 class GRU(Layer):
-  """A GRU on inputs shaped ``(batch, time, in_features)``; outputs ``readout(h_T)``.
+  """A GRU on inputs shaped ``(batch, time, in_features)``; outputs ``readout(h_T)``, or with
+  ``sequence_output=True`` ``readout(h_t)`` at every step, ``(batch, time, out_features)``.
 
   ``h_0 = 0``; the time loop is a ``lax.scan`` of :class:`GRUCell`. The readout is a linear
   :class:`Dense` (a site); target propagation inverts the cell gate by gate. For the other
@@ -286,13 +293,17 @@ class GRU(Layer):
     in_features: features per time step.
     hidden_features: state width.
     out_features: readout width.
+    sequence_output: a readout at every step (as for :class:`SimpleRNN`).
     rngs: Flax NNX random streams.
   """
 
-  def __init__(self, in_features: int, hidden_features: int, out_features: int, *, rngs: nnx.Rngs):
+  def __init__(
+    self, in_features: int, hidden_features: int, out_features: int, *, sequence_output: bool = False, rngs: nnx.Rngs
+  ):
     if min(in_features, hidden_features, out_features) < 1:
       raise ValueError(f"GRU needs positive sizes, got {in_features}, {hidden_features}, {out_features}")
     self.in_features = in_features
+    self.sequence_output = sequence_output
     self.cell = GRUCell(in_features, hidden_features, rngs=rngs)
     self.readout = Dense(
       hidden_features,
@@ -317,7 +328,8 @@ class GRU(Layer):
     return jnp.swapaxes(h_prev, 0, 1), jnp.swapaxes(h, 0, 1)
 
   def __call__(self, x):
-    return self.readout(self.states(x)[1][:, -1])
+    h = self.states(x)[1]
+    return self.readout(h if self.sequence_output else h[:, -1])
 
   def check_input(self, x: Any) -> None:
     shape = getattr(x, "shape", None)

@@ -66,18 +66,29 @@ def _mlp_displacements(layers, taps, top: Array, mode: str, reg, max_rms) -> tup
   return displacements, clipped
 
 
-def _rnn_displacements(cell, tap, top: Array, mode: str, reg, max_rms) -> tuple[Array, Array]:
+def _per_step(first: Array, time: int) -> Array:
+  """The loss's own displacement of every state, ``(batch, time, hidden)``: ``first`` as it is
+  for a readout at every step, else zero but at the last step."""
+  if first.ndim == 3:
+    return first
+  return jnp.zeros((first.shape[0], time, first.shape[-1]), first.dtype).at[:, -1].set(first)
+
+
+def _rnn_displacements(cell, tap, local: Array, mode: str, reg, max_rms) -> tuple[Array, Array]:
   """Displacements of ``h_1..h_T`` (batch, time, hidden), backward in time in one reverse scan,
-  with the regularized normal matrix factored once; and how many the guard scaled down."""
+  with the regularized normal matrix factored once: the inverse carries ``d_t`` to ``h_{t-1}``,
+  where the loss's own displacement ``local`` of that step adds; and how many the guard
+  changed."""
   solver = cell.ridge_solver(reg)
   h_prev, x = tap.inputs
   h = cell.activation(tap.preact)
   states = jnp.swapaxes(h[:, 1:], 0, 1)  # h_t for t = 2..T, time-major
   inputs = jnp.swapaxes(x[:, 1:], 0, 1)
   previous = jnp.swapaxes(h_prev[:, 1:], 0, 1)  # h_{t-1}
+  own = jnp.swapaxes(local[:, :-1], 0, 1)  # the loss's displacement of h_{t-1}
 
   def step(d, step_inputs):
-    h_t, x_t, h_before = step_inputs
+    h_t, x_t, h_before, own_before = step_inputs
     if mode == "linearized":
       below = cell.inverse_linearized(d, h_t, solver=solver)
     elif mode == "difference":
@@ -85,27 +96,33 @@ def _rnn_displacements(cell, tap, top: Array, mode: str, reg, max_rms) -> tuple[
     else:
       below = cell.inverse(h_t + d, x_t, solver=solver) - h_before
     below, count = _guard(below, max_rms)
+    below = below + own_before
     return below, (below, count)
 
-  _, (lower, counts) = jax.lax.scan(step, top, (states, inputs, previous), reverse=True)
+  top = local[:, -1]
+  _, (lower, counts) = jax.lax.scan(step, top, (states, inputs, previous, own), reverse=True)
   return jnp.concatenate([jnp.swapaxes(lower, 0, 1), top[:, None]], axis=1), jnp.sum(counts)
 
 
-def _gru_displacements(cell, h_prev: Array, x: Array, top: Array, reg, max_rms) -> tuple[Array, Array]:
+def _gru_displacements(cell, h_prev: Array, x: Array, local: Array, reg, max_rms) -> tuple[Array, Array]:
   """Displacements of a GRU's ``h_1..h_T`` (batch, time, hidden), backward in time by the
   cell's per-gate inverse in one reverse scan (gates of every step computed beforehand, in
-  parallel); and how many the guard changed."""
+  parallel), the loss's own displacement ``local`` of each step added; and how many the guard
+  changed."""
   solvers = cell.ridge_solvers(reg)
   time_major = lambda a: jnp.swapaxes(a, 0, 1)  # noqa: E731
   before = h_prev[:, 1:]  # h_{t-1} for the steps t = 2..T
   gates = jax.tree.map(time_major, cell.gates(before, x[:, 1:]))
 
   def step(d, step_inputs):
-    h_before, step_gates = step_inputs
+    h_before, step_gates, own_before = step_inputs
     below, count = _guard(cell.inverse_linearized(d, h_before, step_gates, solvers), max_rms)
+    below = below + own_before
     return below, (below, count)
 
-  _, (lower, counts) = jax.lax.scan(step, top, (time_major(before), gates), reverse=True)
+  top = local[:, -1]
+  steps = (time_major(before), gates, time_major(local[:, :-1]))
+  _, (lower, counts) = jax.lax.scan(step, top, steps, reverse=True)
   return jnp.concatenate([time_major(lower), top[:, None]], axis=1), jnp.sum(counts)
 
 
@@ -117,9 +134,10 @@ def _gru_step(view: PureModel, params, x, targets, loss_fn, reg, lr_target, upda
   def mean_loss(p, last_state):
     return jnp.mean(loss_fn(view.bind(p).readout(last_state), targets))
 
-  readout_update, top_grad = jax.grad(mean_loss, argnums=(0, 1))(params, h[:, -1])
-  cell = view.bind(params).cell
-  displacement, clipped = _gru_displacements(cell, h_prev, x, -lr_target * top_grad, reg, max_rms)
+  sequence = view.bind(params).sequence_output
+  readout_update, top_grad = jax.grad(mean_loss, argnums=(0, 1))(params, h if sequence else h[:, -1])
+  local = _per_step(-lr_target * top_grad, h.shape[1])
+  displacement, clipped = _gru_displacements(view.bind(params).cell, h_prev, x, local, reg, max_rms)
   if update == "through_time":
     _, pull_back = jax.vjp(lambda p: view.bind(p).states(x)[1], params)
   else:
@@ -168,9 +186,10 @@ def _step(view: PureModel, params, x, targets, loss_fn, mode, reg, lr_target, up
   top_error = jax.grad(lambda z: jnp.mean(loss_fn(top_site.activation(z), targets)))(top_tap.preact)
   _, input_vjp = jax.vjp(top_site.linear, top_tap.inputs)
   (top_input_grad,) = input_vjp(top_error)
-  first = -lr_target * top_input_grad  # displacement of the last hidden state
+  first = -lr_target * top_input_grad  # displacement of the last hidden state (of each, per step)
   if isinstance(bound, SimpleRNN):
-    displacement, clipped = _rnn_displacements(sites[0], taps[0], first, mode, reg, max_rms)
+    local = _per_step(first, taps[0].preact.shape[1])
+    displacement, clipped = _rnn_displacements(sites[0], taps[0], local, mode, reg, max_rms)
     displacements = [displacement]
   else:
     displacements, clipped = _mlp_displacements(sites[:-1], taps[:-1], first, mode, reg, max_rms)
@@ -226,6 +245,11 @@ def target_propagation(
   - ``"linearized"`` (the paper's practical form): ``d_below = J_r d``, the inverse's Jacobian;
   - ``"difference"``: ``d_below = f_r^-1(h + d) - f_r^-1(h)``;
   - ``"exact"`` (plain TP): ``d_below = f_r^-1(h + d) - h_below``.
+
+  A recurrent model with a readout at every step (``sequence_output=True``) gives every state
+  its own ``-lr_target * dL/dh_t`` through that step's readout, added to the displacement
+  carried back from the step above (spec/tp.md's per-step outputs [recon]; the authors' file
+  counts the last step's own term twice, altgrad once).
 
   Each hidden layer then moves toward its target ``v = h + d``:
 
