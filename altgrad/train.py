@@ -137,6 +137,7 @@ def fit(
   data_parallel: bool = False,
   checkpoint_dir: str | Path | None = None,
   probe: Probe | None = None,
+  fresh_steps: int | None = None,
 ) -> History:
   """Trains ``model`` in place with the rule chain ``tx`` and returns the per-epoch history.
 
@@ -178,6 +179,10 @@ def fit(
     probe: ``probe(params, opt_state) -> {name: scalar}``, e.g. per-layer cosines to the
       backprop gradient (:func:`altgrad.diagnostics.cosine_probe`), recorded in
       ``History.probes`` before training and after each epoch.
+    fresh_steps: train each epoch on this many batches freshly drawn by the data set's
+      ``sampler`` (a synthetic task's; seeded by ``(seed, epoch)``) instead of a pass over
+      ``x_train``, as the tasks' authors do; an epoch is then an evaluation interval (e.g. 200
+      iterations). The train loss is still measured on ``x_train``.
   """
   return _train(
     [model],
@@ -195,6 +200,7 @@ def fit(
     data_parallel=data_parallel,
     checkpoint_dir=checkpoint_dir,
     probe=probe,
+    fresh_steps=fresh_steps,
   )[0]
 
 
@@ -212,6 +218,7 @@ def fit_seeds(
   checkpoint_dir: str | Path | None = None,
   probe: Probe | None = None,
   vectorize: bool = True,
+  fresh_steps: int | None = None,
 ) -> list[tuple[nnx.Module, History]]:
   """Trains one run per seed in a single compiled program, ``jax.vmap`` over the runs.
 
@@ -249,6 +256,7 @@ def fit_seeds(
     data_parallel=data_parallel,
     checkpoint_dir=checkpoint_dir,
     probe=probe,
+    fresh_steps=fresh_steps,
   )
   return list(zip(models, histories, strict=True))
 
@@ -275,6 +283,7 @@ def _train(
   data_parallel,
   checkpoint_dir,
   probe,
+  fresh_steps=None,
 ) -> list[History]:
   """The loop behind :func:`fit` (one run) and :func:`fit_seeds` (``vmapped`` runs)."""
   if epochs < 0:
@@ -325,7 +334,8 @@ def _train(
       (params, opt_state, x_train, y_train, x_test, y_test, x_eval, y_eval), replicated
     )
     constrain = lambda batch: jax.lax.with_sharding_constraint(batch, NamedSharding(mesh, batch_spec))  # noqa: E731
-  steps = len(data.x_train) // batch_size
+  batches = _Batches(data, seeds, batch_size, fresh_steps, vmapped)
+  steps = batches.steps
   histories = [History() for _ in models]
 
   def update(params, opt_state, x, y):
@@ -334,23 +344,19 @@ def _train(
 
   update = lift(update)
 
-  def run_epoch(params, opt_state, orders, x_train, y_train):  # data as arguments, not constants
+  def run_epoch(params, opt_state, plan, x_train, y_train):  # data as arguments, not constants
     for h in histories:
       h.compilations += 1  # runs once per trace
 
-    def step(carry, idx):
-      x, y = constrain((x_train[idx], y_train[idx]))
+    def step(carry, how):
+      x, y = constrain(batches.draw(how, x_train, y_train))
       return update(*carry, x, y), None
 
-    batches = orders[..., : steps * batch_size].reshape(*orders.shape[:-1], steps, batch_size)
-    (params, opt_state), _ = jax.lax.scan(step, (params, opt_state), jnp.moveaxis(batches, -2, 0))
+    (params, opt_state), _ = jax.lax.scan(step, (params, opt_state), plan)
     return params, opt_state
 
-  def orders_of(epoch):
-    return stack([jnp.asarray(epoch_order(s, epoch, len(data.x_train))) for s in seeds])
-
   start = time.perf_counter()
-  run_epoch = jax.jit(run_epoch).lower(params, opt_state, orders_of(1), x_train, y_train).compile()
+  run_epoch = jax.jit(run_epoch).lower(params, opt_state, batches.plan(1), x_train, y_train).compile()
   compile_time = time.perf_counter() - start
   evaluate = make_evaluate(model, loss_fn, data.num_classes)
   if vmapped:
@@ -385,7 +391,7 @@ def _train(
   best = None  # (discrepancy, params, opt_state, epoch) of the best params seen by the stopping rule
   for epoch in range(first, epochs + 1):
     start, before = time.perf_counter(), (params, opt_state)
-    params, opt_state = run_epoch(params, opt_state, orders_of(epoch), x_train, y_train)
+    params, opt_state = run_epoch(params, opt_state, batches.plan(epoch), x_train, y_train)
     jax.block_until_ready(params)
     seconds = time.perf_counter() - start
     elapsed += seconds
@@ -426,6 +432,40 @@ def _train(
   for i, m in enumerate(models):
     nnx.update(m, member(params, i), member(variables, i))
   return histories
+
+
+class _Batches:
+  """Where an epoch's batches come from: shuffled passes over ``x_train`` (a plan of example
+  indices per step), or ``fresh_steps`` batches drawn by ``data.sampler`` (a plan of keys)."""
+
+  def __init__(self, data: Dataset, seeds: Sequence[int], batch_size: int, fresh_steps: int | None, vmapped: bool):
+    if fresh_steps is not None:
+      if data.sampler is None:
+        raise ValueError(f"fresh_steps draws fresh batches, but {data.name} is a fixed data set (it has no sampler)")
+      if not isinstance(fresh_steps, int) or fresh_steps < 1:
+        raise ValueError(f"fresh_steps must be a positive number of steps, got {fresh_steps!r}")
+    self.data, self.seeds, self.batch_size, self.vmapped = data, list(seeds), batch_size, vmapped
+    self.fresh = fresh_steps is not None
+    self.steps = fresh_steps if self.fresh else len(data.x_train) // batch_size
+
+  def _stack(self, per_seed: list[Array]) -> Array:
+    return jnp.stack(per_seed, axis=1) if self.vmapped else per_seed[0]  # steps first, then runs
+
+  def plan(self, epoch: int) -> Array:
+    """Per step (leading axis), what :meth:`draw` takes: keys, or example indices."""
+    if self.fresh:
+      keys = [jax.random.split(jax.random.fold_in(jax.random.key(s), epoch), self.steps) for s in self.seeds]
+      return self._stack(keys)
+    size = self.steps * self.batch_size
+    orders = [jnp.asarray(epoch_order(s, epoch, len(self.data.x_train))[:size]) for s in self.seeds]
+    return self._stack([o.reshape(self.steps, self.batch_size) for o in orders])
+
+  def draw(self, how: Array, x_train: Array, y_train: Array) -> tuple[Array, Array]:
+    """One step's batch (of every run): indexed from the training set, or drawn afresh."""
+    if not self.fresh:
+      return x_train[how], y_train[how]
+    sample = lambda key: self.data.sampler(key, self.batch_size)  # noqa: E731
+    return jax.vmap(sample)(how) if self.vmapped else sample(how)
 
 
 def _map_members(update, *members):

@@ -2,6 +2,7 @@
 
 import gzip
 
+import jax
 import numpy as np
 import pytest
 
@@ -92,28 +93,47 @@ def test_corrupt_idx_is_a_clear_error(tmp_path):
     data.read_idx(bad)
 
 
-def test_temporal_order_task():
-  ds = data.temporal_order(40, num_train=300, num_test=50, seed=3)
-  _check(ds, (40, 6), 4)
-  symbols = ds.x_train.argmax(-1)
-  assert np.all(ds.x_train.sum(-1) == 1)  # one-hot
+def _check_temporal_order(x, y):
+  symbols = x.argmax(-1)
+  assert np.all(x.sum(-1) == 1)  # one-hot
   informative = symbols < 2
   assert np.all(informative.sum(axis=1) == 2)
   first, second = (np.argwhere(informative)[:, 1].reshape(-1, 2)).T
   assert np.all((first >= 4) & (first < 8)) and np.all((second >= 20) & (second < 24))
   rows = np.arange(len(symbols))
-  assert np.array_equal(ds.y_train, symbols[rows, first] + 2 * symbols[rows, second])
+  assert np.array_equal(y, symbols[rows, first] + 2 * symbols[rows, second])
+  return first, symbols
+
+
+def test_temporal_order_task_and_its_fresh_batches():
+  ds = data.temporal_order(40, num_train=300, num_test=50, seed=3)
+  _check(ds, (40, 6), 4)
+  _check_temporal_order(ds.x_train, ds.y_train)
   assert np.array_equal(ds.x_train, data.temporal_order(40, num_train=300, num_test=50, seed=3).x_train)
+  x, y = jax.jit(ds.sampler, static_argnums=1)(jax.random.key(0), 2000)
+  assert x.shape == (2000, 40, 6) and x.dtype == ds.x_train.dtype and y.dtype == ds.y_train.dtype
+  first, symbols = _check_temporal_order(np.asarray(x), np.asarray(y))
+  # the same distribution as the fixed split: positions, classes and distractors all used
+  assert set(first) == set(range(4, 8)) and set(np.asarray(y)) == set(range(4))
+  assert set(symbols[symbols >= 2]) == set(range(2, 6))
   with pytest.raises(ValueError, match="sequence length of at least 10"):
     data.temporal_order(5)
 
 
-def test_adding_task():
+def _check_adding(x, y):
+  markers, values = x[..., 0], x[..., 1]
+  assert np.all(markers.sum(axis=1) == 2)
+  assert np.allclose(y[:, 0], (markers * values).sum(axis=1) / 2)
+  positions = np.argwhere(markers > 0)[:, 1].reshape(-1, 2)
+  assert np.all(positions[:, 0] < 3) and np.all(positions[:, 1] < 15)
+
+
+def test_adding_task_and_its_fresh_batches():
   ds = data.adding(30, num_train=200, num_test=20, seed=1)
   _check(ds, (30, 2), None)
   assert ds.y_train.shape == (200, 1) and ds.output_size == 1
-  markers, values = ds.x_train[..., 0], ds.x_train[..., 1]
-  assert np.all(markers.sum(axis=1) == 2)
-  assert np.allclose(ds.y_train[:, 0], (markers * values).sum(axis=1) / 2)
-  positions = np.argwhere(markers > 0)[:, 1].reshape(-1, 2)
-  assert np.all(positions[:, 0] < 3) and np.all(positions[:, 1] < 15)
+  _check_adding(ds.x_train, ds.y_train)
+  x, y = ds.sampler(jax.random.key(1), 500)
+  assert x.shape == (500, 30, 2) and y.shape == (500, 1) and x.dtype == ds.x_train.dtype
+  _check_adding(np.asarray(x), np.asarray(y))
+  assert abs(float(np.mean(x[..., 1])) - 0.5) < 0.01  # uniform values

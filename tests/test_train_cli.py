@@ -264,3 +264,20 @@ def test_compare_builds_a_gru_for_sequences_and_the_tp_control_scales_its_cell()
     updates[name] = rule.update(None, rule.init(params), params, batch=batch)[0]
   chex.assert_trees_all_close(updates["scaled"]["cell"], jax.tree.map(lambda u: 0.5 * u, updates["plain"]["cell"]))
   chex.assert_trees_all_close(updates["scaled"]["readout"], updates["plain"]["readout"])
+
+
+def test_fit_trains_on_fresh_batches_reproducibly_and_refuses_them_for_a_fixed_data_set():
+  ds = data.adding(10, num_train=64, num_test=32)
+
+  def build(seed):
+    model = nn.SimpleRNN(2, 8, 1, rngs=nnx.Rngs(seed))
+    return model, optax.chain(rules.backprop(model, losses.squared_error), optax.adam(1e-2))
+
+  common = dict(loss_fn=losses.squared_error, epochs=2, batch_size=16, fresh_steps=6)
+  together = train.fit_seeds(build, [0, 1], ds, **common)
+  alone = train.fit(*build(1), ds, seed=1, **common)
+  np.testing.assert_allclose(together[1][1].test_loss, alone.test_loss, rtol=1e-5)
+  assert together[0][1].test_loss != together[1][1].test_loss  # each seed its own batches
+  assert len(alone.step_time) == 2 and alone.test_loss[-1] < alone.test_loss[0]
+  with pytest.raises(ValueError, match="fixed is a fixed data set"):
+    train.fit(*build(0), ds._replace(sampler=None, name="fixed"), **common)

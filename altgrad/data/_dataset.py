@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -18,6 +19,9 @@ class Dataset(NamedTuple):
       ``(examples, outputs)``.
     num_classes: number of classes, or None for regression.
     name: the data set's name.
+    sampler: for a synthetic task, ``sampler(key, n) -> (x, y)`` draws ``n`` fresh training
+      examples (jittable), so that ``fit(..., fresh_steps=...)`` can train on a new batch every
+      step as the tasks' authors do; None for a fixed data set.
   """
 
   x_train: np.ndarray
@@ -26,6 +30,7 @@ class Dataset(NamedTuple):
   y_test: np.ndarray
   num_classes: int | None
   name: str
+  sampler: Callable[[Any, int], tuple[Any, Any]] | None = None
 
   @property
   def input_shape(self) -> tuple[int, ...]:
