@@ -129,20 +129,20 @@ def _gru_displacements(cell, h_prev: Array, x: Array, local: Array, reg, max_rms
 def _gru_step(view: PureModel, params, x, targets, loss_fn, reg, lr_target, update, max_rms):
   """:func:`_step` for a GRU: the readout's loss gradient plus the cell's surrogate gradient
   (cotangent ``h - v = -d`` through the whole scan, or at each step's stored input)."""
-  h_prev, h = view.bind(params).states(x)
+  bound = view.bind(params)
+  (h_prev, h), pull_back_states = jax.vjp(lambda p: view.bind(p).states(x), params)
 
-  def mean_loss(p, last_state):
-    return jnp.mean(loss_fn(view.bind(p).readout(last_state), targets))
+  def mean_loss(p, states):
+    return jnp.mean(loss_fn(view.bind(p).readout(states), targets))
 
-  sequence = view.bind(params).sequence_output
-  readout_update, top_grad = jax.grad(mean_loss, argnums=(0, 1))(params, h if sequence else h[:, -1])
+  readout_update, top_grad = jax.grad(mean_loss, argnums=(0, 1))(params, h if bound.sequence_output else h[:, -1])
   local = _per_step(-lr_target * top_grad, h.shape[1])
-  displacement, clipped = _gru_displacements(view.bind(params).cell, h_prev, x, local, reg, max_rms)
-  if update == "through_time":
-    _, pull_back = jax.vjp(lambda p: view.bind(p).states(x)[1], params)
+  displacement, clipped = _gru_displacements(bound.cell, h_prev, x, local, reg, max_rms)
+  if update == "through_time":  # the surrogate holds h_{t-1} only through h: no cotangent there
+    (cell_update,) = pull_back_states((jnp.zeros_like(h_prev), -displacement))
   else:
     _, pull_back = jax.vjp(lambda p: view.bind(p).cell(h_prev, x), params)
-  (cell_update,) = pull_back(-displacement)
+    (cell_update,) = pull_back(-displacement)
   return optax.tree.add(readout_update, cell_update), [displacement], clipped, ()
 
 
