@@ -536,25 +536,22 @@ def _step_memory(record: dict) -> str:
   return "-" if memory is None else f"{memory:.1f}"
 
 
-MAX_SHOWN_EPOCHS = 20
+MAX_SHOWN_EPOCHS = 30
 
 
 def _accuracies(record: dict) -> str:
-  """Test accuracy per epoch (every k-th of a long run); with several seeds, each seed's peak,
-  its epoch and the lowest accuracy after it, so that a collapse shows."""
+  """Test accuracy per epoch; of a long run every k-th epoch's, and with several seeds each
+  seed's peak (at epoch) and its lowest accuracy after the peak, so that a collapse shows."""
   values = record["test_accuracy"]
   every = -(-len(values) // MAX_SHOWN_EPOCHS)
   text = " ".join(f"{a:.3f}" for a in values[every - 1 :: every])
-  if every > 1:
-    text = f"(every {every}th epoch) {text}"
+  if every == 1:
+    return text
+  text = f"(every {every} epochs) {text}"
   seeds = record.get("test_accuracy_seeds") or []
   if len(seeds) > 1:
-    peaks = []
-    for curve in seeds:
-      top = int(np.argmax(curve))
-      after = min(curve[top:])
-      peaks.append(f"{curve[top]:.2f} at {top + 1}, then >= {after:.2f}")
-    text += f" [per seed: peak at epoch, lowest after: {'; '.join(peaks)}]"
+    peaks = [(int(np.argmax(c)), c) for c in seeds]
+    text += " [seeds: " + "; ".join(f"{c[i]:.2f}@{i + 1}, then >= {min(c[i:]):.2f}" for i, c in peaks) + "]"
   return text
 
 
