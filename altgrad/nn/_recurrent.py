@@ -97,7 +97,46 @@ class RNNCell(nnx.Module):
     return solver(displacement * self.activation.inverse_derivative(output))
 
 
-class SimpleRNN(Layer):
+class _Recurrent(Layer):
+  """What :class:`SimpleRNN` and :class:`GRU` share: a cell scanned over time and a linear
+  readout of the last state, or of every state with ``sequence_output``."""
+
+  def __init__(
+    self,
+    in_features: int,
+    hidden_features: int,
+    out_features: int,
+    make_cell: Callable[[], nnx.Module],
+    *,
+    sequence_output: bool,
+    rngs: nnx.Rngs,
+  ):
+    if min(in_features, hidden_features, out_features) < 1:
+      raise ValueError(f"{type(self).__name__} needs positive sizes, got {in_features}, {hidden_features}, {out_features}")
+    self.in_features = in_features
+    self.sequence_output = sequence_output
+    self.cell = make_cell()  # before the readout: the params draw from rngs in this order
+    self.readout = Dense(
+      hidden_features,
+      out_features,
+      activation="identity",
+      kernel_init=nnx.initializers.orthogonal(),
+      rngs=rngs,
+    )
+
+  def _read_out(self, h: Array) -> Array:
+    """The readout of states ``h`` ``(batch, time, hidden)``: of the last, or of every one."""
+    return self.readout(h if self.sequence_output else h[:, -1])
+
+  def check_input(self, x: Any) -> None:
+    shape = getattr(x, "shape", None)
+    if shape is None or len(shape) != 3 or shape[-1] != self.in_features or shape[1] < 1:
+      raise ValueError(
+        f"{type(self).__name__} expects inputs shaped (batch, time >= 1, {self.in_features}), got {describe_shape(x)}"
+      )
+
+
+class SimpleRNN(_Recurrent):
   """Elman RNN on inputs shaped ``(batch, time, in_features)``; outputs ``readout(h_T)``, or
   with ``sequence_output=True`` ``readout(h_t)`` at every step, ``(batch, time, out_features)``.
 
@@ -124,18 +163,12 @@ class SimpleRNN(Layer):
     sequence_output: bool = False,
     rngs: nnx.Rngs,
   ):
-    if min(in_features, hidden_features, out_features) < 1:
-      raise ValueError(
-        f"SimpleRNN needs positive sizes, got {in_features}, {hidden_features}, {out_features}"
-      )
-    self.in_features = in_features
-    self.sequence_output = sequence_output
-    self.cell = RNNCell(in_features, hidden_features, activation=activation, rngs=rngs)
-    self.readout = Dense(
+    super().__init__(
+      in_features,
       hidden_features,
       out_features,
-      activation="identity",
-      kernel_init=nnx.initializers.orthogonal(),
+      lambda: RNNCell(in_features, hidden_features, activation=activation, rngs=rngs),
+      sequence_output=sequence_output,
       rngs=rngs,
     )
 
@@ -163,16 +196,7 @@ class SimpleRNN(Layer):
       h_prev, z = self.states(x, delta)
       return (h_prev, x), z
 
-    z = site(self.cell, cell)
-    h = self.cell.activation(z)
-    return self.readout(h if self.sequence_output else h[:, -1])
-
-  def check_input(self, x: Any) -> None:
-    shape = getattr(x, "shape", None)
-    if shape is None or len(shape) != 3 or shape[-1] != self.in_features or shape[1] < 1:
-      raise ValueError(
-        f"SimpleRNN expects inputs shaped (batch, time >= 1, {self.in_features}), got {describe_shape(x)}"
-      )
+    return self._read_out(self.cell.activation(site(self.cell, cell)))
 
 
 class GRUGates(NamedTuple):
@@ -280,7 +304,7 @@ class GRUCell(nnx.Module):
     )
 
 
-class GRU(Layer):
+class GRU(_Recurrent):
   """A GRU on inputs shaped ``(batch, time, in_features)``; outputs ``readout(h_T)``, or with
   ``sequence_output=True`` ``readout(h_t)`` at every step, ``(batch, time, out_features)``.
 
@@ -300,16 +324,12 @@ class GRU(Layer):
   def __init__(
     self, in_features: int, hidden_features: int, out_features: int, *, sequence_output: bool = False, rngs: nnx.Rngs
   ):
-    if min(in_features, hidden_features, out_features) < 1:
-      raise ValueError(f"GRU needs positive sizes, got {in_features}, {hidden_features}, {out_features}")
-    self.in_features = in_features
-    self.sequence_output = sequence_output
-    self.cell = GRUCell(in_features, hidden_features, rngs=rngs)
-    self.readout = Dense(
+    super().__init__(
+      in_features,
       hidden_features,
       out_features,
-      activation="identity",
-      kernel_init=nnx.initializers.orthogonal(),
+      lambda: GRUCell(in_features, hidden_features, rngs=rngs),
+      sequence_output=sequence_output,
       rngs=rngs,
     )
 
@@ -328,10 +348,4 @@ class GRU(Layer):
     return jnp.swapaxes(h_prev, 0, 1), jnp.swapaxes(h, 0, 1)
 
   def __call__(self, x):
-    h = self.states(x)[1]
-    return self.readout(h if self.sequence_output else h[:, -1])
-
-  def check_input(self, x: Any) -> None:
-    shape = getattr(x, "shape", None)
-    if shape is None or len(shape) != 3 or shape[-1] != self.in_features or shape[1] < 1:
-      raise ValueError(f"GRU expects inputs shaped (batch, time >= 1, {self.in_features}), got {describe_shape(x)}")
+    return self._read_out(self.states(x)[1])

@@ -74,56 +74,55 @@ def _per_step(first: Array, time: int) -> Array:
   return jnp.zeros((first.shape[0], time, first.shape[-1]), first.dtype).at[:, -1].set(first)
 
 
-def _rnn_displacements(cell, tap, local: Array, mode: str, reg, max_rms) -> tuple[Array, Array]:
-  """Displacements of ``h_1..h_T`` (batch, time, hidden), backward in time in one reverse scan,
-  with the regularized normal matrix factored once: the inverse carries ``d_t`` to ``h_{t-1}``,
-  where the loss's own displacement ``local`` of that step adds; and how many the guard
-  changed."""
-  solver = cell.ridge_solver(reg)
-  h_prev, x = tap.inputs
-  h = cell.activation(tap.preact)
-  states = jnp.swapaxes(h[:, 1:], 0, 1)  # h_t for t = 2..T, time-major
-  inputs = jnp.swapaxes(x[:, 1:], 0, 1)
-  previous = jnp.swapaxes(h_prev[:, 1:], 0, 1)  # h_{t-1}
-  own = jnp.swapaxes(local[:, :-1], 0, 1)  # the loss's displacement of h_{t-1}
+def _sweep_back(carry_back, local: Array, steps: Any, max_rms) -> tuple[Array, Array]:
+  """Displacements of ``h_1..h_T`` (batch, time, hidden) in one reverse scan over the steps
+  ``t = T..2``: ``carry_back(d_t, step_inputs)`` takes ``d_t`` to ``h_{t-1}``, the guard acts
+  there, and the loss's own displacement ``local`` of ``h_{t-1}`` adds. ``steps`` are the
+  steps' inputs, time-major; also returns how many displacements the guard changed."""
 
-  def step(d, step_inputs):
-    h_t, x_t, h_before, own_before = step_inputs
-    if mode == "linearized":
-      below = cell.inverse_linearized(d, h_t, solver=solver)
-    elif mode == "difference":
-      below = cell.inverse(h_t + d, x_t, solver=solver) - cell.inverse(h_t, x_t, solver=solver)
-    else:
-      below = cell.inverse(h_t + d, x_t, solver=solver) - h_before
-    below, count = _guard(below, max_rms)
+  def step(d, inputs):
+    step_inputs, own_before = inputs
+    below, count = _guard(carry_back(d, step_inputs), max_rms)
     below = below + own_before
     return below, (below, count)
 
   top = local[:, -1]
-  _, (lower, counts) = jax.lax.scan(step, top, (states, inputs, previous, own), reverse=True)
+  own = jnp.swapaxes(local[:, :-1], 0, 1)
+  _, (lower, counts) = jax.lax.scan(step, top, (steps, own), reverse=True)
   return jnp.concatenate([jnp.swapaxes(lower, 0, 1), top[:, None]], axis=1), jnp.sum(counts)
 
 
+def _rnn_displacements(cell, tap, local: Array, mode: str, reg, max_rms) -> tuple[Array, Array]:
+  """A SimpleRNN's displacements by the cell's inverse (regularized normal matrix factored
+  once), and how many the guard changed: see :func:`_sweep_back`."""
+  solver = cell.ridge_solver(reg)
+  h_prev, x = tap.inputs
+  h = cell.activation(tap.preact)
+  time_major = lambda a: jnp.swapaxes(a[:, 1:], 0, 1)  # noqa: E731  (the steps t = 2..T)
+
+  def carry_back(d, step_inputs):
+    h_t, x_t, h_before = step_inputs
+    if mode == "linearized":
+      return cell.inverse_linearized(d, h_t, solver=solver)
+    if mode == "difference":
+      return cell.inverse(h_t + d, x_t, solver=solver) - cell.inverse(h_t, x_t, solver=solver)
+    return cell.inverse(h_t + d, x_t, solver=solver) - h_before
+
+  return _sweep_back(carry_back, local, (time_major(h), time_major(x), time_major(h_prev)), max_rms)
+
+
 def _gru_displacements(cell, h_prev: Array, x: Array, local: Array, reg, max_rms) -> tuple[Array, Array]:
-  """Displacements of a GRU's ``h_1..h_T`` (batch, time, hidden), backward in time by the
-  cell's per-gate inverse in one reverse scan (gates of every step computed beforehand, in
-  parallel), the loss's own displacement ``local`` of each step added; and how many the guard
-  changed."""
+  """A GRU's displacements by the cell's per-gate inverse (gates of every step computed
+  beforehand, in parallel), and how many the guard changed: see :func:`_sweep_back`."""
   solvers = cell.ridge_solvers(reg)
-  time_major = lambda a: jnp.swapaxes(a, 0, 1)  # noqa: E731
   before = h_prev[:, 1:]  # h_{t-1} for the steps t = 2..T
-  gates = jax.tree.map(time_major, cell.gates(before, x[:, 1:]))
+  steps = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), (before, cell.gates(before, x[:, 1:])))
 
-  def step(d, step_inputs):
-    h_before, step_gates, own_before = step_inputs
-    below, count = _guard(cell.inverse_linearized(d, h_before, step_gates, solvers), max_rms)
-    below = below + own_before
-    return below, (below, count)
+  def carry_back(d, step_inputs):
+    h_before, step_gates = step_inputs
+    return cell.inverse_linearized(d, h_before, step_gates, solvers)
 
-  top = local[:, -1]
-  steps = (time_major(before), gates, time_major(local[:, :-1]))
-  _, (lower, counts) = jax.lax.scan(step, top, steps, reverse=True)
-  return jnp.concatenate([time_major(lower), top[:, None]], axis=1), jnp.sum(counts)
+  return _sweep_back(carry_back, local, steps, max_rms)
 
 
 def _gru_step(view: PureModel, params, x, targets, loss_fn, reg, lr_target, update, max_rms):
