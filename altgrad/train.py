@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -286,152 +286,217 @@ def _train(
   fresh_steps=None,
 ) -> list[History]:
   """The loop behind :func:`fit` (one run) and :func:`fit_seeds` (``vmapped`` runs)."""
-  if epochs < 0:
-    raise ValueError(f"epochs must be >= 0, got {epochs}")
-  model, tx = models[0], txs[0]
-  _check_data(model, data, batch_size)
-  if stop_on_discrepancy and checkpoint_dir is not None:
-    raise ValueError("stop_on_discrepancy cannot be checkpointed (its best params are not saved)")
-  stack = (
-    (lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)) if vmapped else (lambda trees: trees[0])
-  )
-  if not vmapped:
-    lift = lambda f: f  # noqa: E731
-  else:  # over the runs' leading axis
-    lift = jax.vmap if vectorize else lambda f: functools.partial(_map_members, f)
-
-  def member(tree, i):
-    """Run ``i``'s part of a value that holds every run's."""
-    return jax.tree.map(lambda a: a[i], tree) if vmapped else tree
-
-  params = stack([nnx.state(m, nnx.Param) for m in models])
-  opt_state = stack([t.init(nnx.state(m, nnx.Param)) for m, t in zip(models, txs, strict=True)])
+  _check_schedule(models[0], data, epochs, batch_size, stop_on_discrepancy, checkpoint_dir, data_parallel)
+  runs = _Runs(vmapped, vectorize)
+  params = runs.stack([nnx.state(m, nnx.Param) for m in models])
+  opt_state = runs.stack([t.init(nnx.state(m, nnx.Param)) for m, t in zip(models, txs, strict=True)])
   if stop_on_discrepancy and optax.tree_utils.tree_get(opt_state, "discrepancy") is None:
     raise ValueError("stop_on_discrepancy needs a rule that reports a discrepancy (expectation_reflection)")
-  own_variables = stack([nnx.state(m, nnx.Not(nnx.Param)) for m in models])
+  own_variables = runs.stack([nnx.state(m, nnx.Not(nnx.Param)) for m in models])
+  arrays = _Arrays.of(data, train_eval_size)
+  mesh = _batch_mesh(batch_size) if data_parallel else None
+  if mesh is not None:
+    params, opt_state, arrays = _replicate((params, opt_state, arrays), NamedSharding(mesh, P()))
+  batches = _Batches(data, seeds, batch_size, fresh_steps, vmapped)
+  histories = [History() for _ in models]
+  run_epoch = _compile_epoch(txs[0], runs, batches, mesh, histories, params, opt_state, arrays)
+  evaluate = make_evaluate(models[0], loss_fn, data.num_classes)
+  if vmapped:
+    evaluate = jax.jit(jax.vmap(evaluate, in_axes=(0, 0, None, None)))
+  checkpoints = None if checkpoint_dir is None else _Checkpoints(checkpoint_dir, seeds, batch_size)
+  first, params, opt_state = _resume(checkpoints, histories, params, opt_state, epochs)
+  record = _Recorder(histories, runs, probe)  # after the resume: it continues the restored wall time
+  if first == 1:
+    record.probe(0, params, opt_state)
 
   def variables_of(opt_state):
     return optax.tree_utils.tree_get(opt_state, "model_variables", default=own_variables)
 
-  x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
-  x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
-  x_eval, y_eval = x_train[:train_eval_size], y_train[:train_eval_size]
-  batch_spec = P(None, BATCH_AXIS) if vmapped else P(BATCH_AXIS)
-  constrain = lambda batch: batch  # noqa: E731
+  show = (sys.stderr.isatty() if progress is None else progress) and _distributed.is_primary()
+  bar = _progress_bar(epochs, data.name, show, initial=first - 1)
+  stop = _BestParams() if stop_on_discrepancy else None
+  for epoch in range(first, epochs + 1):
+    start, before = time.perf_counter(), (params, opt_state)
+    params, opt_state = run_epoch(params, opt_state, batches.plan(epoch), arrays.x_train, arrays.y_train)
+    jax.block_until_ready(params)
+    seconds = time.perf_counter() - start
+    variables = variables_of(opt_state)
+    test = jax.device_get(evaluate(params, variables, arrays.x_test, arrays.y_test))
+    train_loss, _ = jax.device_get(evaluate(params, variables, arrays.x_eval, arrays.y_eval))
+    record.epoch(epoch, seconds, batches.steps, test, train_loss, opt_state)
+    record.probe(epoch, params, opt_state)
+    bar.update(1)
+    bar.set_postfix(test_acc=f"{histories[0].test_accuracy[-1]:.3f}", loss=f"{histories[0].test_loss[-1]:.3f}")
+    if checkpoints is not None:
+      checkpoints.save(epoch, params, opt_state, histories)
+    if stop is not None and stop.fired(opt_state, before, epoch):
+      params, opt_state, histories[0].restored_epoch = stop.best
+      break
+  bar.close()
+  if checkpoints is not None:
+    checkpoints.close()
+  variables = variables_of(opt_state)
+  for i, m in enumerate(models):
+    nnx.update(m, runs.member(params, i), runs.member(variables, i))
+  return histories
+
+
+def _check_schedule(model, data, epochs, batch_size, stop_on_discrepancy, checkpoint_dir, data_parallel) -> None:
+  """Refuses, by name, a schedule :func:`_train` cannot run."""
+  if epochs < 0:
+    raise ValueError(f"epochs must be >= 0, got {epochs}")
+  _check_data(model, data, batch_size)
+  if stop_on_discrepancy and checkpoint_dir is not None:
+    raise ValueError("stop_on_discrepancy cannot be checkpointed (its best params are not saved)")
   if jax.process_count() > 1 and not data_parallel:
     raise ValueError(
       f"running in {jax.process_count()} processes (jax.distributed): pass data_parallel=True, "
       "so that they train one model on shards of each batch"
     )
-  if data_parallel:
-    devices = jax.devices()
-    if batch_size % len(devices):
-      where = f" of {jax.process_count()} processes" if jax.process_count() > 1 else ""
-      raise ValueError(f"data_parallel: batch_size {batch_size} must divide by the {len(devices)} devices{where}")
-    mesh = jax.sharding.Mesh(np.array(devices), (BATCH_AXIS,))
-    replicated = NamedSharding(mesh, P())
-    params, opt_state, x_train, y_train, x_test, y_test, x_eval, y_eval = _replicate(
-      (params, opt_state, x_train, y_train, x_test, y_test, x_eval, y_eval), replicated
-    )
-    constrain = lambda batch: jax.lax.with_sharding_constraint(batch, NamedSharding(mesh, batch_spec))  # noqa: E731
-  batches = _Batches(data, seeds, batch_size, fresh_steps, vmapped)
-  steps = batches.steps
-  histories = [History() for _ in models]
+
+
+class _Runs:
+  """How one call holds its runs: a single run as it is, or (``vmapped``) every run's values
+  stacked along a leading axis, stepped by ``jax.vmap`` or, without ``vectorize``, ``lax.map``."""
+
+  def __init__(self, vmapped: bool, vectorize: bool):
+    self.vmapped, self.vectorize = vmapped, vectorize
+
+  def stack(self, trees: Sequence[Any]) -> Any:
+    return jax.tree.map(lambda *a: jnp.stack(a), *trees) if self.vmapped else trees[0]
+
+  def lift(self, f: Callable) -> Callable:
+    """``f`` of one run made a function of every run's values."""
+    if not self.vmapped:
+      return f
+    return jax.vmap(f) if self.vectorize else functools.partial(_map_members, f)
+
+  def member(self, tree: Any, i: int) -> Any:
+    """Run ``i``'s part of a value that holds every run's."""
+    return jax.tree.map(lambda a: a[i], tree) if self.vmapped else tree
+
+
+class _Arrays(NamedTuple):
+  """The data set on the device: training, test and train-evaluation splits."""
+
+  x_train: Array
+  y_train: Array
+  x_test: Array
+  y_test: Array
+  x_eval: Array
+  y_eval: Array
+
+  @classmethod
+  def of(cls, data: Dataset, train_eval_size: int) -> _Arrays:
+    x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
+    return cls(x_train, y_train, x_test, y_test, x_train[:train_eval_size], y_train[:train_eval_size])
+
+
+def _batch_mesh(batch_size: int) -> jax.sharding.Mesh:
+  """:func:`fit`'s ``data_parallel`` mesh: every device of every process on one batch axis."""
+  devices = jax.devices()
+  if batch_size % len(devices):
+    where = f" of {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    raise ValueError(f"data_parallel: batch_size {batch_size} must divide by the {len(devices)} devices{where}")
+  return jax.sharding.Mesh(np.array(devices), (BATCH_AXIS,))
+
+
+def _compile_epoch(tx, runs: _Runs, batches: _Batches, mesh, histories, params, opt_state, arrays: _Arrays):
+  """One epoch of every run's steps as one compiled ``lax.scan``, the data passed as arguments
+  (never closed over: XLA would fold it as constants); records its compile time and memory."""
 
   def update(params, opt_state, x, y):
     updates, opt_state = tx.update(None, opt_state, params, batch=(x, y))
     return optax.apply_updates(params, updates), opt_state
 
-  update = lift(update)
+  update = runs.lift(update)
+  batch_spec = P(None, BATCH_AXIS) if runs.vmapped else P(BATCH_AXIS)
 
-  def run_epoch(params, opt_state, plan, x_train, y_train):  # data as arguments, not constants
+  def run_epoch(params, opt_state, plan, x_train, y_train):
     for h in histories:
       h.compilations += 1  # runs once per trace
 
     def step(carry, how):
-      x, y = constrain(batches.draw(how, x_train, y_train))
+      x, y = batches.draw(how, x_train, y_train)
+      if mesh is not None:
+        x, y = jax.lax.with_sharding_constraint((x, y), NamedSharding(mesh, batch_spec))
       return update(*carry, x, y), None
 
     (params, opt_state), _ = jax.lax.scan(step, (params, opt_state), plan)
     return params, opt_state
 
   start = time.perf_counter()
-  run_epoch = jax.jit(run_epoch).lower(params, opt_state, batches.plan(1), x_train, y_train).compile()
-  compile_time = time.perf_counter() - start
-  evaluate = make_evaluate(model, loss_fn, data.num_classes)
-  if vmapped:
-    evaluate = jax.jit(jax.vmap(evaluate, in_axes=(0, 0, None, None)))
-  probe = None if probe is None else jax.jit(lift(probe))
-
-  def record(epoch, params, opt_state):
-    if probe is None:
-      return
-    values = jax.device_get(probe(params, opt_state))
-    for i, h in enumerate(histories):
-      h.probes.append({"epoch": epoch} | {k: float(v) for k, v in member(values, i).items()})
-
-  checkpoints = None if checkpoint_dir is None else _Checkpoints(checkpoint_dir, seeds, batch_size)
-  first = 1
-  if checkpoints is not None and checkpoints.latest() is not None:
-    first, params, opt_state, saved = checkpoints.restore(params, opt_state, epochs)
-    for h, s in zip(histories, saved, strict=True):
-      for name, value in s.items():
-        if name != "median_step_time":
-          setattr(h, name, value)
-    first += 1
-  elif probe is not None:
-    record(0, params, opt_state)
-  step_memory = run_epoch.memory_analysis().temp_size_in_bytes
+  compiled = jax.jit(run_epoch).lower(params, opt_state, batches.plan(1), arrays.x_train, arrays.y_train).compile()
+  compile_time, step_memory = time.perf_counter() - start, compiled.memory_analysis().temp_size_in_bytes
   for h in histories:
     h.compile_time, h.step_memory = compile_time, step_memory
+  return compiled
 
-  show = (sys.stderr.isatty() if progress is None else progress) and _distributed.is_primary()
-  bar = _progress_bar(epochs, data.name, show, initial=first - 1)
-  elapsed = histories[0].wall_time[-1] if histories[0].wall_time else 0.0
-  best = None  # (discrepancy, params, opt_state, epoch) of the best params seen by the stopping rule
-  for epoch in range(first, epochs + 1):
-    start, before = time.perf_counter(), (params, opt_state)
-    params, opt_state = run_epoch(params, opt_state, batches.plan(epoch), x_train, y_train)
-    jax.block_until_ready(params)
-    seconds = time.perf_counter() - start
-    elapsed += seconds
-    variables = variables_of(opt_state)
+
+class _Recorder:
+  """Appends each epoch's figures, and the ``probe``'s values, to every run's history."""
+
+  def __init__(self, histories: list[History], runs: _Runs, probe: Probe | None):
+    self.histories, self.runs = histories, runs
+    self._probe = None if probe is None else jax.jit(runs.lift(probe))
+    self._elapsed = histories[0].wall_time[-1] if histories[0].wall_time else 0.0
+
+  def epoch(self, epoch: int, seconds: float, steps: int, test, train_loss, opt_state) -> None:
+    """The epoch that took ``seconds`` for ``steps`` steps; ``test`` is (loss, accuracy)."""
+    self._elapsed += seconds
+    member = self.runs.member
     skipped = optax.tree_utils.tree_get(opt_state, "skipped_steps")
     clipped = optax.tree_utils.tree_get(opt_state, "clipped_displacements")
-    test = jax.device_get(evaluate(params, variables, x_test, y_test))
-    train_loss, _ = jax.device_get(evaluate(params, variables, x_eval, y_eval))
-    for i, h in enumerate(histories):
+    for i, h in enumerate(self.histories):
       h.epoch.append(epoch)
       h.train_loss.append(float(member(train_loss, i)))
       h.test_loss.append(float(member(test[0], i)))
       h.test_accuracy.append(float(member(test[1], i)))
       h.step_time.append(seconds / steps)
-      h.wall_time.append(elapsed)
+      h.wall_time.append(self._elapsed)
       if skipped is not None:
         h.skipped_steps.append(int(member(skipped, i)))
       if clipped is not None:
         h.clipped_displacements.append(int(member(clipped, i)))
-    record(epoch, params, opt_state)
-    bar.update(1)
-    bar.set_postfix(
-      test_acc=f"{histories[0].test_accuracy[-1]:.3f}", loss=f"{histories[0].test_loss[-1]:.3f}"
-    )
-    if checkpoints is not None:
-      checkpoints.save(epoch, params, opt_state, histories)
-    if stop_on_discrepancy:
-      discrepancy = optax.tree_utils.tree_get(opt_state, "discrepancy")  # measured at `before`
-      if best is not None and rises(discrepancy, best[0]):
-        _, params, opt_state, histories[0].restored_epoch = best
-        break
-      if best is None or discrepancy < best[0]:
-        best = (discrepancy, *before, epoch - 1)
-  bar.close()
-  if checkpoints is not None:
-    checkpoints.close()
-  variables = variables_of(opt_state)
-  for i, m in enumerate(models):
-    nnx.update(m, member(params, i), member(variables, i))
-  return histories
+
+  def probe(self, epoch: int, params, opt_state) -> None:
+    if self._probe is None:
+      return
+    values = jax.device_get(self._probe(params, opt_state))
+    for i, h in enumerate(self.histories):
+      h.probes.append({"epoch": epoch} | {k: float(v) for k, v in self.runs.member(values, i).items()})
+
+
+def _resume(checkpoints: _Checkpoints | None, histories: list[History], params, opt_state, epochs: int):
+  """``(first epoch to run, params, opt_state)``: from the latest checkpoint, its histories
+  restored, or from the start."""
+  if checkpoints is None or checkpoints.latest() is None:
+    return 1, params, opt_state
+  last, params, opt_state, saved = checkpoints.restore(params, opt_state, epochs)
+  for h, s in zip(histories, saved, strict=True):
+    for name, value in s.items():
+      if name != "median_step_time":
+        setattr(h, name, value)
+  return last + 1, params, opt_state
+
+
+class _BestParams:
+  """Expectation Reflection's reference stopping rule: stop when the discrepancy rises by more
+  than float rounding, keeping the params (and the epoch) of the lowest one seen."""
+
+  def __init__(self):
+    self.best = None  # (params, opt_state, epoch) at the lowest discrepancy
+    self._lowest = None
+
+  def fired(self, opt_state, before, epoch: int) -> bool:
+    """Whether to stop after ``epoch``; its discrepancy was measured at ``before``'s params."""
+    discrepancy = optax.tree_utils.tree_get(opt_state, "discrepancy")
+    if self._lowest is not None and rises(discrepancy, self._lowest):
+      return True
+    if self._lowest is None or discrepancy < self._lowest:
+      self._lowest, self.best = discrepancy, (*before, epoch - 1)
+    return False
 
 
 class _Batches:
