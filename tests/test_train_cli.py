@@ -281,3 +281,24 @@ def test_fit_trains_on_fresh_batches_reproducibly_and_refuses_them_for_a_fixed_d
   assert len(alone.step_time) == 2 and alone.test_loss[-1] < alone.test_loss[0]
   with pytest.raises(ValueError, match="fixed is a fixed data set"):
     train.fit(*build(0), ds._replace(sampler=None, name="fixed"), **common)
+
+
+def test_fit_runs_lapack_on_one_thread_and_gives_the_threads_back(monkeypatch):
+  """On CPU, OpenBLAS's threads (behind jaxlib's LAPACK calls) would spin against XLA's: fit and
+  fit_seeds train with one, and the process's setting is back afterwards."""
+  import scipy.linalg  # noqa: F401  (the library jaxlib's LAPACK calls)
+  import threadpoolctl
+
+  def blas_threads():
+    return {i["filepath"]: i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"}
+
+  seen = []
+  monkeypatch.setattr(train, "_train", lambda models, *a, **k: seen.append(blas_threads()) or [None] * len(models))
+  model = nn.MLP((64, 10), rngs=nnx.Rngs(0))
+  tx = rules.backprop(model, losses.softmax_cross_entropy)
+  with threadpoolctl.threadpool_limits(2, user_api="blas"):
+    before = blas_threads()
+    train.fit(model, tx, data.digits(), loss_fn=losses.softmax_cross_entropy)
+    train.fit_seeds(lambda s: (model, tx), [0], data.digits(), loss_fn=losses.softmax_cross_entropy)
+    assert blas_threads() == before and set(before.values()) == {2}
+  assert len(seen) == 2 and all(s and set(s.values()) == {1} for s in seen)

@@ -283,7 +283,8 @@ def target_propagation(
       (``History.clipped_displacements``).
 
   The state records the RMS displacement of each hidden layer at the last step;
-  :func:`target_displacements` gives them whole (per time step for an RNN).
+  :func:`target_displacements` gives them whole (per time step for an RNN). On a CPU, run a
+  training loop of your own under :func:`altgrad.train.single_threaded_lapack`, as ``fit`` does.
   """
   pure = PureModel(model)
   _check_model(model, mode)
