@@ -266,17 +266,36 @@ def _count_primitives(jaxpr, names: set[str]) -> int:
   return count
 
 
+def test_written_out_threefry_is_jax_threefry_bit_for_bit():
+  from jax.extend.random import threefry2x32_p
+
+  from altgrad.rules._node_perturbation import threefry2x32
+
+  words = jax.random.bits(jax.random.key(7), (4, 257), jnp.uint32)
+  words = words.at[:, 0].set(jnp.array([0, 1, 2**31, 2**32 - 1], jnp.uint32))
+  for k0, k1 in ((0, 0), (12345, 2**32 - 1), (2**31, 7)):
+    key = (jnp.uint32(k0), jnp.uint32(k1))
+    mine = jax.jit(threefry2x32)(key, (words[0], words[1]))
+    reference = threefry2x32_p.bind(*key, words[0], words[1])
+    np.testing.assert_array_equal(np.asarray(mine), np.asarray(reference))
+
+
 @pytest.mark.parametrize("depth", [2, 6])
-def test_default_noise_is_one_hash_per_step_however_many_sites(depth):
-  """Every hash compiles separately (about 0.1-0.3 s each on CPU): one split of the key and one
-  draw for all sites, whatever the depth."""
+def test_default_noise_is_one_hash_per_step_however_many_sites(depth, monkeypatch):
+  """Every hash is compiled code of its own: one split of the key and one draw for all sites,
+  whatever the depth."""
+  from altgrad.rules import _node_perturbation
+
+  draws = []
+  hash_fn = _node_perturbation.threefry2x32
+  monkeypatch.setattr(_node_perturbation, "threefry2x32", lambda *args: draws.append(1) or hash_fn(*args))
   model = nn.MLP((4, *[8] * depth, 3), rngs=nnx.Rngs(0))
   params = nnx.state(model, nnx.Param)
   tx = rules.node_perturbation(model, CE, samples=2)
   batch = (jnp.ones((5, 4)), jnp.zeros((5,), jnp.int32))
   jaxpr = jax.make_jaxpr(lambda p, s: tx.update(None, s, p, batch=batch))(params, tx.init(params))
   hashes = {"threefry2x32", "random_split", "random_bits", "random_fold_in"}
-  assert _count_primitives(jaxpr.jaxpr, hashes) == 2
+  assert _count_primitives(jaxpr.jaxpr, hashes) == 1 and len(draws) == 1
 
 
 def test_a_site_on_a_reshaped_batch_is_a_clear_error():
