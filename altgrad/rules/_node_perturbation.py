@@ -91,9 +91,9 @@ def threefry2x32(key: tuple[Array, Array], counters: tuple[Array, Array]) -> tup
   """The Threefry-2x32 hash of 20 rounds (Salmon et al., SC 2011), JAX's default PRNG, word for
   word as ``jax.random`` computes it, written out as elementwise ops.
 
-  On CPU, JAX lowers its hash primitive as a loop over the rounds, which XLA compiles in
-  0.2-0.9 s per call site and runs as five passes over the counters; written out, the rounds
-  fuse into one elementwise kernel that compiles in a tenth of that.
+  On CPU, JAX lowers its hash primitive as a loop over the rounds: a draw at node-perturbation
+  shapes compiled in 0.19-0.94 s with it and in 0.11 s written out, where the rounds fuse into
+  one elementwise kernel.
   """
   k0, k1 = key
   schedule = (k0, k1, k0 ^ k1 ^ np.uint32(0x1BD11BDA))
