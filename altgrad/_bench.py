@@ -289,6 +289,7 @@ SUITES = {
 SUITES["all"] = lambda: [run for name in ("cw", "np", "tp", "er", "models") for run in SUITES[name]()]
 
 class PlainGradientState(NamedTuple):
+  loss: Any  # the mean loss of the step, as the rules log it
   model_variables: Any  # the model's non-param variables after the step (BatchNorm statistics, RNG counts)
 
 
@@ -305,10 +306,10 @@ def plain_gradient(model: nnx.Module, loss_fn) -> optax.GradientTransformationEx
       bound = nnx.merge(graphdef, p, state.model_variables, copy=True)
       return jnp.mean(loss_fn(bound(x), targets)), nnx.split(bound, nnx.Param, ...)[2]
 
-    gradient, variables = jax.grad(mean_loss, has_aux=True)(params)
-    return gradient, PlainGradientState(variables)
+    (loss, variables), gradient = jax.value_and_grad(mean_loss, has_aux=True)(params)
+    return gradient, PlainGradientState(loss, variables)
 
-  return optax.GradientTransformationExtraArgs(lambda params: PlainGradientState(variables), update_fn)
+  return optax.GradientTransformationExtraArgs(lambda params: PlainGradientState(jnp.asarray(jnp.inf, jnp.float32), variables), update_fn)
 
 
 def scaled_backprop(model: nnx.Module, loss_fn, *, hidden_scale: float) -> optax.GradientTransformationExtraArgs:

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from altgrad import _distributed, losses, train
+from altgrad import _distributed, losses
 from altgrad import data as data_lib
 from altgrad._bench import BENCH_RULES, environment
 from altgrad._experiment import build_model, make_rule
@@ -216,8 +216,7 @@ def measure(found: list[Case], *, rounds: int = 7, round_seconds: float = 0.3, p
 def run(out_dir: str | Path, *, found: list[Case] | None = None, progress: bool | None = None, **options) -> dict:
   """Measures the perf suite (or ``found``) and writes ``<out_dir>/perf.json`` and ``perf.md``."""
   rate = matmul_rate()
-  with train.single_threaded_lapack():  # as fit trains
-    records = measure(cases() if found is None else found, progress=progress is not False, **options)
+  records = measure(cases() if found is None else found, progress=progress is not False, **options)
   for record in records.values():
     record["roofline_fraction"] = record["gflop_per_second"] * 1e9 / rate
   results = {"suite": "perf", "environment": environment(), "matmul_gflop_per_second": rate / 1e9, "cases": records}

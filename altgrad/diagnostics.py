@@ -6,7 +6,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from altgrad.nn import Layer
 from altgrad.rules import backprop
@@ -72,9 +71,9 @@ def cosine_probe(model: Layer, loss_fn, rule, batch):
   def probe(params, opt_state):
     state = opt_state[0] if type(opt_state) is tuple else opt_state
     updates, _ = rule.update(None, state, params, batch=batch)
-    variables = optax.tree_utils.tree_get(state, "model_variables")  # the rule's current decorrelation
-    reference_state = reference.init(params) if variables is None else BackpropState(variables)
-    gradient, _ = reference.update(None, reference_state, params, batch=batch)
+    # backprop at the rule's current model variables (its decorrelation)
+    common = reference.init(params).common._replace(model_variables=state.common.model_variables)
+    gradient, _ = reference.update(None, BackpropState(common), params, batch=batch)
     return layer_cosines(updates, gradient)
 
   return probe

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import statistics
@@ -16,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import threadpoolctl
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -110,7 +108,7 @@ def make_evaluate(model: nnx.Module, loss_fn: Callable, num_classes: int | None,
 
     def one(args):
       xs, ys, ms = args
-      out = pure.with_variables(variables).evaluate(params, xs)
+      out = pure.at(variables).evaluate(params, xs)
       loss = loss_fn(out, ys)
       if num_classes is None:
         correct = jnp.all(jnp.abs(out - ys) < REGRESSION_TOLERANCE, axis=-1)
@@ -133,7 +131,6 @@ def fit(
   epochs: int = 10,
   batch_size: int = 64,
   seed: int = 0,
-  train_eval_size: int = 10_000,
   progress: bool | None = None,
   stop_on_discrepancy: bool = False,
   data_parallel: bool = False,
@@ -144,8 +141,10 @@ def fit(
   """Trains ``model`` in place with the rule chain ``tx`` and returns the per-epoch history.
 
   Each epoch shuffles the training set (seeded by ``(seed, epoch)``), drops the last partial
-  batch, and runs all its steps as one compiled ``lax.scan``; after it the test set and up to
-  ``train_eval_size`` training examples are evaluated, in evaluation mode. The model's other
+  batch, and runs all its steps as one compiled ``lax.scan``; after it the test set is evaluated,
+  in evaluation mode. The train loss of an epoch is the mean of the losses the rule logged at
+  its steps (``state.common.loss``, each the loss of the step's clean pass in training mode, at
+  the params the step started from): no pass is run for it. The model's other
   variables that the rule carries in its state (decorrelation matrices, BatchNorm running
   statistics, RNG counts) are used for evaluation and written back to the model with the params.
   ``tx`` is a rule, possibly chained with optimizers, called as
@@ -159,7 +158,6 @@ def fit(
     loss_fn: per-example loss used for evaluation (the rule has its own).
     epochs, batch_size, seed: the schedule; ``seed`` seeds the shuffling only (the model and
       the rule have their own seeds).
-    train_eval_size: how many training examples to evaluate the train loss on.
     progress: show a progress bar; default only when stderr is a terminal.
     stop_on_discrepancy: the reference stopping rule of Expectation Reflection: stop when the
       discrepancy the rule reports (its state's ``discrepancy``, measured at the params its last
@@ -184,27 +182,25 @@ def fit(
     fresh_steps: train each epoch on this many batches freshly drawn by the data set's
       ``sampler`` (a synthetic task's; seeded by ``(seed, epoch)``) instead of a pass over
       ``x_train``, as the tasks' authors do; an epoch is then an evaluation interval (e.g. 200
-      iterations). The train loss is still measured on ``x_train``.
+      iterations).
   """
-  with single_threaded_lapack():
-    return _train(
-      [model],
-      [tx],
-      data,
-      [seed],
-      vmapped=False,
-      vectorize=True,
-      loss_fn=loss_fn,
-      epochs=epochs,
-      batch_size=batch_size,
-      train_eval_size=train_eval_size,
-      progress=progress,
-      stop_on_discrepancy=stop_on_discrepancy,
-      data_parallel=data_parallel,
-      checkpoint_dir=checkpoint_dir,
-      probe=probe,
-      fresh_steps=fresh_steps,
-    )[0]
+  return _train(
+    [model],
+    [tx],
+    data,
+    [seed],
+    vmapped=False,
+    vectorize=True,
+    loss_fn=loss_fn,
+    epochs=epochs,
+    batch_size=batch_size,
+    progress=progress,
+    stop_on_discrepancy=stop_on_discrepancy,
+    data_parallel=data_parallel,
+    checkpoint_dir=checkpoint_dir,
+    probe=probe,
+    fresh_steps=fresh_steps,
+  )[0]
 
 
 def fit_seeds(
@@ -215,7 +211,6 @@ def fit_seeds(
   loss_fn: Callable,
   epochs: int = 10,
   batch_size: int = 64,
-  train_eval_size: int = 10_000,
   progress: bool | None = None,
   data_parallel: bool = False,
   checkpoint_dir: str | Path | None = None,
@@ -243,46 +238,24 @@ def fit_seeds(
   structures = {str(nnx.graphdef(m)) for m in models}
   if len(structures) != 1:
     raise ValueError("build(seed) must make the same model for every seed (only the values may differ)")
-  with single_threaded_lapack():
-    histories = _train(
-      list(models),
-      list(txs),
-      data,
-      seeds,
-      vmapped=True,
-      vectorize=vectorize,
-      loss_fn=loss_fn,
-      epochs=epochs,
-      batch_size=batch_size,
-      train_eval_size=train_eval_size,
-      progress=progress,
-      stop_on_discrepancy=False,
-      data_parallel=data_parallel,
-      checkpoint_dir=checkpoint_dir,
-      probe=probe,
-      fresh_steps=fresh_steps,
-    )
+  histories = _train(
+    list(models),
+    list(txs),
+    data,
+    seeds,
+    vmapped=True,
+    vectorize=vectorize,
+    loss_fn=loss_fn,
+    epochs=epochs,
+    batch_size=batch_size,
+    progress=progress,
+    stop_on_discrepancy=False,
+    data_parallel=data_parallel,
+    checkpoint_dir=checkpoint_dir,
+    probe=probe,
+    fresh_steps=fresh_steps,
+  )
   return list(zip(models, histories, strict=True))
-
-
-def single_threaded_lapack() -> contextlib.AbstractContextManager:
-  """On XLA's CPU backend, limits the BLAS that jaxlib's LAPACK calls run on (OpenBLAS, through
-  SciPy) to one thread: at once, for the rest of the process, or, used as ``with
-  single_threaded_lapack():``, for the block. Elsewhere it does nothing.
-
-  A CPU step runs its matmuls on XLA's thread pool and its LAPACK calls (the Cholesky factors and
-  triangular solves of consequentialism, target propagation's and Expectation Reflection's ridge
-  solves) on OpenBLAS's; OpenBLAS's threads keep spinning after each call and take the cores from
-  XLA's. On 2 cores, CW at the node-perturbation authors' shape went from 2.8x to 2.0x backprop's
-  step and TP on an RNN at T = 120 from 1.8x to 1.5x BPTT's. :func:`fit`, :func:`fit_seeds` and
-  ``altgrad bench --suite perf`` run under it; call it around a training loop of your own (or set
-  ``OPENBLAS_NUM_THREADS=1`` before starting Python).
-  """
-  if jax.default_backend() != "cpu":
-    return contextlib.nullcontext()
-  import scipy.linalg  # noqa: F401  (loads the library behind jaxlib's LAPACK kernels)
-
-  return threadpoolctl.threadpool_limits(1, user_api="blas")
 
 
 def epoch_order(seed: int, epoch: int, size: int) -> np.ndarray:
@@ -301,7 +274,6 @@ def _train(
   loss_fn,
   epochs,
   batch_size,
-  train_eval_size,
   progress,
   stop_on_discrepancy,
   data_parallel,
@@ -314,10 +286,12 @@ def _train(
   runs = _Runs(vmapped, vectorize)
   params = runs.stack([nnx.state(m, nnx.Param) for m in models])
   opt_state = runs.stack([t.init(nnx.state(m, nnx.Param)) for m, t in zip(models, txs, strict=True)])
+  if optax.tree_utils.tree_get(opt_state, "loss") is None:
+    raise TypeError("fit trains with a rule: tx must be an altgrad rule or a chain that starts with one")
   if stop_on_discrepancy and optax.tree_utils.tree_get(opt_state, "discrepancy") is None:
     raise ValueError("stop_on_discrepancy needs a rule that reports a discrepancy (expectation_reflection)")
   own_variables = runs.stack([nnx.state(m, nnx.Not(nnx.Param)) for m in models])
-  arrays = _Arrays.of(data, train_eval_size)
+  arrays = _Arrays.of(data)
   mesh = _batch_mesh(batch_size) if data_parallel else None
   if mesh is not None:
     params, opt_state, arrays = _replicate((params, opt_state, arrays), NamedSharding(mesh, P()))
@@ -341,12 +315,10 @@ def _train(
   stop = _BestParams() if stop_on_discrepancy else None
   for epoch in range(first, epochs + 1):
     start, before = time.perf_counter(), (params, opt_state)
-    params, opt_state = run_epoch(params, opt_state, batches.plan(epoch), arrays.x_train, arrays.y_train)
+    params, opt_state, train_loss = run_epoch(params, opt_state, batches.plan(epoch), arrays.x_train, arrays.y_train)
     jax.block_until_ready(params)
     seconds = time.perf_counter() - start
-    variables = variables_of(opt_state)
-    test = jax.device_get(evaluate(params, variables, arrays.x_test, arrays.y_test))
-    train_loss, _ = jax.device_get(evaluate(params, variables, arrays.x_eval, arrays.y_eval))
+    test = jax.device_get(evaluate(params, variables_of(opt_state), arrays.x_test, arrays.y_test))
     record.epoch(epoch, seconds, batches.steps, test, train_loss, opt_state)
     record.probe(epoch, params, opt_state)
     bar.update(1)
@@ -401,20 +373,16 @@ class _Runs:
 
 
 class _Arrays(NamedTuple):
-  """The data set on the device: training, test and train-evaluation splits."""
+  """The data set on the device: training and test splits."""
 
   x_train: Array
   y_train: Array
   x_test: Array
   y_test: Array
-  x_eval: Array
-  y_eval: Array
 
   @classmethod
-  def of(cls, data: Dataset, train_eval_size: int) -> _Arrays:
-    x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
-    x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
-    return cls(x_train, y_train, x_test, y_test, x_train[:train_eval_size], y_train[:train_eval_size])
+  def of(cls, data: Dataset) -> _Arrays:
+    return cls(*(jnp.asarray(a) for a in (data.x_train, data.y_train, data.x_test, data.y_test)))
 
 
 def _batch_mesh(batch_size: int) -> jax.sharding.Mesh:
@@ -428,11 +396,12 @@ def _batch_mesh(batch_size: int) -> jax.sharding.Mesh:
 
 def _compile_epoch(tx, runs: _Runs, batches: _Batches, mesh, histories, params, opt_state, arrays: _Arrays):
   """One epoch of every run's steps as one compiled ``lax.scan``, the data passed as arguments
-  (never closed over: XLA would fold it as constants); records its compile time and memory."""
+  (never closed over: XLA would fold it as constants), giving the params, the state and each
+  run's mean training loss; records its compile time and memory."""
 
   def update(params, opt_state, x, y):
     updates, opt_state = tx.update(None, opt_state, params, batch=(x, y))
-    return optax.apply_updates(params, updates), opt_state
+    return optax.apply_updates(params, updates), opt_state, optax.tree_utils.tree_get(opt_state, "loss")
 
   update = runs.lift(update)
   batch_spec = P(None, BATCH_AXIS) if runs.vmapped else P(BATCH_AXIS)
@@ -445,10 +414,11 @@ def _compile_epoch(tx, runs: _Runs, batches: _Batches, mesh, histories, params, 
       x, y = batches.draw(how, x_train, y_train)
       if mesh is not None:
         x, y = jax.lax.with_sharding_constraint((x, y), NamedSharding(mesh, batch_spec))
-      return update(*carry, x, y), None
+      params, opt_state, loss = update(*carry, x, y)
+      return (params, opt_state), loss
 
-    (params, opt_state), _ = jax.lax.scan(step, (params, opt_state), plan)
-    return params, opt_state
+    (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), plan)
+    return params, opt_state, jnp.mean(losses, axis=0)  # per run: the mean of its steps' losses
 
   start = time.perf_counter()
   compiled = jax.jit(run_epoch).lower(params, opt_state, batches.plan(1), arrays.x_train, arrays.y_train).compile()

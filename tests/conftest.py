@@ -10,9 +10,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from altgrad import _experiment, losses, nn, train  # noqa: E402
-
-train.single_threaded_lapack()  # as fit trains: OpenBLAS's threads would compete with XLA's
+from altgrad import _experiment, losses, nn  # noqa: E402
 
 #: The training-set size told to a rule that streams statistics over the data set (ER).
 DATA_SIZE = 1024

@@ -52,8 +52,8 @@ def test_a_nonfinite_step_inside_jit_is_skipped_and_counted(name):
   chex.assert_trees_all_close(updates, expected, rtol=1e-6, atol=1e-7)
   assert int(after_good.skipped_steps) == 1 and not bool(after_good.last_skipped)
   chex.assert_trees_all_close(
-    jax.tree.leaves(after_good.inner_state[0].model_variables),
-    jax.tree.leaves(expected_state[0].model_variables),
+    jax.tree.leaves(after_good.inner_state[0].common.model_variables),
+    jax.tree.leaves(expected_state[0].common.model_variables),
   )
 
 
@@ -184,7 +184,7 @@ def test_decorrelation_of_perfectly_correlated_inputs_stays_finite():
   for _ in range(50):
     updates, state = step(params, state)
     params = optax.apply_updates(params, updates)
-  chex.assert_tree_all_finite((params, state))
+  chex.assert_tree_all_finite((params, [a for a in jax.tree.leaves(state) if jnp.issubdtype(a.dtype, jnp.inexact)]))
 
 
 @pytest.mark.parametrize("name", ["backprop", "consequentialism", "np", "inp", "anp", "tp"])

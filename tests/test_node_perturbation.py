@@ -152,7 +152,7 @@ def test_decorrelation_removes_input_correlations_and_stays_finite():
   before = off_diagonal(first.decorrelation[...])
   for _ in range(300):
     _, state = step(params, state)
-  r = state[0].model_variables["layers"][0]["decorrelation"][...]
+  r = state[0].common.model_variables["layers"][0]["decorrelation"][...]
   chex.assert_tree_all_finite(r)
   assert off_diagonal(r) < before / 100
 
@@ -163,7 +163,7 @@ def test_decorrelated_backprop_trains_r_through_the_same_update():
   params = nnx.state(model, nnx.Param)
   tx = rules.backprop(model, CE)
   _, state = tx.update(None, tx.init(params), params, batch=(x, y))
-  assert not np.allclose(state.model_variables["layers"][0]["decorrelation"][...], np.eye(6))
+  assert not np.allclose(state.common.model_variables["layers"][0]["decorrelation"][...], np.eye(6))
   # and the gradient is still jax.grad at the current R
   graphdef, _, rest = nnx.split(model, nnx.Param, ...)
   want = jax.grad(lambda p: jnp.mean(CE(nnx.merge(graphdef, p, rest)(x), y)))(params)
@@ -240,7 +240,7 @@ def test_decorrelation_sample_must_be_a_fraction(sample):
 def test_default_noise_is_standard_normal_with_independent_halves():
   from scipy import stats
 
-  from altgrad.rules._node_perturbation import gaussian
+  from altgrad.rules._noise import gaussian
 
   z = np.asarray(gaussian(jax.random.key(0), (400, 501), jnp.float32))
   halves = z[:, :250].ravel(), z[:, 251:501].ravel()  # the two words of the same hashes
@@ -269,7 +269,7 @@ def _count_primitives(jaxpr, names: set[str]) -> int:
 def test_written_out_threefry_is_jax_threefry_bit_for_bit():
   from jax.extend.random import threefry2x32_p
 
-  from altgrad.rules._node_perturbation import threefry2x32
+  from altgrad.rules._noise import threefry2x32
 
   words = jax.random.bits(jax.random.key(7), (4, 257), jnp.uint32)
   words = words.at[:, 0].set(jnp.array([0, 1, 2**31, 2**32 - 1], jnp.uint32))
@@ -284,11 +284,11 @@ def test_written_out_threefry_is_jax_threefry_bit_for_bit():
 def test_default_noise_is_one_hash_per_step_however_many_sites(depth, monkeypatch):
   """Every hash is compiled code of its own: one split of the key and one draw for all sites,
   whatever the depth."""
-  from altgrad.rules import _node_perturbation
+  from altgrad.rules import _noise
 
   draws = []
-  hash_fn = _node_perturbation.threefry2x32
-  monkeypatch.setattr(_node_perturbation, "threefry2x32", lambda *args: draws.append(1) or hash_fn(*args))
+  hash_fn = _noise.threefry2x32
+  monkeypatch.setattr(_noise, "threefry2x32", lambda *args: draws.append(1) or hash_fn(*args))
   model = nn.MLP((4, *[8] * depth, 3), rngs=nnx.Rngs(0))
   params = nnx.state(model, nnx.Param)
   tx = rules.node_perturbation(model, CE, samples=2)

@@ -96,7 +96,7 @@ def test_one_decorrelated_step_matches_the_authors_formulas(variant):
       y,
       [noise[(BATCH, n)] for n in SIZES[1:]],
     )
-    got_r = jax.tree.leaves(state.model_variables)
+    got_r = jax.tree.leaves(state.common.model_variables)
   for i, (kernel, bias) in enumerate(want):
     np.testing.assert_allclose(updates["layers"][i]["kernel"][...], kernel, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(updates["layers"][i]["bias"][...], bias, rtol=1e-10, atol=1e-12)

@@ -216,9 +216,13 @@ def test_rules_draw_noise_from_the_run_seed_and_decorrelation_is_refused_where_i
   dataset = data.digits()
   model = _experiment.build_model(dataset, "mlp", (8,), "tanh", 0)
   params = nnx.state(model, nnx.Param)
+  keys = []
   for seed in (0, 3):
     state = _experiment.make_rule("np", model, losses.softmax_cross_entropy, seed, 100).init(params)
-    assert jnp.array_equal(jax.random.key_data(state.key), jax.random.key_data(jax.random.key(seed)))
+    given = rules.node_perturbation(model, losses.softmax_cross_entropy, key=jax.random.key(seed)).init(params)
+    keys.append(jax.random.key_data(state.common.key))
+    assert jnp.array_equal(keys[-1], jax.random.key_data(given.common.key))
+  assert not jnp.array_equal(*keys)
   assert _experiment.make_rule("backprop", model, losses.softmax_cross_entropy, 3, 100).init(params) is not None
   images = data.Dataset(
     dataset.x_train.reshape(-1, 8, 8, 1), dataset.y_train, dataset.x_test.reshape(-1, 8, 8, 1), dataset.y_test, 10, "d"
@@ -283,22 +287,26 @@ def test_fit_trains_on_fresh_batches_reproducibly_and_refuses_them_for_a_fixed_d
     train.fit(*build(0), ds._replace(sampler=None, name="fixed"), **common)
 
 
-def test_fit_runs_lapack_on_one_thread_and_gives_the_threads_back(monkeypatch):
-  """On CPU, OpenBLAS's threads (behind jaxlib's LAPACK calls) would spin against XLA's: fit and
-  fit_seeds train with one, and the process's setting is back afterwards."""
-  import scipy.linalg  # noqa: F401  (the library jaxlib's LAPACK calls)
+def test_building_a_rule_that_factors_runs_lapack_on_one_thread_in_any_loop(monkeypatch):
+  """On CPU, OpenBLAS's threads behind jaxlib's LAPACK calls (SciPy's library) would spin
+  against XLA's: building CW, TP or ER sets that library to one thread for the process, so a
+  hand-written loop runs as fit does; NumPy's own BLAS keeps its threads, and backprop (no
+  LAPACK) changes nothing."""
   import threadpoolctl
 
-  def blas_threads():
+  from altgrad import _lapack
+
+  def threads():
     return {i["filepath"]: i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"}
 
-  seen = []
-  monkeypatch.setattr(train, "_train", lambda models, *a, **k: seen.append(blas_threads()) or [None] * len(models))
-  model = nn.MLP((64, 10), rngs=nnx.Rngs(0))
-  tx = rules.backprop(model, losses.softmax_cross_entropy)
-  with threadpoolctl.threadpool_limits(2, user_api="blas"):
-    before = blas_threads()
-    train.fit(model, tx, data.digits(), loss_fn=losses.softmax_cross_entropy)
-    train.fit_seeds(lambda s: (model, tx), [0], data.digits(), loss_fn=losses.softmax_cross_entropy)
-    assert blas_threads() == before and set(before.values()) == {2}
-  assert len(seen) == 2 and all(s and set(s.values()) == {1} for s in seen)
+  scipy_libs = {c.filepath for c in _lapack._scipy_blas()}
+  assert scipy_libs and scipy_libs < set(threads())  # SciPy's and NumPy's are separate libraries here
+  model = nn.MLP((6, 4, 3), rngs=nnx.Rngs(0))
+  for build in (rules.consequentialism, rules.target_propagation):
+    monkeypatch.setattr(_lapack, "_DONE", False)
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+      rules.backprop(model, losses.softmax_cross_entropy)
+      assert set(threads().values()) == {2}
+      build(model, losses.softmax_cross_entropy)
+      assert {path: n for path, n in threads().items() if path in scipy_libs} == dict.fromkeys(scipy_libs, 1)
+      assert {n for path, n in threads().items() if path not in scipy_libs} == {2}

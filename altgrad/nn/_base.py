@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from altgrad._linalg import RidgeSolver
@@ -31,16 +33,37 @@ def describe_shape(x: Any) -> str:
   return f"a {type(x).__name__}" if shape is None else f"shape {tuple(shape)}"
 
 
-def check_number(value: Any, name: str, *, positive: bool = False, arrays_ok: bool = False) -> None:
+def is_concrete(value: Any) -> bool:
+  """Whether ``value`` has a value now: not a tracer (under ``jit``, ``vmap`` or
+  ``optax.inject_hyperparams``' update), whose checks are left to the compiled step."""
+  return not isinstance(value, jax.core.Tracer)
+
+
+def check_number(value: Any, name: str, *, positive: bool = False, schedule: bool = False) -> None:
   """Rejects a hyperparameter that is not a finite number ``>= 0`` (``> 0`` with ``positive``).
 
-  With ``arrays_ok`` an array (possibly traced) passes unchecked: only Python numbers are checked.
+  A JAX or NumPy scalar counts as a number (``optax.inject_hyperparams`` passes arrays); a traced
+  one passes unchecked, as its value is not known yet (a non-finite value then gives a
+  non-finite update, which :func:`altgrad.rules.finite_guard` skips). With ``schedule``, a
+  function of the step count (an optax schedule) is accepted and checked at step 0.
   """
-  if arrays_ok and not isinstance(value, (int, float)):
+  if schedule and callable(value):
+    check_number(value(0), f"{name} (a schedule) at step 0", positive=positive)
     return
-  number = isinstance(value, (int, float))
+  if isinstance(value, (jax.Array, np.ndarray, np.generic)) and not isinstance(value, bool):
+    if getattr(value, "ndim", 0) == 0 and jnp.issubdtype(value.dtype, jnp.number):
+      if not is_concrete(value):
+        return
+      value = value.item()
+  number = isinstance(value, (int, float)) and not isinstance(value, bool)
   if not (number and (value > 0 if positive else value >= 0) and value < float("inf")):
-    raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {value!r}")
+    kind = "a finite number" + (" or a schedule of the step count" if schedule else "")
+    raise ValueError(f"{name} must be {kind} {'>' if positive else '>='} 0, got {value!r}")
+
+
+def at_step(value: Any, step: Any) -> Any:
+  """A hyperparameter's value at ``step``: a schedule's value, or the value itself."""
+  return value(step) if callable(value) else value
 
 
 class Layer(nnx.Module):
@@ -98,5 +121,5 @@ def ridge_solver(
     raise ValueError("give exactly one of reg (the ridge) or solver (from layer.ridge_solver(reg))")
   if solver is not None:
     return solver
-  check_number(reg, "reg", arrays_ok=True)
+  check_number(reg, "reg")
   return RidgeSolver.create(kernel, reg, explicit=explicit)

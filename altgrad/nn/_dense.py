@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from altgrad import _mesh
 from altgrad._linalg import RidgeSolver
 from altgrad.nn._activations import Activation, get_activation
 from altgrad.nn._base import (
@@ -90,8 +91,9 @@ class Dense(SingleSite):
     count = max(1, round(rows.shape[0] * self.decorrelation_sample))
     xs = self.decorrelated(rows[:: rows.shape[0] // count][:count])
     r = self.decorrelation[...]
-    full = (r @ xs.T) @ xs / xs.shape[0]
-    diagonal = jnp.mean(xs * xs, axis=0)
+    count = _mesh.batch_count(xs.shape[0])  # inside shard_map: every device's rows
+    full = _mesh.batch_sum((r @ xs.T) @ xs) / count
+    diagonal = _mesh.batch_sum(jnp.sum(xs * xs, axis=0)) / count
     return r - self.decorrelation_lr * (full - r * diagonal[None, :])
 
   def effective_kernel(self) -> Array:

@@ -8,10 +8,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from altgrad.nn._base import Layer, describe_shape
+from altgrad import _mesh
 from altgrad.nn._sites import (
   Nested,
   Tap,
@@ -56,9 +55,25 @@ def param_path(key_path: Sequence[Any]) -> Path:
   return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in key_path)
 
 
-def _is_coupling(module: nnx.Module) -> bool:
-  """Whether ``module`` mixes the examples of a batch as it is set (BatchNorm in training mode)."""
-  return isinstance(module, nnx.BatchNorm) and not module.use_running_average
+#: ``apply(model, inputs, rngs) -> outputs``: how a rule calls the model on a batch's inputs;
+#: ``rngs`` is an ``nnx.Rngs`` drawn from the rule's state, the same in every pass of a step.
+ApplyFn = Callable[[nnx.Module, Any, nnx.Rngs], Any]
+
+_TRAIN_MODE = {"deterministic": False, "use_running_average": False}
+_EVAL_MODE = {"deterministic": True, "use_running_average": True}
+
+
+def _in_mode(model: nnx.Module, mode: dict[str, bool]) -> nnx.Module:
+  """``model`` with every module that has these flags set to them (``model.train()``'s flags)."""
+  return nnx.view(model, raise_if_not_found=False, **mode)
+
+
+def _float32_compute(model: nnx.Module) -> None:
+  """Sets every module of ``model`` that computes below float32 (``dtype=bfloat16``) to float32."""
+  for _, module in nnx.iter_modules(model):
+    dtype = getattr(module, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+      module.dtype = jnp.float32
 
 
 class PureModel:
@@ -70,25 +85,47 @@ class PureModel:
   is shaped like ``params`` has exactly its structure. ``variables`` is every other Variable of
   the model (decorrelation matrices, BatchNorm statistics, RNG counts): rules carry it in their
   state, take its next value from their clean pass and advance decorrelation with
-  :meth:`next_variables`. The rule runs the model in the mode it is in (NNX modules start in
-  training mode); :meth:`evaluate` runs it in evaluation mode.
+  :meth:`next_variables`; a Variable the model creates while it runs (an ``nnx.Intermediate``,
+  a sown value) is an output of that pass, not state, and is left out.
+
+  The rule's passes run the model in training mode (``model.train()``'s flags, whatever mode the
+  model was in); :meth:`evaluate` runs it in evaluation mode. ``apply`` says how the model is
+  called (default ``model(inputs)``); ``float32`` computes every layer that computes below
+  float32 (``dtype=bfloat16``) in float32, for rules whose signals are below bfloat16's
+  resolution.
   """
 
-  def __init__(self, model: nnx.Module):
+  def __init__(self, model: nnx.Module, *, apply: ApplyFn | None = None, float32: bool = False):
+    if apply is not None and not callable(apply):
+      raise TypeError(f"apply must be a function (model, inputs, rngs) -> outputs, got {type(apply).__name__}")
     tappable = make_tappable(model)
-    self.graphdef, _, self.variables = nnx.split(tappable, nnx.Param, ...)
-    evaluation = nnx.view(tappable, deterministic=True, use_running_average=True, raise_if_not_found=False)
-    self.eval_graphdef = nnx.split(evaluation, nnx.Param, ...)[0]
+    if float32:
+      _float32_compute(tappable)
+    self.apply = apply
+    self.call_key: Array | None = None  # the step's key of call-time rngs (see at)
+    self.graphdef, _, self.variables = nnx.split(_in_mode(tappable, _TRAIN_MODE), nnx.Param, ...)
+    self.eval_graphdef = nnx.split(_in_mode(tappable, _EVAL_MODE), nnx.Param, ...)[0]
     #: Whether a layer mixes the examples of a batch (BatchNorm in training mode): per-example
     #: credit from loss differences is then biased.
-    self.batch_coupled = any(_is_coupling(m) for _, m in nnx.iter_modules(tappable))
-    self._layouts: dict[tuple, tuple[Tap, ...]] = {}  # shared by with_variables' copies
+    self.batch_coupled = any(isinstance(m, nnx.BatchNorm) for _, m in nnx.iter_modules(tappable))
+    self._layouts: dict[Any, tuple[Tap, ...]] = {}  # shared by the copies `at` makes
 
-  def with_variables(self, variables: Any) -> PureModel:
-    """The same model with other variables (from a rule's state)."""
+  def at(self, variables: Any, call_key: Array | None = None) -> PureModel:
+    """The same model with other variables (from a rule's state) and a step's ``call_key``."""
     view = copy.copy(self)
-    view.variables = variables
+    view.variables, view.call_key = variables, call_key
     return view
+
+  def _call(self, model: nnx.Module, inputs: Any, key: Array | None) -> Any:
+    if self.apply is None:
+      return model(inputs)
+    return self.apply(model, inputs, rngs=nnx.Rngs(jax.random.key(0) if key is None else key))
+
+  def carried(self, model: nnx.Module) -> Any:
+    """The variables of ``model`` after a pass that carry to the next step: those it had when
+    the rule was built (what the pass created is left out)."""
+    after = dict(nnx.to_flat_state(nnx.split(model, nnx.Param, ...)[2]))
+    return nnx.from_flat_state([(path, after[path]) for path, _ in nnx.to_flat_state(self.variables)])
 
   def bind(self, params: Any) -> nnx.Module:
     """The model with ``params`` (traceable: use it inside jitted code)."""
@@ -98,52 +135,56 @@ class PureModel:
     """The bound model's modules by path: where a tap's ``path`` leads."""
     return self._modules_of(self.bind(params))
 
-  def evaluate(self, params: Any, x: Array) -> Array:
+  def evaluate(self, params: Any, inputs: Any) -> Any:
     """The outputs in evaluation mode (running BatchNorm statistics, no dropout)."""
-    return nnx.merge(self.eval_graphdef, params, self.variables, copy=True)(x)
+    return self._call(nnx.merge(self.eval_graphdef, params, self.variables, copy=True), inputs, None)
 
   def tapped(
-    self, params: Any, x: Array, perturbations: Sequence[Any] | None = None, *, stop_site_params: bool = False
+    self, params: Any, inputs: Any, perturbations: Sequence[Any] | None = None, *, stop_site_params: bool = False
   ) -> Forward:
     """A forward pass with ``perturbations[i]`` added to the ``i``-th site call's output."""
     model = self.bind(params)
     if perturbations is not None:
-      layout = self._layout(params, x)
+      layout = self._layout(params, inputs)
       if any(t.nested for t in layout):
         prepare_nested(self._modules_of(model), layout, perturbations)
     with tapping(perturbations, stop_site_params=stop_site_params) as taps:
-      outputs = model(x)
+      outputs = self._call(model, inputs, self.call_key)
     if any(isinstance(t, Nested) for t in taps):
       taps = collect_nested(self._modules_of(model), taps)
-    return Forward(outputs, tuple(taps), nnx.split(model, nnx.Param, ...)[2])
+    return Forward(outputs, tuple(taps), self.carried(model))
 
-  def _layout(self, params: Any, x: Array) -> tuple[Tap, ...]:
-    """The taps of a pass on inputs shaped like ``x`` (shapes only; cached)."""
-    key = (tuple(x.shape), str(x.dtype))
+  def _layout(self, params: Any, inputs: Any) -> tuple[Tap, ...]:
+    """The taps of a pass on inputs shaped like ``inputs`` (shapes only; cached)."""
+    leaves, tree = jax.tree.flatten(inputs)
+    key = (tree, tuple((tuple(a.shape), str(a.dtype)) for a in leaves))
     if key not in self._layouts:
-      self._layouts[key] = jax.eval_shape(lambda p, x: self.tapped(p, x).taps, params, x)
+      self._layouts[key] = jax.eval_shape(lambda p, x: self.tapped(p, x).taps, params, inputs)
     return self._layouts[key]
 
   @staticmethod
   def _modules_of(model: nnx.Module) -> dict[Path, nnx.Module]:
     return {tuple(path): module for path, module in nnx.iter_modules(model)}
 
-  def zero_perturbations(self, params: Any, x: Array) -> tuple[Array, ...]:
-    """Zeros shaped like each site call's pre-activation for inputs ``x`` (nothing is run)."""
-    return tuple(jnp.zeros(t.preact.shape, t.preact.dtype) for t in self._layout(params, x))
+  def zero_perturbations(self, params: Any, inputs: Any) -> tuple[Array, ...]:
+    """Zeros shaped like each site call's pre-activation for ``inputs`` (nothing is run)."""
+    return tuple(jnp.zeros(t.preact.shape, t.preact.dtype) for t in self._layout(params, inputs))
 
-  def errors(self, params: Any, x: Array, targets: Array, loss_fn: LossFn) -> Errors:
+  def errors(self, params: Any, inputs: Any, targets: Any, loss_fn: LossFn) -> Errors:
     """Backprop's per-site errors ``dL/dz`` of the mean loss and the residual param gradient,
-    from one backward pass through a zero perturbation, with site params stopped."""
+    from one backward pass through a zero perturbation, with site params stopped. Inside
+    ``shard_map`` the mean is over every device's rows: the errors are this device's part of
+    the whole batch's, ``loss`` is the whole batch's mean, and the residual this device's part."""
 
     def mean_loss(perturbations, params):
-      forward = self.tapped(params, x, perturbations, stop_site_params=True)
-      return jnp.mean(loss_fn(forward.outputs, targets)), forward
+      forward = self.tapped(params, inputs, perturbations, stop_site_params=True)
+      losses = loss_fn(forward.outputs, targets)
+      return jnp.sum(losses) / _mesh.batch_count(losses.shape[0]), forward
 
     (loss, forward), (errors, residual) = jax.value_and_grad(mean_loss, argnums=(0, 1), has_aux=True)(
-      self.zero_perturbations(params, x), params
+      self.zero_perturbations(params, inputs), params
     )
-    return Errors(loss, forward.outputs, forward.taps, errors, residual, forward.variables)
+    return Errors(_mesh.batch_sum(loss), forward.outputs, forward.taps, errors, residual, forward.variables)
 
   def updates_from_errors(self, params: Any, taps: Sequence[Tap], errors: Sequence[Array]) -> Any:
     """The parameter update of per-site errors: the VJP of each site's linear map at its
@@ -154,8 +195,8 @@ class PureModel:
       modules = self.modules(p)
       return tuple(linear_map(modules[tap.path], tap.inputs, stacked=tap.stacked) for tap in taps)
 
-    _, vjp = jax.vjp(replay, params)
-    (updates,) = vjp(tuple(errors))
+    replayed, vjp = jax.vjp(replay, params)
+    (updates,) = vjp(tuple(e.astype(r.dtype) for e, r in zip(errors, replayed, strict=True)))
     return updates
 
   def updates_from_matrices(self, params: Any, matrices: dict[Path, Array]) -> Any:
@@ -171,8 +212,8 @@ class PureModel:
       modules = self.modules(p)
       return tuple(matrix_form(modules[path])[1]() for path in paths)
 
-    _, vjp = jax.vjp(as_matrices, params)
-    (updates,) = vjp(tuple(matrices[path] for path in paths))
+    current, vjp = jax.vjp(as_matrices, params)
+    (updates,) = vjp(tuple(matrices[path].astype(c.dtype) for path, c in zip(paths, current, strict=True)))
     return updates
 
   def next_variables(self, params: Any, variables: Any, taps: Sequence[Tap]) -> Any:
@@ -184,7 +225,7 @@ class PureModel:
       if getattr(module, "decorrelation", None) is not None:
         inputs = [t.inputs.reshape(-1, t.inputs.shape[-1]) for t in taps if t.path == path]
         module.decorrelation[...] = module.decorrelation_step(jnp.concatenate(inputs))
-    return nnx.split(model, nnx.Param, ...)[2]
+    return self.carried(model)
 
   def site_paths(self, taps: Sequence[Tap]) -> tuple[Path, ...]:
     """The distinct site modules of ``taps``, in the order of their first call."""
@@ -199,37 +240,3 @@ class PureModel:
       return not any(path[: len(s)] == s for s in sites)
 
     return jax.tree_util.tree_map_with_path(free, params)
-
-  def check_batch(self, params: Any, batch: Any, *, rule: str) -> tuple[Array, Array]:
-    """Returns ``(inputs, targets)`` or raises an error naming what is wrong with them."""
-    if params is None:
-      raise ValueError(f"rule {rule!r} needs params: call tx.update(updates, state, params, batch=...)")
-    if batch is None:
-      raise ValueError(
-        f"rule {rule!r} needs the batch: call tx.update(updates, state, params, batch=(inputs, targets))"
-      )
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-      raise ValueError(f"rule {rule!r}: batch must be a pair (inputs, targets), got {type(batch).__name__}")
-    x, targets = batch
-    if not hasattr(x, "dtype"):
-      raise TypeError(f"rule {rule!r}: inputs must be an array, got {describe_shape(x)}")
-    model = self.bind(params)
-    if isinstance(model, Layer):
-      if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"rule {rule!r}: inputs must be a floating-point array, got {describe_shape(x)}")
-      model.check_input(x)
-    elif getattr(x, "ndim", 0) < 1:
-      raise ValueError(f"rule {rule!r}: inputs need a batch axis, got {describe_shape(x)}")
-    if not hasattr(targets, "shape") or targets.ndim < 1 or targets.shape[0] != x.shape[0]:
-      raise ValueError(
-        f"rule {rule!r}: targets must have one row per input ({x.shape[0]}), got {describe_shape(targets)}"
-      )
-    if x.shape[0] == 0:
-      raise ValueError(f"rule {rule!r}: the batch is empty")
-    if (
-      not isinstance(x, jax.core.Tracer)
-      and jnp.issubdtype(x.dtype, jnp.inexact)
-      and not np.all(np.isfinite(np.asarray(x)))
-    ):
-      raise ValueError(f"rule {rule!r}: inputs contain NaN or infinite values")
-    return x, targets

@@ -1,36 +1,54 @@
 """Learning rules: factories that return optax transformations producing pseudo-gradients.
 
 Every rule has the same contract: ``tx = rule(model, ...)``; ``state = tx.init(params)``;
-``updates, state = tx.update(None, state, params, batch=(x, y))``. The incoming updates are
-ignored (a rule is the source of the update, as ``jax.grad`` is); the output is shaped like
-``params`` and carries a gradient's sign, so any optax optimizer can follow it in a chain.
+``updates, state = tx.update(updates, state, params, batch=batch)``. The incoming updates
+(``None`` or any params-shaped tree) are ignored: a rule is the source of the update, as
+``jax.grad`` is. The output is shaped like ``params`` and carries a gradient's sign, so any optax
+optimizer can follow it in a chain. Every state holds :class:`Common` (``state.common``): the
+step count, the key, the loss of the last update's clean pass and the model's other variables.
 """
 
-from altgrad.rules._backprop import backprop
-from altgrad.rules._consequentialism import consequentialism
+from altgrad.rules._backprop import BackpropState, backprop
+from altgrad.rules._common import Common
+from altgrad.rules._consequentialism import ConsequentialismState, consequentialism, emend
 from altgrad.rules._er_classifier import ERClassifier
 from altgrad.rules._expectation_reflection import (
+  ExpectationReflectionState,
+  Moments,
   expectation_reflection,
+  reflect,
   reflection_moments,
   reflection_solution,
 )
 from altgrad.rules._guard import FiniteGuardState, finite_guard
-from altgrad.rules._node_perturbation import node_perturbation
+from altgrad.rules._node_perturbation import NodePerturbationState, node_perturbation
+from altgrad.rules._partition import PartitionState, partition
 from altgrad.rules._registry import OWN_STEP, RULES
-from altgrad.rules._target_propagation import target_displacements, target_propagation
+from altgrad.rules._target_propagation import TargetPropagationState, target_displacements, target_propagation
 
 __all__ = [
-  "ERClassifier",
-  "FiniteGuardState",
-  "finite_guard",
-  "expectation_reflection",
-  "reflection_moments",
-  "reflection_solution",
   "OWN_STEP",
   "RULES",
+  "BackpropState",
+  "Common",
+  "ConsequentialismState",
+  "ERClassifier",
+  "ExpectationReflectionState",
+  "FiniteGuardState",
+  "Moments",
+  "NodePerturbationState",
+  "PartitionState",
+  "TargetPropagationState",
   "backprop",
   "consequentialism",
+  "emend",
+  "expectation_reflection",
+  "finite_guard",
   "node_perturbation",
+  "partition",
+  "reflect",
+  "reflection_moments",
+  "reflection_solution",
   "target_displacements",
   "target_propagation",
 ]

@@ -7,15 +7,24 @@ from typing import Any, NamedTuple
 import optax
 from flax import nnx
 
-from altgrad.nn import PureModel
-from altgrad.rules._common import LossFn, check_loss_fn
+from altgrad import _mesh
+from altgrad.rules._common import ApplyFn, Common, LossFn, Rule, UnpackFn
 
 
 class BackpropState(NamedTuple):
-  model_variables: Any  # the model's non-param variables (decorrelation, BatchNorm statistics, RNG counts)
+  """The state of :func:`backprop`: only what every rule carries."""
+
+  common: Common
 
 
-def backprop(model: nnx.Module, loss_fn: LossFn) -> optax.GradientTransformationExtraArgs:
+def backprop(
+  model: nnx.Module,
+  loss_fn: LossFn,
+  *,
+  apply: ApplyFn | None = None,
+  unpack: UnpackFn | None = None,
+  key: int | Any = 0,
+) -> optax.GradientTransformationExtraArgs:
   """The gradient of the mean of ``loss_fn`` over the batch, as a rule.
 
   Errors are ``dL/dz`` at every site call (the gradient with respect to a zero perturbation of
@@ -26,28 +35,30 @@ def backprop(model: nnx.Module, loss_fn: LossFn) -> optax.GradientTransformation
   Args:
     model: any Flax NNX model (it is cloned, never modified); its structure is fixed here, its
       params come to ``update``.
-    loss_fn: ``loss_fn(outputs, targets) -> (batch,)`` per-example losses.
+    loss_fn: ``loss_fn(outputs, targets)``: losses per example, ``(batch,)`` or ``(batch, ...)``
+      (a per-token loss), whose mean over everything is the objective; one number for the batch
+      also works here.
+    apply, unpack, key: how the model is called (``apply(model, inputs, rngs)``), how a batch
+      splits into ``(inputs, targets)``, and the seed of the call-time ``rngs``; see
+      "Your own model" in the README.
 
   With a decorrelating model (``decorrelation_lr`` on its layers) this is decorrelated
   backprop: the gradient at the current ``R``, then ``R`` moves by its own rule.
 
   Returns:
-    An optax transformation whose ``update(updates, state, params, *, batch=(x, y))`` ignores
+    An optax transformation whose ``update(updates, state, params, *, batch)`` ignores
     ``updates`` and returns the gradient, shaped like ``params``.
   """
-  pure = PureModel(model)
-  check_loss_fn(loss_fn)
+  rule = Rule("backprop", model, loss_fn, apply=apply, unpack=unpack, key=key)
 
   def init_fn(params):
-    del params
-    return BackpropState(pure.variables)
+    return BackpropState(rule.common(params))
 
-  def update_fn(updates, state, params=None, *, batch=None, **extra_args):
-    del updates, extra_args
-    model = pure.with_variables(state.model_variables)
-    x, targets = model.check_batch(params, batch, rule="backprop")
-    back = model.errors(params, x, targets, loss_fn)
-    updates = optax.tree.add(model.updates_from_errors(params, back.taps, back.errors), back.residual)
-    return updates, BackpropState(model.next_variables(params, back.variables, back.taps))
+  def step_fn(state, params, inputs, targets):
+    step = rule.begin(state.common, inputs, targets)
+    back = step.model.errors(params, inputs, targets, lambda out, t: rule.losses(out, t, step.rows))
+    updates = optax.tree.add(step.model.updates_from_errors(params, back.taps, back.errors), back.residual)
+    variables = step.model.next_variables(params, back.variables, back.taps)
+    return _mesh.batch_sum(updates), BackpropState(rule.finish(step, back.loss, variables))
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return rule.transformation(init_fn, step_fn)

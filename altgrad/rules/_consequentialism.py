@@ -11,7 +11,7 @@ combines the rule with momentum or Adam.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,10 +19,11 @@ import jax.scipy.linalg as jsl
 import optax
 from flax import nnx
 
-from altgrad.nn import PureModel
-from altgrad.nn._base import check_number
+from altgrad import _mesh
+from altgrad._lapack import single_threaded_lapack
+from altgrad.nn._base import at_step, check_number
 from altgrad.nn._sites import matrix_form
-from altgrad.rules._common import LossFn, check_loss_fn, check_precision
+from altgrad.rules._common import ApplyFn, Common, LossFn, Rule, UnpackFn, check_choice, check_precision
 
 Array = jax.Array
 
@@ -64,29 +65,39 @@ def emend(
   compute = jnp.promote_types(dtype, jnp.float32)  # Grams and factors never in half precision
   rows, errors = rows.astype(compute), errors.astype(compute)
   squared_norms = jnp.sum(rows * rows, axis=1)
-  ridge = eps * jnp.mean(squared_norms) if eps_mode == "relative" else jnp.asarray(eps, compute)
+  count = _mesh.batch_count(rows.shape[0])  # inside shard_map, the rows of every device
+  if eps_mode == "relative":
+    ridge = eps * _mesh.batch_sum(jnp.sum(squared_norms)) / count
+  else:
+    ridge = jnp.asarray(eps, compute)
   if diag:
-    return (rows.T @ (errors / (ridge + squared_norms)[:, None])).astype(dtype)
-  side = form if form != "auto" else ("dual" if rows.shape[0] < rows.shape[1] else "primal")
+    return _mesh.batch_sum(rows.T @ (errors / (ridge + squared_norms)[:, None])).astype(dtype)
+  side = form if form != "auto" else ("dual" if count < rows.shape[1] else "primal")
   if side == "dual":
+    rows, errors = _mesh.gather_rows(rows), _mesh.gather_rows(errors)
     update = rows.T @ _solve_spd(rows @ rows.T, errors, ridge)
   else:
-    update = _solve_spd(rows.T @ rows, rows.T @ errors, ridge)
+    update = _solve_spd(_mesh.batch_sum(rows.T @ rows), _mesh.batch_sum(rows.T @ errors), ridge)
   return update.astype(dtype)
 
 
 class ConsequentialismState(NamedTuple):
-  model_variables: Any  # the model's non-param variables (decorrelation, BatchNorm statistics, RNG counts)
+  """The state of :func:`consequentialism`: only what every rule carries."""
+
+  common: Common
 
 
 def consequentialism(
   model: nnx.Module,
   loss_fn: LossFn,
   *,
-  eps: float = 1.0,
+  eps: float | Array | optax.Schedule = 1.0,
   eps_mode: str = "relative",
   form: str = "auto",
   diag: bool = False,
+  apply: ApplyFn | None = None,
+  unpack: UnpackFn | None = None,
+  key: int | Array = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """Consequentialism weight updates: backprop's errors, with each site's update emended so
   that the step's consequence on every example of the batch is what that example asked for.
@@ -105,9 +116,8 @@ def consequentialism(
   decorrelation. The library never right-multiplies an optimizer's step by the inverse Gram,
   which blows up outside the batch's span when the batch is smaller than the fan-in.
 
-  On a CPU, run a training loop of your own under :func:`altgrad.train.single_threaded_lapack`
-  (``fit`` does): the Cholesky factors and solves are LAPACK calls whose OpenBLAS threads
-  otherwise compete with XLA's (2.7x against 2.05x backprop's step at batch 1000).
+  Mixed precision: with a ``bfloat16`` compute dtype the errors and design rows are the layers'
+  (bfloat16), and the Gram matrices, factors and solves float32.
 
   Args:
     model: any Flax NNX model. Emended sites: ``nnx.Linear``, ``nnx.LinearGeneral`` without
@@ -116,33 +126,32 @@ def consequentialism(
       twice stacks the rows of its calls. Other sites (ConvTranspose, Einsum, LoRA, grouped
       convs, a stack of layers under ``nnx.scan``) and params outside any site (norm scales,
       embeddings) get the plain gradient.
-    loss_fn: ``loss_fn(outputs, targets) -> (batch,)``.
-    eps: the ridge (``lam`` of the spec), relative to the mean squared input norm by default.
+    loss_fn: ``loss_fn(outputs, targets)``, losses per example (see :func:`backprop`).
+    eps: the ridge (``lam`` of the spec), relative to the mean squared input norm by default; a
+      number, an array or an optax schedule of the step count.
     eps_mode: ``"relative"`` or ``"absolute"``.
     form: ``"auto"`` (smaller solve per site), ``"dual"`` or ``"primal"``. The primal form's
       statistics are sums over rows, so it is exact across micro-batches and devices.
     diag: per-example NLMS (the diagonal of the Gram matrix only): fixes the step's scale,
       not the interference between examples.
+    apply, unpack, key: see :func:`backprop`.
   """
-  pure = PureModel(model)
-  check_loss_fn(loss_fn)
+  rule = Rule("consequentialism", model, loss_fn, apply=apply, unpack=unpack, key=key)
   check_precision(model, "consequentialism", "solves a linear system per layer")
-  check_number(eps, "eps", positive=True)
-  if eps_mode not in EPS_MODES:
-    raise ValueError(f"eps_mode must be one of {EPS_MODES}, got {eps_mode!r}")
-  if form not in FORMS:
-    raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+  check_number(eps, "eps", positive=True, schedule=True)
+  check_choice(eps_mode, "eps_mode", EPS_MODES)
+  check_choice(form, "form", FORMS)
+  single_threaded_lapack()
 
   def init_fn(params):
-    del params
-    return ConsequentialismState(pure.variables)
+    return ConsequentialismState(rule.common(params))
 
-  def update_fn(updates, state, params=None, *, batch=None, **extra_args):
-    del updates, extra_args
-    model = pure.with_variables(state.model_variables)
-    x, targets = model.check_batch(params, batch, rule="consequentialism")
-    back = model.errors(params, x, targets, loss_fn)
+  def step_fn(state, params, inputs, targets):
+    step = rule.begin(state.common, inputs, targets)
+    model = step.model
+    back = model.errors(params, inputs, targets, lambda out, t: rule.losses(out, t, step.rows))
     modules = model.modules(params)
+    ridge = at_step(eps, step.count)
     emended, plain = {}, []
     for path in model.site_paths(back.taps):
       uses = [(t, e) for t, e in zip(back.taps, back.errors, strict=True) if t.path == path]
@@ -151,14 +160,17 @@ def consequentialism(
         plain += uses
         continue
       rows = [matrix[0](t.inputs) for t, _ in uses]  # a shared layer stacks its uses
-      summed = [x.shape[0] * e.reshape(r.shape[0], -1) for r, (_, e) in zip(rows, uses, strict=True)]
+      summed = [step.batch_size * e.reshape(r.shape[0], -1) for r, (_, e) in zip(rows, uses, strict=True)]
       emended[path] = emend(
-        jnp.concatenate(rows), jnp.concatenate(summed), eps=eps, eps_mode=eps_mode, form=form, diag=diag
+        jnp.concatenate(rows), jnp.concatenate(summed), eps=ridge, eps_mode=eps_mode, form=form, diag=diag
       )
-    updates = optax.tree.add(model.updates_from_matrices(params, emended), back.residual)
+    updates = model.updates_from_matrices(params, emended)
+    rest = back.residual
     if plain:
       taps, errors = zip(*plain, strict=True)
-      updates = optax.tree.add(updates, model.updates_from_errors(params, taps, errors))
-    return updates, ConsequentialismState(model.next_variables(params, back.variables, back.taps))
+      rest = optax.tree.add(rest, model.updates_from_errors(params, taps, errors))
+    updates = optax.tree.add(updates, _mesh.batch_sum(rest))
+    variables = model.next_variables(params, back.variables, back.taps)
+    return updates, ConsequentialismState(rule.finish(step, back.loss, variables))
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return rule.transformation(init_fn, step_fn)

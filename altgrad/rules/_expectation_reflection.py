@@ -32,10 +32,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from altgrad.nn import Dense, PureModel, Sequential
-from altgrad.nn._base import check_number
+from altgrad import _mesh
+from altgrad._lapack import single_threaded_lapack
+from altgrad.nn import Dense, Sequential
+from altgrad.nn._base import at_step, check_number, is_concrete
 from altgrad.nn._sites import site_path
-from altgrad.rules._common import check_precision, not_a_chain
+from altgrad.rules._common import Common, LossFn, Rule, UnpackFn, check_precision, not_a_chain
 
 Array = jax.Array
 
@@ -184,9 +186,11 @@ def refit(moments: Moments, reg: float | Array, *, center_outputs: bool = False)
 
 
 class ExpectationReflectionState(NamedTuple):
+  """The state of :func:`expectation_reflection`."""
+
+  common: Common
   discrepancy: Array  # mean discrepancy of the batch at the params the update was computed from
   moments: tuple[Moments, ...]  # per layer, streamed over the data set (see the module docstring)
-  model_variables: Any  # the model's non-param variables (decorrelation matrices)
 
 
 def _check_model(model: nnx.Module) -> list[Dense]:
@@ -226,7 +230,13 @@ def _check_data_size(data_size: int | str | None) -> None:
       f"data_size={PER_BATCH!r} refits on each batch alone, which interpolates every minibatch "
       "and forgets the rest of the data set"
     )
-  if data_size != PER_BATCH and (isinstance(data_size, bool) or not isinstance(data_size, int) or data_size < 1):
+  if data_size == PER_BATCH:
+    return
+  if isinstance(data_size, (jax.Array, np.ndarray)) and jnp.issubdtype(data_size.dtype, jnp.integer):
+    if not is_concrete(data_size):
+      return  # traced (optax.inject_hyperparams): checked where it has a value
+    data_size = data_size.item()
+  if isinstance(data_size, bool) or not isinstance(data_size, int) or data_size < 1:
     raise ValueError(f"data_size must be a positive int or {PER_BATCH!r}, got {data_size!r}")
 
 
@@ -234,13 +244,13 @@ def _memory(data_size: int | str, batch_size: int) -> float:
   """The decay ``1 - B/N`` of the streamed moments (0: the batch alone)."""
   if data_size == PER_BATCH:
     return 0.0
-  if batch_size > data_size:
+  if is_concrete(data_size) and batch_size > data_size:
     raise ValueError(f"a batch of {batch_size} examples is larger than data_size={data_size}")
   return 1.0 - batch_size / data_size
 
 
 def _check_options(reg, expectation, multiclass, hidden_target, hidden_field) -> None:
-  check_number(reg, "reg")
+  check_number(reg, "reg", schedule=True)
   for name, value, allowed in (
     ("expectation", expectation, EXPECTATIONS),
     ("multiclass", multiclass, MULTICLASS),
@@ -260,6 +270,9 @@ def expectation_reflection(
   multiclass: str = "ovr",
   hidden_target: str = "diff",
   hidden_field: str = "ratio",
+  loss_fn: LossFn | None = None,
+  unpack: UnpackFn | None = None,
+  key: int | Array = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """Expectation Reflection as a rule: its pseudo-gradient is ``params - refit``, so
   ``optax.sgd(1.0)`` after it lands exactly on ER's least-squares solution; a smaller step or
@@ -291,11 +304,16 @@ def expectation_reflection(
     expectation: ``"tanh_half"`` (labels' logits, the reference default) or ``"tanh"``.
     multiclass: ``"ovr"`` (one-vs-rest, independent outputs) or ``"softmax"`` (joint).
     hidden_target, hidden_field: the multilayer options above.
+    loss_fn: the loss the state logs (``state.common.loss``) of each update's clean pass, e.g.
+      ``altgrad.losses.softmax_cross_entropy``; by default the discrepancy. ER itself uses no loss.
+    unpack, key: see :func:`altgrad.rules.backprop` (ER calls the model as ``model(inputs)``).
+
+  ``reg`` (and ``data_size``) may be arrays, and ``reg`` an optax schedule of the step count.
 
   The state records the batch's discrepancy ``mean((E[s] - s)^2 / 4)`` at the incoming params:
   the reference stops when it no longer falls (``altgrad.train.fit(..., stop_on_discrepancy=True)``).
   """
-  pure = PureModel(model)
+  rule = Rule("expectation_reflection", model, loss_fn, unpack=unpack, key=key, float32=True)
   layers = _check_model(model)
   check_precision(model, "expectation_reflection", "solves a least-squares refit per layer")
   _check_data_size(data_size)
@@ -303,43 +321,46 @@ def expectation_reflection(
   outputs = layers[-1].out_features
   if multiclass == "softmax" and outputs < 2:
     raise ValueError("multiclass='softmax' needs at least two outputs")
-  if len(layers) > 1 and reg == 0:
+  if len(layers) > 1 and is_concrete(at_step(reg, 0)) and at_step(reg, 0) == 0:
     raise ValueError(
       "multilayer expectation_reflection needs reg > 0: hidden targets use ridge pseudo-inverses"
     )
+  single_threaded_lapack()
 
   def init_fn(params):
     dtype = jnp.promote_types(jax.tree.leaves(params)[0].dtype, jnp.float32)
     moments = tuple(Moments.zeros(layer.in_features, layer.out_features, dtype) for layer in layers)
-    return ExpectationReflectionState(jnp.asarray(jnp.inf, jnp.float32), moments, pure.variables)
+    return ExpectationReflectionState(rule.common(params), jnp.asarray(jnp.inf, jnp.float32), moments)
 
-  def update_fn(updates, state, params=None, *, batch=None, **extra_args):
-    del updates, extra_args
-    view = pure.with_variables(state.model_variables)
-    x, labels = view.check_batch(params, batch, rule="expectation_reflection")
+  def step_fn(state, params, x, labels):
     _check_labels(labels, outputs)
-    memory = _memory(data_size, x.shape[0])
+    step = rule.begin(state.common, x, labels)
+    view, ridge = step.model, at_step(reg, step.count)
+    memory = _memory(data_size, step.batch_size)
     sites = view.bind(params).sites()
-    taps = view.tapped(params, x).taps
+    clean = view.tapped(params, x)
+    taps = clean.taps
     field_target, discrepancy = reflect(
       taps[-1].preact, spins(labels, outputs), expectation=expectation, multiclass=multiclass
     )
-    field_targets = _hidden_field_targets(sites, taps, field_target, reg, hidden_target, hidden_field)
+    field_targets = _hidden_field_targets(sites, taps, field_target, ridge, hidden_target, hidden_field)
     matrices, streamed, inputs = {}, [], x
     for i, (site, tap, target, old) in enumerate(zip(sites, taps, field_targets, state.moments, strict=True)):
       features = site.decorrelated(inputs)
-      batch_moments = Moments.of(features, target, discrepancy)
+      batch_moments = _mesh.batch_sum(Moments.of(features, target, discrepancy))
       moments = old.scaled(memory) + Moments(*(m.astype(old.count.dtype) for m in batch_moments))
-      kernel, bias = refit(moments, reg, center_outputs=multiclass == "softmax" and i == len(sites) - 1)
+      kernel, bias = refit(moments, ridge, center_outputs=multiclass == "softmax" and i == len(sites) - 1)
       matrices[tap.path] = site.matrix() - jnp.concatenate([kernel, bias[None]]).astype(site.matrix().dtype)
       streamed.append(moments)
       inputs = site.activation(features @ kernel + bias)
     updates = view.updates_from_matrices(params, matrices)
-    mean_discrepancy = jnp.mean(discrepancy).astype(jnp.float32)
+    mean_discrepancy = rule.mean(discrepancy).astype(jnp.float32)
+    logged = mean_discrepancy if loss_fn is None else rule.mean(rule.losses(clean.outputs, labels, step.rows))
     variables = view.next_variables(params, view.variables, taps)
-    return updates, ExpectationReflectionState(mean_discrepancy, tuple(streamed), variables)
+    common = rule.finish(step, logged, variables)
+    return updates, ExpectationReflectionState(common, mean_discrepancy, tuple(streamed))
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return rule.transformation(init_fn, step_fn)
 
 
 def _hidden_field_targets(sites, taps, field_target, reg, hidden_target, hidden_field) -> list[Array]:
@@ -390,10 +411,10 @@ def reflection_moments(
   """
   layer = _single_layer(model)
   _check_options(0.0, expectation, multiclass, "diff", "ratio")
-  view = PureModel(model)
-  x, labels = view.check_batch(params, batch, rule="reflection_moments")
+  rule = Rule("reflection_moments", model, None)
+  x, labels = rule.read_batch(batch)
   _check_labels(labels, layer.out_features)
-  bound = view.bind(params)
+  bound = rule.pure.bind(params)
   features = bound.sites()[0].decorrelated(x)
   target, discrepancy = reflect(
     bound.sites()[0].linear(x),
@@ -411,7 +432,7 @@ def reflection_solution(
   _single_layer(model)
   _check_options(reg, "tanh_half", multiclass, "diff", "ratio")
   kernel, bias = refit(moments, reg, center_outputs=multiclass == "softmax")
-  view = PureModel(model)
+  view = Rule("reflection_solution", model, None).pure
   site = view.bind(params).sites()[0]
   return view.updates_from_matrices(
     params, {site_path(site): jnp.concatenate([kernel, bias[None]]).astype(site.matrix().dtype)}

@@ -8,29 +8,40 @@ to convolutional and recurrent sites are reconstructions.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
-from altgrad.nn import PureModel
-from altgrad.nn._base import check_number
-from altgrad.rules._common import LossFn, check_loss_fn, check_precision
+from altgrad import _mesh
+from altgrad.nn._base import at_step, check_number
+from altgrad.rules._common import (
+  ApplyFn,
+  Common,
+  LossFn,
+  Rule,
+  Step,
+  UnpackFn,
+  check_choice,
+  check_precision,
+  check_static_int,
+)
+from altgrad.rules._noise import NoiseFn, noise_like
 
 Array = jax.Array
-NoiseFn = Callable[[Array, tuple[int, ...], Any], Array]
 
 VARIANTS = ("np", "inp", "anp")
+FREE_PARAMS = ("perturb", "frozen")
 
 
 class NodePerturbationState(NamedTuple):
-  key: Array  # the PRNG key of the next step's noise
-  model_variables: Any  # the model's non-param variables (decorrelation, BatchNorm statistics, RNG counts)
+  """The state of :func:`node_perturbation`."""
+
+  common: Common
   zero_norm_credits: Array  # int32: credits of the last step left at 0 because their noise had zero norm
 
 
@@ -51,87 +62,119 @@ def _safe_ratio(numerator: Array, denominator: Array) -> tuple[Array, Array]:
   return ratio, jnp.sum(~positive).astype(jnp.int32)
 
 
-FREE_PARAMS = ("perturb", "frozen")
+def np_errors(noise: tuple[Array, ...], credit: Array, sigma: Array) -> tuple[Array, ...]:
+  """NP: ``e_l = dL eps_l / sigma^2`` at every site, ``credit`` the per-example ``dL``."""
+  return tuple(_broadcast(credit, e) * e / sigma**2 for e in noise)
 
 
-def _check_batch_first(taps, batch_size: int) -> None:
+def inp_errors(noise: tuple[Array, ...], credits: list[Array]) -> tuple[tuple[Array, ...], Array]:
+  """INP: ``e_l = N_l dL_l eps_l / ||eps_l||^2``, ``dL_l`` the loss difference of the pass with
+  noise at site ``l`` only and ``N_l`` its node count; also the count of zero-norm credits."""
+  scales = [
+    _safe_ratio(math.prod(e.shape[1:]) * c, _per_example(e * e)) for e, c in zip(noise, credits, strict=True)
+  ]
+  errors = tuple(_broadcast(scale, e) * e for (scale, _), e in zip(scales, noise, strict=True))
+  return errors, sum(z for _, z in scales)
+
+
+def anp_errors(changes: list[Array], credit: Array) -> tuple[tuple[Array, ...], Array]:
+  """ANP: ``e_l = N dL da_l / sum_k ||da_k||^2`` from the measured activity changes ``da``
+  (``N`` all nodes); also the count of zero-norm credits."""
+  nodes = sum(math.prod(d.shape[1:]) for d in changes)
+  scale, zeros = _safe_ratio(nodes * credit, sum(_per_example(d * d) for d in changes))
+  return tuple(_broadcast(scale, d) * d for d in changes), zeros
+
+
+def _check_batch_first(taps, rows: int) -> None:
   """Credit is per example: every site's output must keep the batch axis first."""
   for tap in taps:
-    if tap.preact.shape[:1] != (batch_size,):
+    if tap.preact.shape[:1] != (rows,):
       site = "/".join(map(str, tap.path)) or "the top"
       raise ValueError(
         f"node_perturbation credits each example with its own loss difference, so every site's output "
         f"needs the batch axis first; site {site} outputs {tuple(tap.preact.shape)} for a batch of "
-        f"{batch_size} (the model reshapes the batch, e.g. folds tokens into rows, before calling it)"
+        f"{rows} (the model reshapes the batch, e.g. folds tokens into rows, before calling it)"
       )
 
 
-def _noise(noise_fn: NoiseFn | None, sigma: float, key: Array, like: list[Array], batched: bool = False) -> tuple[Array, ...]:
-  """Noise shaped like each array of ``like``: ``noise_fn`` called per array with a key of its
-  own, or by default ``sigma`` times :func:`gaussian` in a single draw split among them (one
-  hash computation however many sites: XLA compiles each one separately, and they made node
-  perturbation's step compile 5x slower than backprop's). ``batched``: the arrays share their
-  first (batch) axis, which the single draw keeps, so a batch sharded over devices draws its
-  noise where it lives."""
-  if noise_fn is not None:
-    keys = jax.random.split(key, len(like))
-    return tuple(noise_fn(k, a.shape, a.dtype) for k, a in zip(keys, like, strict=True))
-  lead = like[0].shape[:1] if batched else ()
-  widths = [math.prod(a.shape[len(lead) :]) for a in like]
-  flat = sigma * gaussian(key, (*lead, sum(widths)), jnp.float32)
-  pieces = jnp.split(flat, np.cumsum(widths)[:-1].tolist(), axis=-1)
-  return tuple(p.reshape(a.shape).astype(a.dtype) for p, a in zip(pieces, like, strict=True))
+@dataclasses.dataclass(frozen=True)
+class _Passes:
+  """One step's passes: the clean one done, noisy ones run on demand."""
+
+  rule: Rule
+  step: Step
+  params: Any
+  sigma: Array
+  noise_fn: NoiseFn | None
+  coupled: bool
+  clean: Any  # the clean pass's Forward
+  clean_loss: Array
+  free: Any  # params-shaped bools: True outside every site
+
+  def run(self, perturbations, weight_noise=None) -> tuple[Array, Any]:
+    """Per-example losses and taps of a pass with ``perturbations`` at the sites (and
+    ``weight_noise`` added to the params)."""
+    params = self.params if weight_noise is None else optax.tree.add(self.params, weight_noise)
+    forward = self.step.model.tapped(params, self.step.inputs, perturbations)
+    return self.rule.losses(forward.outputs, self.step.targets, self.step.rows), forward.taps
+
+  def credit(self, loss: Array) -> Array:
+    """Each example's share of a pass's loss difference: its own, or the batch's when coupled."""
+    difference = loss - self.clean_loss
+    if not self.coupled:
+      return difference
+    return jnp.broadcast_to(_mesh.batch_sum(jnp.sum(difference)), difference.shape)
+
+  def node_noise(self, key: Array) -> tuple[Array, ...]:
+    return noise_like(self.noise_fn, self.sigma, key, [t.preact for t in self.clean.taps], batched=True)
+
+  def weight_noise(self, key: Array) -> Any:
+    """Noise on the free params (zeros elsewhere), the same on every device."""
+    leaves, tree = jax.tree.flatten(self.params)
+    is_free = jax.tree.leaves(self.free)
+    noise = iter(noise_like(self.noise_fn, self.sigma, key, [a for a, f in zip(leaves, is_free, strict=True) if f]))
+    return jax.tree.unflatten(tree, [next(noise) if f else jnp.zeros_like(a) for a, f in zip(leaves, is_free, strict=True)])
+
+  def weight_update(self, loss: Array, weight_noise: Any) -> Any:
+    """Weight perturbation's estimate for the free params: ``mean(dL) xi / sigma^2``."""
+    mean_difference = self.rule.mean(loss - self.clean_loss)
+    return jax.tree.map(lambda xi: mean_difference * xi / self.sigma**2, weight_noise)
 
 
-def _rotate_left(word: Array, bits: int) -> Array:
-  return (word << np.uint32(bits)) | (word >> np.uint32(32 - bits))
+def _sample(passes: _Passes, variant: str, perturb_free: bool, node_key: Array, weight_key: Array):
+  """One noisy sample's per-site errors, free-param update (or None) and zero-norm count."""
+  noise = passes.node_noise(node_key)
+  weights = passes.weight_noise(weight_key) if perturb_free else None
+  if variant == "inp":  # one pass per site (and one for the free params), vmapped over masks
+    masks = jnp.eye(len(noise) + perturb_free, dtype=noise[0].dtype)
+
+    def masked(m):
+      # only free params get the mask: site params stay unbatched under the vmap (batched
+      # conv kernels made INP's step on a ResNet 4x slower)
+      w = None if not perturb_free else jax.tree.map(lambda v, f: m[-1] * v if f else v, weights, passes.free)
+      return passes.run(tuple(mi * e for mi, e in zip(m[: len(noise)], noise, strict=True)), w)[0]
+
+    losses = jax.vmap(masked)(masks)
+    errors, zeros = inp_errors(noise, [passes.credit(losses[i]) for i in range(len(noise))])
+    return errors, passes.weight_update(losses[-1], weights) if perturb_free else None, zeros
+  loss, taps = passes.run(noise, weights)
+  if variant == "np":
+    errors, zeros = np_errors(noise, passes.credit(loss), passes.sigma), jnp.zeros((), jnp.int32)
+  else:
+    changes = [a.preact - b.preact for a, b in zip(taps, passes.clean.taps, strict=True)]
+    errors, zeros = anp_errors(changes, passes.credit(loss))
+  return errors, passes.weight_update(loss, weights) if perturb_free else None, zeros
 
 
-def threefry2x32(key: tuple[Array, Array], counters: tuple[Array, Array]) -> tuple[Array, Array]:
-  """The Threefry-2x32 hash of 20 rounds (Salmon et al., SC 2011), JAX's default PRNG, word for
-  word as ``jax.random`` computes it, written out as elementwise ops.
-
-  On CPU, JAX lowers its hash primitive as a loop over the rounds: a draw at node-perturbation
-  shapes compiled in 0.19-0.94 s with it and in 0.11 s written out, where the rounds fuse into
-  one elementwise kernel.
-  """
-  k0, k1 = key
-  schedule = (k0, k1, k0 ^ k1 ^ np.uint32(0x1BD11BDA))
-  x0, x1 = counters[0] + k0, counters[1] + k1
-  for block in range(5):
-    for bits in ((13, 15, 26, 6), (17, 29, 16, 24))[block % 2]:
-      x0 = x0 + x1
-      x1 = _rotate_left(x1, bits) ^ x0
-    x0 = x0 + schedule[(block + 1) % 3]
-    x1 = x1 + schedule[(block + 2) % 3] + np.uint32(block + 1)
-  return x0, x1
-
-
-def gaussian(key: Array, shape: tuple[int, ...], dtype: Any) -> Array:
-  """Standard normal noise, as ``jax.random.normal`` draws it but with half the hashing.
-
-  ``jax.random.normal`` (partitionable threefry, JAX's default) hashes a counter per number and
-  keeps one of the two words each hash yields; on CPU that costs about as much as one layer's
-  matmul at node-perturbation shapes. Here each hash of a counter ``(i, 0)`` gives two numbers:
-  its two words fill the two halves of the last axis. Counters are iotas of the array's own
-  shape, so the noise of a batch sharded over devices is drawn where it lives. Keys of other
-  implementations (``rbg``) use ``jax.random.normal``.
-  """
-  if str(jax.random.key_impl(key)) != "threefry2x32" or not shape or 0 in shape:
-    return jax.random.normal(key, shape, dtype)
-  *lead, width = shape
-  half = (shape[-1] + 1) // 2
-  strides = np.cumprod([1, half, *lead[::-1]])[:-1][::-1]
-  counters = sum(
-    jax.lax.broadcasted_iota(jnp.uint32, (*lead, half), axis) * jnp.uint32(stride)
-    for axis, stride in enumerate(strides)
-  )
-  k0, k1 = jax.random.key_data(key)
-  words = jnp.concatenate(threefry2x32((k0, k1), (counters, jnp.zeros_like(counters))), axis=-1)[..., :width]
-  # 23 random mantissa bits -> [1, 2) -> (-1, 1) (never -1, where erf_inv is infinite)
-  unit = jax.lax.bitcast_convert_type((words >> 9) | jnp.uint32(0x3F800000), jnp.float32)
-  low = np.nextafter(np.float32(-1), np.float32(0))
-  return (np.sqrt(2, dtype=np.float32) * jax.lax.erf_inv(jnp.maximum(low, 2 * unit - 3))).astype(dtype)
+def _measured_sample(passes: _Passes, key: Array):
+  """ANP with inaccessible noise: credit from the differences of two noisy passes."""
+  first, second = jax.random.split(key)
+  loss_1, taps_1 = passes.run(passes.node_noise(first))
+  loss_2, taps_2 = passes.run(passes.node_noise(second))
+  difference = loss_1 - loss_2
+  credit = jnp.broadcast_to(_mesh.batch_sum(jnp.sum(difference)), difference.shape) if passes.coupled else difference
+  errors, zeros = anp_errors([a.preact - b.preact for a, b in zip(taps_1, taps_2, strict=True)], credit)
+  return errors, zeros, taps_1
 
 
 def node_perturbation(
@@ -139,12 +182,14 @@ def node_perturbation(
   loss_fn: LossFn,
   *,
   variant: str = "anp",
-  sigma: float = 1e-3,
+  sigma: float | Array | optax.Schedule = 1e-3,
   samples: int = 1,
   measured: bool = False,
   noise_fn: NoiseFn | None = None,
   free_params: str = "perturb",
   batch_coupled: bool | None = None,
+  apply: ApplyFn | None = None,
+  unpack: UnpackFn | None = None,
   key: int | Array = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """Node perturbation: credit from the change in loss that noise at the pre-activations causes.
@@ -182,10 +227,15 @@ def node_perturbation(
 
   Args:
     model: any Flax NNX model (it is cloned, never modified).
-    loss_fn: ``loss_fn(outputs, targets) -> (batch,)``; the per-example values matter here.
+    loss_fn: ``loss_fn(outputs, targets)``: one loss per example, ``(batch,)`` or ``(batch, ...)``
+      (a per-token loss); an example is credited with the mean of its losses, so the objective
+      is the mean over all of them. One number for the batch (a mean) is refused: the
+      per-example values are what the credit is made of.
     variant: ``"np"``, ``"inp"`` or ``"anp"``.
-    sigma: noise scale (standard deviation of the default Gaussian noise).
-    samples: independent noisy passes per step (K), vmapped and averaged; one clean pass.
+    sigma: noise scale (standard deviation of the default Gaussian noise): a number, an array
+      or an optax schedule of the step count.
+    samples: independent noisy passes per step (K), vmapped and averaged; one clean pass
+      (structural: with ``optax.inject_hyperparams``, name it in ``static_args``).
     measured: the inaccessible-noise mode (ANP only): two noisy passes, credit from their
       differences in activity and loss, and the update at the first pass's (noisy) inputs; the
       rule never reads the noise, so params outside sites stay frozen.
@@ -193,7 +243,15 @@ def node_perturbation(
       a noisy device. ``"np"`` divides by ``sigma^2``, so there it must have variance ``sigma^2``.
     free_params: ``"perturb"`` or ``"frozen"``, for params outside every site (above).
     batch_coupled: the batch-coupled credit (above); ``None`` detects it.
-    key: seed or PRNG key of the noise; it lives in the rule's state.
+    key: seed or PRNG key of the noise (and of call-time rngs); it lives in the rule's state,
+      mixed at ``init`` with a hash of the params (so that ``jax.vmap(tx.init)`` over runs of
+      different seeds draws different noise) and, inside ``shard_map``, with each device's
+      index (each draws its own rows' noise; weight noise is the same on every device).
+    apply, unpack: see :func:`altgrad.rules.backprop`.
+
+  Precision: the passes compute in float32 whatever the layers' ``dtype`` (a ``bfloat16``
+  pre-activation cannot hold noise of order ``sigma`` against activity of order 1: the loss
+  differences would be rounding), so a mixed-precision model gets the float32 rule's update.
 
   Guard: INP and ANP divide by the squared norm of an example's noise (or measured activity
   change); where it is exactly zero (a noise model that can emit zeros, a dead layer) that
@@ -202,125 +260,54 @@ def node_perturbation(
   advance on the first sample's first noisy pass (the rule sees no clean inputs), while BatchNorm
   statistics and RNG counts come from a clean pass, as in the other modes.
   """
-  pure = PureModel(model)
-  check_loss_fn(loss_fn)
+  rule = Rule(
+    "node_perturbation", model, loss_fn, apply=apply, unpack=unpack, key=key, float32=True, per_example=True
+  )
   check_precision(model, "node_perturbation", "divides loss differences of order sigma")
-  if variant not in VARIANTS:
-    raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-  if free_params not in FREE_PARAMS:
-    raise ValueError(f"free_params must be one of {FREE_PARAMS}, got {free_params!r}")
-  check_number(sigma, "sigma", positive=True)
-  if not (isinstance(samples, int) and samples >= 1):
-    raise ValueError(f"samples must be an int >= 1, got {samples!r}")
+  check_choice(variant, "variant", VARIANTS)
+  check_choice(free_params, "free_params", FREE_PARAMS)
+  check_number(sigma, "sigma", positive=True, schedule=True)
+  samples = check_static_int(samples, "samples", minimum=1)
   if measured and variant != "anp":
     raise ValueError(
       "measured (inaccessible) noise needs variant='anp': NP and INP read the noise they inject"
     )
-  coupled = pure.batch_coupled if batch_coupled is None else bool(batch_coupled)
+  coupled = rule.pure.batch_coupled if batch_coupled is None else bool(batch_coupled)
   if noise_fn is not None and not callable(noise_fn):
     raise TypeError(
       f"noise_fn must be a function (key, shape, dtype) -> noise, got {type(noise_fn).__name__}"
     )
 
-  def credit(loss_difference: Array) -> Array:
-    """Each example's share of the loss difference: its own, or the batch's when coupled."""
-    if not coupled:
-      return loss_difference
-    return jnp.broadcast_to(jnp.sum(loss_difference), loss_difference.shape)
-
   def init_fn(params):
-    del params
-    seed = jax.random.key(key) if isinstance(key, int) else key
-    return NodePerturbationState(seed, pure.variables, jnp.zeros((), jnp.int32))
+    return NodePerturbationState(rule.common(params), jnp.zeros((), jnp.int32))
 
-  def update_fn(updates, state, params=None, *, batch=None, **extra_args):
-    del updates, extra_args
-    model = pure.with_variables(state.model_variables)
-    x, targets = model.check_batch(params, batch, rule="node_perturbation")
-    keys = jax.random.split(state.key, samples + 1)  # one split: each compiles to a hash
-    next_key, keys = keys[0], keys[1:]
-
-    def run(perturbations, weight_noise=None):
-      noisy = params if weight_noise is None else optax.tree.add(params, weight_noise)
-      forward = model.tapped(noisy, x, perturbations)
-      return loss_fn(forward.outputs, targets), forward.taps
-
-    clean = model.tapped(params, x)
-    clean_loss, clean_taps = loss_fn(clean.outputs, targets), clean.taps
-    _check_batch_first(clean_taps, x.shape[0])
-    widths = [math.prod(t.preact.shape[1:]) for t in clean_taps]
-    free = model.free_params(params, clean_taps)
-    perturb_free = free_params == "perturb" and not measured and any(jax.tree.leaves(free))
-
-    def draw(noise_key):
-      return _noise(noise_fn, sigma, noise_key, [t.preact for t in clean_taps], batched=True)
-
-    def draw_weights(noise_key):
-      leaves, tree = jax.tree.flatten(params)
-      is_free = jax.tree.leaves(free)
-      noise = iter(_noise(noise_fn, sigma, noise_key, [a for a, f in zip(leaves, is_free, strict=True) if f]))
-      return jax.tree.unflatten(tree, [next(noise) if f else jnp.zeros_like(a) for a, f in zip(leaves, is_free, strict=True)])
-
-    def weight_update(loss, weight_noise):
-      return jax.tree.map(lambda xi: jnp.mean(loss - clean_loss) * xi / sigma**2, weight_noise)
-
-    def anp_errors(loss_a, taps_a, loss_b, taps_b):
-      diffs = [a.preact - b.preact for a, b in zip(taps_a, taps_b, strict=True)]
-      scale, zeros = _safe_ratio(sum(widths) * credit(loss_a - loss_b), sum(_per_example(d * d) for d in diffs))
-      return tuple(_broadcast(scale, d) * d for d in diffs), zeros
-
-    def one_sample(noise_key):
-      node_key, weight_key = jax.random.split(noise_key) if perturb_free else (noise_key, None)
-      noise = draw(node_key)
-      weight_noise = draw_weights(weight_key) if perturb_free else None
-      if variant == "inp":  # one pass per site (and one for the free params), vmapped over masks
-        count = len(noise) + perturb_free
-        masks = jnp.eye(count, dtype=noise[0].dtype)
-
-        def masked(m):
-          # only free params get the mask: site params stay unbatched under the vmap (batched
-          # conv kernels made INP's step on a ResNet 4x slower)
-          w = None if not perturb_free else jax.tree.map(lambda v, f: m[-1] * v if f else v, weight_noise, free)
-          return run(tuple(mi * e for mi, e in zip(m[: len(noise)], noise, strict=True)), w)[0]
-
-        losses = jax.vmap(masked)(masks)
-        scales = [
-          _safe_ratio(n * credit(losses[i] - clean_loss), _per_example(e * e))
-          for i, (n, e) in enumerate(zip(widths, noise, strict=True))
-        ]
-        errors = tuple(_broadcast(scale, e) * e for (scale, _), e in zip(scales, noise, strict=True))
-        zeros = sum(z for _, z in scales)
-        return errors, weight_update(losses[-1], weight_noise) if perturb_free else None, zeros
-      loss, taps = run(noise, weight_noise)
-      if variant == "np":
-        errors = tuple(_broadcast(credit(loss - clean_loss), e) * e / sigma**2 for e in noise)
-        zeros = jnp.zeros((), jnp.int32)
-      else:
-        errors, zeros = anp_errors(loss, taps, clean_loss, clean_taps)
-      return errors, weight_update(loss, weight_noise) if perturb_free else None, zeros
-
-    def measured_sample(noise_key):
-      first, second = jax.random.split(noise_key)
-      loss_1, taps_1 = run(draw(first))
-      return *anp_errors(loss_1, taps_1, *run(draw(second))), taps_1
-
-    batch_size = x.shape[0]
+  def step_fn(state, params, inputs, targets):
+    step = rule.begin(state.common, inputs, targets, noise_keys=samples)
+    clean = step.model.tapped(params, inputs)
+    _check_batch_first(clean.taps, step.rows)
+    clean_loss = rule.losses(clean.outputs, targets, step.rows)
+    free = step.model.free_params(params, clean.taps)
+    passes = _Passes(rule, step, params, at_step(sigma, step.count), noise_fn, coupled, clean, clean_loss, free)
     if measured:
-      errors, zeros, taps = jax.vmap(measured_sample)(keys)
+      errors, zeros, taps = jax.vmap(lambda k: _measured_sample(passes, k))(step.keys)
       # Each noisy pass has its own inputs: one update per sample, then the mean.
       per_sample = jax.vmap(
-        lambda t, e: model.updates_from_errors(params, t, jax.tree.map(lambda v: v / batch_size, e))
+        lambda t, e: step.model.updates_from_errors(params, t, jax.tree.map(lambda v: v / step.batch_size, e))
       )
-      updates = jax.tree.map(lambda u: jnp.mean(u, axis=0), per_sample(taps, errors))
+      updates = _mesh.batch_sum(jax.tree.map(lambda u: jnp.mean(u, axis=0), per_sample(taps, errors)))
       variables_taps = jax.tree.map(lambda v: v[0], taps)
     else:
-      errors, weight_updates, zeros = jax.vmap(one_sample)(keys)
-      errors = jax.tree.map(lambda e: jnp.mean(e, axis=0) / batch_size, errors)
-      updates = model.updates_from_errors(params, clean_taps, errors)
+      perturb_free = free_params == "perturb" and any(jax.tree.leaves(free))
+      errors, weight_updates, zeros = jax.vmap(lambda k, w: _sample(passes, variant, perturb_free, k, w))(
+        step.keys, step.shared_keys
+      )
+      errors = jax.tree.map(lambda e: jnp.mean(e, axis=0) / step.batch_size, errors)
+      updates = _mesh.batch_sum(step.model.updates_from_errors(params, clean.taps, errors))
       if perturb_free:
         updates = optax.tree.add(updates, jax.tree.map(lambda u: jnp.mean(u, axis=0), weight_updates))
-      variables_taps = clean_taps
-    variables = model.next_variables(params, clean.variables, variables_taps)
-    return updates, NodePerturbationState(next_key, variables, jnp.sum(zeros))
+      variables_taps = clean.taps
+    variables = step.model.next_variables(params, clean.variables, variables_taps)
+    common = rule.finish(step, rule.mean(clean_loss), variables)
+    return updates, NodePerturbationState(common, _mesh.batch_sum(jnp.sum(zeros)))
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return rule.transformation(init_fn, step_fn)

@@ -26,8 +26,8 @@ RULES: dict[str, RuleFactory] = {
   "anp": functools.partial(node_perturbation, variant="anp"),
   "tp": target_propagation,
   "er": lambda model, loss_fn, *, data_size=None, **options: expectation_reflection(
-    model, data_size=data_size, **options
-  ),  # no loss: it reflects labels; it streams statistics over data_size examples
+    model, data_size=data_size, loss_fn=loss_fn, **options
+  ),  # it reflects labels (the loss is only logged); it streams statistics over data_size examples
 }
 
 #: Rules that fix their own step: their pseudo-gradient is applied by ``optax.sgd(step)`` whatever

@@ -10,6 +10,7 @@ small displacements below float32's resolution of ``h``).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -17,9 +18,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from altgrad import _mesh
+from altgrad._lapack import single_threaded_lapack
 from altgrad.nn import GRU, Dense, PureModel, Sequential, SimpleRNN
-from altgrad.nn._base import check_number
-from altgrad.rules._common import LossFn, check_loss_fn, check_precision, not_a_chain
+from altgrad.nn._base import at_step, check_number
+from altgrad.rules._common import Common, LossFn, Rule, UnpackFn, check_choice, check_precision, not_a_chain
 
 Array = jax.Array
 
@@ -28,9 +31,11 @@ UPDATES = ("through_time", "local")
 
 
 class TargetPropagationState(NamedTuple):
+  """The state of :func:`target_propagation`."""
+
+  common: Common
   displacement_norms: tuple[Array, ...]  # RMS displacement of each hidden layer at the last step
-  clipped_displacements: Array  # how many displacements the guard has scaled down, all steps
-  model_variables: Any  # the model's non-param variables (decorrelation matrices)
+  clipped_displacements: Array  # how many displacements the guard has changed, all steps
 
 
 def _guard(d: Array, max_rms: float | None) -> tuple[Array, Array]:
@@ -125,24 +130,42 @@ def _gru_displacements(cell, h_prev: Array, x: Array, local: Array, reg, max_rms
   return _sweep_back(carry_back, local, steps, max_rms)
 
 
-def _gru_step(view: PureModel, params, x, targets, loss_fn, reg, lr_target, update, max_rms):
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+  """One step's options (hyperparameters at the step's count)."""
+
+  mode: str
+  reg: Any
+  lr_target: Any
+  update: str
+  max_rms: Any
+
+
+def _mean_loss(loss, outputs, targets) -> Array:
+  """This device's part of the whole batch's mean loss (all of it outside ``shard_map``)."""
+  values = loss(outputs, targets)
+  return jnp.sum(values) / _mesh.batch_count(values.shape[0])
+
+
+def _gru_step(view: PureModel, params, x, targets, loss, settings: _Settings):
   """:func:`_step` for a GRU: the readout's loss gradient plus the cell's surrogate gradient
   (cotangent ``h - v = -d`` through the whole scan, or at each step's stored input)."""
   bound = view.bind(params)
   (h_prev, h), pull_back_states = jax.vjp(lambda p: view.bind(p).states(x), params)
 
   def mean_loss(p, states):
-    return jnp.mean(loss_fn(view.bind(p).readout(states), targets))
+    return _mean_loss(loss, view.bind(p).readout(states), targets)
 
-  readout_update, top_grad = jax.grad(mean_loss, argnums=(0, 1))(params, h if bound.sequence_output else h[:, -1])
-  local = _per_step(-lr_target * top_grad, h.shape[1])
-  displacement, clipped = _gru_displacements(bound.cell, h_prev, x, local, reg, max_rms)
-  if update == "through_time":  # the surrogate holds h_{t-1} only through h: no cotangent there
+  top = h if bound.sequence_output else h[:, -1]
+  mean, (readout_update, top_grad) = jax.value_and_grad(mean_loss, argnums=(0, 1))(params, top)
+  local = _per_step(-settings.lr_target * top_grad, h.shape[1])
+  displacement, clipped = _gru_displacements(bound.cell, h_prev, x, local, settings.reg, settings.max_rms)
+  if settings.update == "through_time":  # the surrogate holds h_{t-1} only through h: no cotangent there
     (cell_update,) = pull_back_states((jnp.zeros_like(h_prev), -displacement))
   else:
     _, pull_back = jax.vjp(lambda p: view.bind(p).cell(h_prev, x), params)
     (cell_update,) = pull_back(-displacement)
-  return optax.tree.add(readout_update, cell_update), [displacement], clipped, ()
+  return optax.tree.add(readout_update, cell_update), [displacement], clipped, (), mean
 
 
 def _check_model(model: nnx.Module, mode: str) -> None:
@@ -169,11 +192,12 @@ def _check_model(model: nnx.Module, mode: str) -> None:
       )
 
 
-def _step(view: PureModel, params, x, targets, loss_fn, mode, reg, lr_target, update, max_rms):
-  """The update, the hidden layers' displacements and the taps of one TP step."""
+def _step(view: PureModel, params, x, targets, loss, settings: _Settings):
+  """This device's part of the update, the hidden layers' displacements, how many of them the
+  guard changed, the taps, and this device's part of the mean loss, of one TP step."""
   bound = view.bind(params)
   if isinstance(bound, GRU):
-    return _gru_step(view, params, x, targets, loss_fn, reg, lr_target, update, max_rms)
+    return _gru_step(view, params, x, targets, loss, settings)
   sites = bound.sites()
 
   def forward(perturbations):
@@ -182,10 +206,11 @@ def _step(view: PureModel, params, x, targets, loss_fn, mode, reg, lr_target, up
 
   _, pull_back, taps = jax.vjp(forward, view.zero_perturbations(params, x), has_aux=True)
   top_site, top_tap = sites[-1], taps[-1]
-  top_error = jax.grad(lambda z: jnp.mean(loss_fn(top_site.activation(z), targets)))(top_tap.preact)
+  mean, top_error = jax.value_and_grad(lambda z: _mean_loss(loss, top_site.activation(z), targets))(top_tap.preact)
   _, input_vjp = jax.vjp(top_site.linear, top_tap.inputs)
   (top_input_grad,) = input_vjp(top_error)
-  first = -lr_target * top_input_grad  # displacement of the last hidden state (of each, per step)
+  first = -settings.lr_target * top_input_grad  # displacement of the last hidden state (of each, per step)
+  mode, reg, max_rms = settings.mode, settings.reg, settings.max_rms
   if isinstance(bound, SimpleRNN):
     local = _per_step(first, taps[0].preact.shape[1])
     displacement, clipped = _rnn_displacements(sites[0], taps[0], local, mode, reg, max_rms)
@@ -196,12 +221,12 @@ def _step(view: PureModel, params, x, targets, loss_fn, mode, reg, lr_target, up
     -d * site.activation.derivative(tap.preact)
     for site, tap, d in zip(sites[:-1], taps[:-1], displacements, strict=True)
   ]
-  if update == "through_time":
+  if settings.update == "through_time":
     (errors,) = pull_back((*local, jnp.zeros_like(top_error)))
     errors = (*errors[:-1], top_error)
   else:
     errors = (*local, top_error)
-  return view.updates_from_errors(params, taps, errors), displacements, clipped, taps
+  return view.updates_from_errors(params, taps, errors), displacements, clipped, taps, mean
 
 
 def target_displacements(
@@ -214,14 +239,17 @@ def target_displacements(
   reg: float = 1.0,
   lr_target: float = 1e-2,
   max_displacement: float | None = None,
+  unpack: UnpackFn | None = None,
 ) -> list[Array]:
   """The displacements ``v - h`` that TP gives each hidden layer on ``batch``: one array per
   hidden layer of an MLP, or one ``(batch, time, hidden)`` array for a SimpleRNN or GRU (its norm over
   time shows how far back the targets carry signal). Options as in :func:`target_propagation`."""
-  view = PureModel(model)
+  rule = Rule("target_displacements", model, loss_fn, unpack=unpack, float32=True)
   _check_model(model, mode)
-  x, targets = view.check_batch(params, batch, rule="target_displacements")
-  return _step(view, params, x, targets, loss_fn, mode, reg, lr_target, "local", max_displacement)[1]
+  x, targets = rule.read_batch(batch)
+  rows = jax.tree.leaves(x)[0].shape[0]
+  settings = _Settings(mode, reg, lr_target, "local", max_displacement)
+  return _step(rule.pure, params, x, targets, lambda o, t: rule.losses(o, t, rows), settings)[1]
 
 
 def target_propagation(
@@ -233,6 +261,8 @@ def target_propagation(
   lr_target: float = 1e-2,
   update: str = "through_time",
   max_displacement: float | None = None,
+  unpack: UnpackFn | None = None,
+  key: int | Array = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """Target propagation via regularized inversion.
 
@@ -283,35 +313,37 @@ def target_propagation(
       (``History.clipped_displacements``).
 
   The state records the RMS displacement of each hidden layer at the last step;
-  :func:`target_displacements` gives them whole (per time step for an RNN). On a CPU, run a
-  training loop of your own under :func:`altgrad.train.single_threaded_lapack`, as ``fit`` does.
+  :func:`target_displacements` gives them whole (per time step for an RNN). On a CPU, building
+  the rule runs jaxlib's LAPACK calls on one OpenBLAS thread, whatever loop trains with it
+  (their threads would take the cores from XLA's).
   """
-  pure = PureModel(model)
+  rule = Rule("target_propagation", model, loss_fn, unpack=unpack, key=key, float32=True)
   _check_model(model, mode)
-  check_loss_fn(loss_fn)
   check_precision(model, "target_propagation", "solves a ridge system per layer")
-  if mode not in MODES:
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-  if update not in UPDATES:
-    raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
+  check_choice(mode, "mode", MODES)
+  check_choice(update, "update", UPDATES)
   for name, value in (("reg", reg), ("lr_target", lr_target), ("max_displacement", max_displacement)):
     if value is not None:
-      check_number(value, name, positive=True)
+      check_number(value, name, positive=True, schedule=True)
+  single_threaded_lapack()
+  hidden = 1 if isinstance(model, (SimpleRNN, GRU)) else len(model.layers) - 1
 
   def init_fn(params):
-    del params
-    hidden = 1 if isinstance(model, (SimpleRNN, GRU)) else len(model.layers) - 1
-    return TargetPropagationState((jnp.zeros(()),) * hidden, jnp.zeros((), jnp.int32), pure.variables)
+    zeros = (jnp.zeros((), jnp.float32),) * hidden
+    return TargetPropagationState(rule.common(params), zeros, jnp.zeros((), jnp.int32))
 
-  def update_fn(updates, state, params=None, *, batch=None, **extra_args):
-    del updates, extra_args
-    view = pure.with_variables(state.model_variables)
-    x, targets = view.check_batch(params, batch, rule="target_propagation")
-    updates, displacements, clipped, taps = _step(
-      view, params, x, targets, loss_fn, mode, reg, lr_target, update, max_displacement
+  def step_fn(state, params, inputs, targets):
+    step = rule.begin(state.common, inputs, targets)
+    count = step.count
+    max_rms = None if max_displacement is None else at_step(max_displacement, count)
+    settings = _Settings(mode, at_step(reg, count), at_step(lr_target, count), update, max_rms)
+    updates, displacements, clipped, taps, mean = _step(
+      step.model, params, inputs, targets, lambda o, t: rule.losses(o, t, step.rows), settings
     )
-    norms = tuple(jnp.sqrt(jnp.mean(d * d)) for d in displacements)
-    variables = view.next_variables(params, view.variables, taps)
-    return updates, TargetPropagationState(norms, state.clipped_displacements + clipped, variables)
+    norms = tuple(jnp.sqrt(rule.mean(jnp.mean(d.reshape(d.shape[0], -1) ** 2, axis=1))) for d in displacements)
+    variables = step.model.next_variables(params, step.model.variables, taps)
+    clipped = state.clipped_displacements + _mesh.batch_sum(clipped)
+    common = rule.finish(step, _mesh.batch_sum(mean), variables)
+    return _mesh.batch_sum(updates), TargetPropagationState(common, norms, clipped)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return rule.transformation(init_fn, step_fn)

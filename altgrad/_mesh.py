@@ -1,0 +1,68 @@
+"""Where a rule's step runs: on one device, under a mesh with Explicit axes, or inside
+``shard_map`` (Manual axes), where each device holds a shard of the batch.
+
+Rules write their batch statistics (gradients, Gram matrices, moments, loss differences) as sums
+over the rows a device holds, passed through :func:`batch_sum`, and divide by
+:func:`batch_count`. On one device and under ``jit`` with a sharded batch these are the plain
+sums (the compiler reduces across devices); inside ``shard_map`` they are summed over every
+Manual axis, so every device computes the update of the whole batch, as on one device. Under a
+mesh with Explicit axes (``jax.make_mesh``'s default) a rule computes in Auto mode
+(:func:`auto_sharded`), where the compiler places those reductions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from jax.sharding import AxisType
+
+Array = jax.Array
+
+
+def _axes(kind: AxisType) -> tuple[str, ...]:
+  mesh = jax.sharding.get_abstract_mesh()
+  return tuple(name for name, t in zip(mesh.axis_names, mesh.axis_types, strict=True) if t == kind)
+
+
+def manual_axes() -> tuple[str, ...]:
+  """The mesh axes of an enclosing ``shard_map`` (empty outside one)."""
+  return _axes(AxisType.Manual)
+
+
+def batch_sum(tree: Any) -> Any:
+  """``tree`` (sums over the rows this device holds) summed over every device's rows."""
+  axes = manual_axes()
+  return jax.lax.psum(tree, axes) if axes else tree
+
+
+def batch_count(local_rows: int) -> int:
+  """How many rows a batch of ``local_rows`` rows per device has in all."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return local_rows * math.prod(mesh.shape[name] for name in manual_axes())
+
+
+def device_index() -> Array | None:
+  """This device's index among the devices of an enclosing ``shard_map`` (None outside one):
+  folded into a rule's noise key so that the devices draw independent noise."""
+  axes = manual_axes()
+  return jax.lax.axis_index(axes) if axes else None
+
+
+def gather_rows(rows: Array) -> Array:
+  """Every device's ``rows`` stacked in device order (the rows themselves outside ``shard_map``)."""
+  axes = manual_axes()
+  return jax.lax.all_gather(rows, axes, axis=0, tiled=True) if axes else rows
+
+
+def auto_sharded(fn: Callable[..., Any], like: Any) -> Callable[..., Any]:
+  """``fn`` computed in Auto mode over the mesh's Explicit axes, its outputs sharded like ``like``
+  (a tree shaped like them); ``fn`` itself where there are none."""
+  axes = _axes(AxisType.Explicit)
+  if not axes:
+    return fn
+  specs = jax.tree.map(lambda a: jax.typeof(a).sharding.spec, like)
+  return jax.sharding.auto_axes(fn, axes=axes, out_sharding=specs)
+
