@@ -3,10 +3,10 @@
 A CPU step runs its matmuls on XLA's thread pool and its LAPACK calls (consequentialism's
 Cholesky factors and solves, target propagation's and Expectation Reflection's ridge solves) on
 the OpenBLAS that SciPy ships, whose routines jaxlib calls. OpenBLAS's threads keep spinning
-after each call and take the cores from XLA's: at the node-perturbation authors' shape, CW's step
-was 9.4x backprop's in a plain loop and 1.9x with one OpenBLAS thread (results/lapack_threads.md).
-So building a rule that calls LAPACK sets that library to one thread, once per process; NumPy's
-own BLAS (a separate library in pip's wheels) keeps its threads.
+after each call and take the cores from XLA's (``tools/lapack_threads.py`` measures it:
+results/lapack_threads.md). So building a rule that calls LAPACK sets that library to one
+thread, once per process, whatever loop trains with it; NumPy's own BLAS (a separate library in
+pip's wheels) keeps its threads.
 """
 
 from __future__ import annotations
