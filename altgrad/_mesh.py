@@ -1,9 +1,9 @@
 """Where a rule's step runs: on one device, under a mesh with Explicit axes, or inside
 ``shard_map`` (Manual axes), where each device holds a shard of the batch.
 
-Rules write their batch statistics (gradients, Gram matrices, moments, loss differences) as sums
-over the rows a device holds, passed through :func:`batch_sum`, and divide by
-:func:`batch_count`. On one device and under ``jit`` with a sharded batch these are the plain
+Rules write their batch statistics (Gram matrices, moments, loss differences) as sums over the
+rows a device holds, passed through :func:`batch_sum`, and divide by :func:`batch_count`;
+gradients with respect to the params pass through :func:`gradient_sum`. On one device and under ``jit`` with a sharded batch these are the plain
 sums (the compiler reduces across devices); inside ``shard_map`` they are summed over every
 Manual axis, so every device computes the update of the whole batch, as on one device. Under a
 mesh with Explicit axes (``jax.make_mesh``'s default) a rule computes in Auto mode
@@ -32,10 +32,39 @@ def manual_axes() -> tuple[str, ...]:
   return _axes(AxisType.Manual)
 
 
+def _varying(x: Any) -> frozenset:
+  """The Manual axes along which ``x``'s value differs between devices, as ``shard_map`` types it."""
+  aval = jax.typeof(x)
+  vma = getattr(aval, "vma", None)
+  return frozenset(getattr(getattr(aval, "mat", None), "varying", ()) if vma is None else vma)
+
+
+def _typed(axes: tuple[str, ...]) -> bool:
+  """Whether the enclosing ``shard_map`` types values by where they vary (``check_vma=True``,
+  its default): then gradients with respect to device-invariant params come out summed over
+  the devices already, as their transpose sums them."""
+  return bool(_varying(jax.lax.axis_index(axes)))
+
+
 def batch_sum(tree: Any) -> Any:
-  """``tree`` (sums over the rows this device holds) summed over every device's rows."""
+  """``tree``, this device's sums over the rows it holds, summed over every device's rows."""
   axes = manual_axes()
   return jax.lax.psum(tree, axes) if axes else tree
+
+
+def gradient_sum(tree: Any) -> Any:
+  """``tree``, this device's part of a gradient (or VJP) with respect to the params, as the whole
+  batch's. A typed ``shard_map`` (``check_vma=True``, its default) has summed it already: the
+  transpose of using device-invariant params on each device's rows is that sum."""
+  axes = manual_axes()
+  return jax.lax.psum(tree, axes) if axes and not _typed(axes) else tree
+
+
+def per_row(tree: Any) -> Any:
+  """A fresh (device-invariant) ``tree`` typed as differing between the devices of an enclosing
+  ``shard_map``, as every per-row quantity does (its perturbations of the rows' activity)."""
+  axes = manual_axes()
+  return jax.lax.pcast(tree, axes, to="varying") if axes and _typed(axes) else tree
 
 
 def batch_count(local_rows: int) -> int:

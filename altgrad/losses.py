@@ -14,7 +14,9 @@ Array = jax.Array
 
 
 def softmax_cross_entropy(logits: Array, labels: Array) -> Array:
-  """Cross-entropy of integer ``labels`` (batch,) under ``softmax(logits)`` (batch, classes).
+  """Cross-entropy of integer ``labels`` ``(batch, ...)`` under ``softmax(logits)``
+  ``(batch, ..., classes)``: one loss per example, or per token of a sequence ``(batch, time)``
+  (the rules average each example's tokens).
 
   Labels must be integers in ``[0, classes)``; outside jit a label out of range raises.
   """
@@ -23,21 +25,21 @@ def softmax_cross_entropy(logits: Array, labels: Array) -> Array:
 
 
 def _check_labels(logits: Array, labels: Array, name: str) -> Array:
-  """Integer labels ``(batch,)`` in range for ``logits`` ``(batch, classes)``, or a clear error."""
+  """Integer labels ``(batch, ...)`` in range for ``logits`` ``(batch, ..., classes)``, or a clear error."""
   labels = jnp.asarray(labels)
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise TypeError(f"{name} needs integer class labels, got dtype {labels.dtype}")
-  if logits.ndim != 2 or labels.shape != logits.shape[:1]:
+  if logits.ndim < 2 or labels.shape != logits.shape[:-1]:
     raise ValueError(
-      f"{name} needs logits (batch, classes) and labels (batch,), "
+      f"{name} needs logits (batch, ..., classes) and labels (batch, ...), "
       f"got {tuple(logits.shape)} and {tuple(labels.shape)}"
     )
   if not isinstance(labels, jax.core.Tracer):
     values = np.asarray(labels)
     low, high = int(values.min(initial=0)), int(values.max(initial=0))
-    if low < 0 or high >= logits.shape[1]:
+    if low < 0 or high >= logits.shape[-1]:
       raise ValueError(
-        f"labels must lie in [0, {logits.shape[1]}) for {logits.shape[1]} classes, "
+        f"labels must lie in [0, {logits.shape[-1]}) for {logits.shape[-1]} classes, "
         f"got values from {low} to {high}"
       )
   return labels
@@ -53,7 +55,7 @@ def clipped_cross_entropy(logits: Array, labels: Array, *, eps: float = 1e-7) ->
   where the probability is clipped, as in Keras.
   """
   _check_labels(logits, labels, "clipped_cross_entropy")
-  p = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+  p = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
   return -jnp.log(jnp.clip(p, eps, 1.0 - eps))
 
 

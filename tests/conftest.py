@@ -1,8 +1,14 @@
-"""Tests run on the CPU, whatever the machine has."""
+"""Tests run on the CPU, whatever the machine has, with XLA's backend optimizations off: the
+tests' programs are small and compiled once each, so compiling is most of their cost (a sixth
+less of it this way); nothing here is timed."""
 
 import os
 
 os.environ["JAX_PLATFORMS"] = "cpu"
+#: The XLA flags of every test process (a subprocess adds its device count to them).
+XLA_FLAGS = "--xla_backend_optimization_level=0"
+if XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_FLAGS}".strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

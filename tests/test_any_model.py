@@ -304,14 +304,6 @@ def test_rules_that_need_inverses_name_the_layer_without_one(rule_name):
     make_rule(rule_name, model, CE)
 
 
-class _RawScan(nnx.Module):
-  def __init__(self):
-    self.layer = nnx.Linear(3, 3, rngs=nnx.Rngs(0))
-
-  def __call__(self, x):
-    return jax.lax.scan(lambda h, _: (jnp.tanh(self.layer(h)), None), x, None, length=2)[0]
-
-
 def test_layers_under_nnx_scan_are_stacked_sites():
   model, (x, _) = _zoo_case("scanned", batch_size=5)
   _, taps = tapped(model, x)
@@ -346,13 +338,3 @@ def test_a_layer_under_nnx_remat_is_a_site():
   assert [(t.path, t.nested, t.stacked) for t in taps] == [(("inner",), True, False), (("head",), False, False)]
   got, _ = _update(rules.backprop(model, CE), model, (x, y))
   chex.assert_trees_all_close(got, _jax_grad(model, (x, y)), atol=1e-6)
-
-
-def test_a_site_inside_a_jax_transform_of_user_code_is_a_clear_error():
-  model = _RawScan()
-  batch = (jnp.ones((2, 3)), jnp.zeros((2, 3)))
-  with pytest.raises(nn.SiteError, match="site Linear at layer runs inside a JAX transform .* Use the NNX transform"):
-    _update(rules.backprop(model, losses.squared_error), model, batch)
-  # The thread is left clean: the next pass works.
-  model, batch = _zoo_case("residual_mlp")
-  _update(rules.backprop(model, CE), model, batch)

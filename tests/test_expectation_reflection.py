@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import XLA_FLAGS
 from flax import nnx
 
 from altgrad import data, losses, nn, rules, train
@@ -155,7 +156,7 @@ def test_streaming_moments_reduce_across_devices():
     print("ok")
     """
   )
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"{XLA_FLAGS} --xla_force_host_platform_device_count=4")
   result = subprocess.run(
     [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
   )

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import XLA_FLAGS
 
 from altgrad import _distributed
 
@@ -19,7 +20,7 @@ EPOCHS = 3  # of the checkpointed run, killed after its first checkpoint
 
 def _env(devices):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  return env | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  return env | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{XLA_FLAGS} --xla_force_host_platform_device_count={devices}"}
 
 
 def _launch(mode, out, *extra, processes=2):

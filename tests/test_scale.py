@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from conftest import CLASSES, INPUT_SHAPES, MODELS, make_rule
+from conftest import CLASSES, INPUT_SHAPES, MODELS, XLA_FLAGS, make_rule
 from flax import nnx
 
 from altgrad import data, diagnostics, losses, nn, rules, train
@@ -198,7 +198,7 @@ def test_cosine_probe_is_recorded_before_and_during_training():
 
 DATA_PARALLEL = textwrap.dedent(
   """
-  import jax, numpy as np, optax
+  import jax, jax.numpy as jnp, numpy as np, optax
   from jax.sharding import NamedSharding, PartitionSpec as P
   from flax import nnx
   from conftest import MODELS, make_batch, make_rule
@@ -217,6 +217,20 @@ DATA_PARALLEL = textwrap.dedent(
       yield kind, lambda kind=kind: MODELS[kind](0)
     yield "decorrelated", lambda: nn.MLP((6, 16, 12, 3), decorrelation_lr=1e-2, rngs=nnx.Rngs(0))
 
+  def same(one, many, what):
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(many), strict=True):
+      if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+        a, b = jax.random.key_data(a), jax.random.key_data(b)
+      scale = max(1.0, float(np.max(np.abs(a))))
+      np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * scale, err_msg=what)
+
+  def in_shard_map(tx, params, batch, check_vma=True):
+    step = jax.shard_map(lambda p, s, b: tx.update(None, s, p, batch=b), mesh=mesh,
+                         in_specs=(P(), P(), P("batch")), out_specs=(P(), P()), check_vma=check_vma)
+    return jax.jit(step)(params, tx.init(params), batch)
+
+  explicit = jax.make_mesh((4,), ("batch",))  # Explicit axes: jax.make_mesh's default
+  assert explicit.axis_types == (jax.sharding.AxisType.Explicit,)
   checked = []
   for name in rules.RULES:
     for kind, make in models():
@@ -233,14 +247,43 @@ DATA_PARALLEL = textwrap.dedent(
       batch = make_batch("mlp" if kind == "decorrelated" else kind, batch_size=128)
       sharded = jax.device_put(batch, NamedSharding(mesh, P("batch")))
       assert len(sharded[0].sharding.device_set) == 4
-      one, state_one = update(tx, params, batch)
-      many, state_many = update(tx, params, sharded)
-      for a, b in zip(jax.tree.leaves((one, state_one)), jax.tree.leaves((many, state_many))):
-        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
-          a, b = jax.random.key_data(a), jax.random.key_data(b)
-        scale = max(1.0, float(np.max(np.abs(a))))
-        np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * scale, err_msg=f"{name} on {kind}")
+      one = update(tx, params, batch)
+      same(one, update(tx, params, sharded), f"{name} on {kind}")
+      if kind in ("mlp", "decorrelated") and (kind == "mlp" or name in ("backprop", "er")):
+        with jax.set_mesh(explicit):
+          same(one, update(tx, params, jax.device_put(batch, NamedSharding(explicit, P("batch")))), f"{name}, Explicit mesh")
+        if name not in ("np", "inp", "anp"):  # their noise is drawn per device inside shard_map: below
+          same(one, in_shard_map(tx, params, batch), f"{name} on {kind} in shard_map")
+        if kind == "mlp" and name in ("backprop", "consequentialism"):  # untyped shard_map sums gradients itself
+          same(one, in_shard_map(tx, params, batch, check_vma=False), f"{name} in shard_map, check_vma=False")
       checked.append((name, kind))
+
+  # Node perturbation inside shard_map at a fixed noise draw: each device draws a pattern for its
+  # rows, which the one-device update gets tiled.
+  import math
+
+  def pattern(key, shape, dtype):
+    return (0.1 * jnp.cos(0.37 * jnp.arange(math.prod(shape), dtype=jnp.float32) + 1.0)).reshape(shape).astype(dtype)
+
+  def tiled(key, shape, dtype):
+    return jnp.tile(pattern(key, (shape[0] // 4, *shape[1:]), dtype), (4,) + (1,) * (len(shape) - 1))
+
+  model = MODELS["mlp"](0)
+  params = nnx.state(model, nnx.Param)
+  batch = make_batch("mlp", batch_size=128)
+  for variant in ("np", "inp", "anp"):
+    one = update(rules.node_perturbation(model, CE, variant=variant, sigma=0.07, noise_fn=tiled), params, batch)
+    many = in_shard_map(rules.node_perturbation(model, CE, variant=variant, sigma=0.07, noise_fn=pattern), params, batch)
+    same(one, many, f"{variant} in shard_map")
+  # ...and by default every device draws from a key of its own
+  seen = []
+
+  def recording(key, shape, dtype):
+    jax.debug.callback(lambda k: seen.append(np.asarray(k).tobytes()), jax.random.key_data(key))
+    return 0.1 * jax.random.normal(key, shape, dtype)
+
+  jax.block_until_ready(in_shard_map(rules.node_perturbation(model, CE, noise_fn=recording), params, batch))
+  assert len(seen) == 4 * 3 and len(set(seen)) == len(seen), seen  # 4 devices, 3 sites
 
   # the training helper: all devices against one (the single updates above cover every rule;
   # ER's minibatch refits of random labels are too chaotic to follow for two epochs)
@@ -290,7 +333,7 @@ DATA_PARALLEL = textwrap.dedent(
 @pytest.mark.slow
 def test_every_rule_gives_the_same_update_on_four_devices():
   """Batch sharded over 4 (virtual CPU) devices, params replicated: the update of one device."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"{XLA_FLAGS} --xla_force_host_platform_device_count=4")
   tests = Path(__file__).resolve().parent
   result = subprocess.run(
     [sys.executable, "-c", DATA_PARALLEL], cwd=tests, env=env, capture_output=True, text=True, timeout=900

@@ -14,7 +14,7 @@ from altgrad.nn._dense import Dense
 from altgrad.nn._pure import Errors, Forward, PureModel
 from altgrad.nn._recurrent import GRU, GRUCell, GRUGates, RNNCell, SimpleRNN
 from altgrad.nn._sequential import MLP, Flatten, Sequential
-from altgrad.nn._sites import SITE_CLASSES, SiteError, Tap
+from altgrad.nn._sites import SITE_CLASSES, SiteError, SiteWarning, Tap
 
 __all__ = [
   "ACTIVATIONS",
@@ -37,6 +37,7 @@ __all__ = [
   "SimpleRNN",
   "SingleSite",
   "SiteError",
+  "SiteWarning",
   "Tap",
   "get_activation",
 ]

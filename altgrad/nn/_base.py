@@ -61,6 +61,12 @@ def check_number(value: Any, name: str, *, positive: bool = False, schedule: boo
     raise ValueError(f"{name} must be {kind} {'>' if positive else '>='} 0, got {value!r}")
 
 
+def computed_in(dtype: Any, *arrays: Array) -> tuple[Array, ...]:
+  """``arrays`` in a layer's compute ``dtype`` (Flax's ``dtype=``; ``None``: as they are, promoted
+  as JAX promotes them): ``param_dtype=float32, dtype=bfloat16`` computes in bfloat16."""
+  return arrays if dtype is None else tuple(None if a is None else a.astype(dtype) for a in arrays)
+
+
 def at_step(value: Any, step: Any) -> Any:
   """A hyperparameter's value at ``step``: a schedule's value, or the value itself."""
   return value(step) if callable(value) else value

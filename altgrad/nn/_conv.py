@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from altgrad.nn._activations import Activation, get_activation
-from altgrad.nn._base import SingleSite, describe_shape
+from altgrad.nn._base import SingleSite, computed_in, describe_shape
 from altgrad.nn._sites import design_rows, stacked_matrix
 
 Array = jax.Array
@@ -36,6 +36,7 @@ class Conv(SingleSite):
     use_bias: whether to add a bias per output channel.
     kernel_init: initializer of the ``(kh, kw, in_features, out_features)`` kernel.
     param_dtype: dtype of the parameters.
+    dtype: the dtype of the computation (``None``: that of the inputs and params), as Flax's.
     rngs: Flax NNX random streams.
   """
 
@@ -51,6 +52,7 @@ class Conv(SingleSite):
     use_bias: bool = True,
     kernel_init: Callable[..., Array] = nnx.initializers.lecun_normal(),
     param_dtype: Any = jnp.float32,
+    dtype: Any = None,
     rngs: nnx.Rngs,
   ):
     if in_features < 1 or out_features < 1:
@@ -61,12 +63,14 @@ class Conv(SingleSite):
     self.strides = _pair(strides, "strides")
     self.padding = padding if isinstance(padding, str) else tuple(tuple(p) for p in padding)
     self.activation = get_activation(activation)
+    self.dtype = dtype
     shape = (*self.kernel_size, in_features, out_features)
     self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype))
     self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
 
   def linear(self, x: Array) -> Array:
-    kernel = self.kernel[...]
+    bias = None if self.bias is None else self.bias[...]
+    x, kernel, bias = computed_in(self.dtype, x, self.kernel[...], bias)
     z = jax.lax.conv_general_dilated(
       x.astype(jnp.result_type(x, kernel)),  # as a matmul would: bfloat16 inputs meet float32 params
       kernel,
@@ -74,7 +78,7 @@ class Conv(SingleSite):
       padding=self.padding,
       dimension_numbers=("NHWC", "HWIO", "NHWC"),
     )
-    return z if self.bias is None else z + self.bias[...]
+    return z if bias is None else z + bias
 
   def design(self, x: Array) -> Array:
     """One row per output position: the input patch, features ordered (in, kh, kw)."""

@@ -16,6 +16,7 @@ from altgrad.nn._base import (
   Decorrelation,
   SingleSite,
   check_number,
+  computed_in,
   describe_shape,
   ridge_solver,
 )
@@ -34,6 +35,8 @@ class Dense(SingleSite):
     use_bias: whether to add a bias.
     kernel_init: initializer of the ``(in_features, out_features)`` kernel.
     param_dtype: dtype of the parameters.
+    dtype: the dtype of the computation (``None``: that of the inputs and params), as Flax's
+      layers take it: ``param_dtype=float32, dtype=bfloat16`` is mixed precision.
     decorrelation_lr: if given, a decorrelating matrix ``R`` (identity at first, a
       :class:`Decorrelation` variable, never an ``nnx.Param``) is applied to the input before the
       kernel, ``linear(x) = (x R) K + b``, and every rule moves it by this learning rate after
@@ -55,6 +58,7 @@ class Dense(SingleSite):
     use_bias: bool = True,
     kernel_init: Callable[..., Array] = nnx.initializers.lecun_normal(),
     param_dtype: Any = jnp.float32,
+    dtype: Any = None,
     decorrelation_lr: float | None = None,
     decorrelation_sample: float = 1.0,
     rngs: nnx.Rngs,
@@ -64,6 +68,7 @@ class Dense(SingleSite):
     self.in_features = in_features
     self.out_features = out_features
     self.activation = get_activation(activation)
+    self.dtype = dtype
     self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype))
     self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
     if decorrelation_lr is not None:
@@ -78,7 +83,10 @@ class Dense(SingleSite):
 
   def decorrelated(self, x: Array) -> Array:
     """``x R``: the input as the kernel sees it (``x`` itself without decorrelation)."""
-    return x if self.decorrelation is None else x @ self.decorrelation[...]
+    if self.decorrelation is None:
+      return x
+    x, r = computed_in(self.dtype, x, self.decorrelation[...])
+    return x @ r
 
   def decorrelation_step(self, x: Array) -> Array:
     """The next ``R`` from a batch of inputs ``x`` (spec/np.md 2.3, in row layout):
@@ -102,8 +110,13 @@ class Dense(SingleSite):
     return kernel if self.decorrelation is None else self.decorrelation[...] @ kernel
 
   def linear(self, x: Array) -> Array:
-    z = self.decorrelated(x) @ self.kernel[...]
-    return z if self.bias is None else z + self.bias[...]
+    x, kernel, bias = computed_in(self.dtype, self.decorrelated(x), self.kernel[...], self.bias_value())
+    z = x @ kernel
+    return z if bias is None else z + bias
+
+  def bias_value(self) -> Array | None:
+    """The bias (``None`` without one)."""
+    return None if self.bias is None else self.bias[...]
 
   def design(self, x: Array) -> Array:
     return design_rows(self.decorrelated(x), self.bias is not None)

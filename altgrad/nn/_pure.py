@@ -168,7 +168,7 @@ class PureModel:
 
   def zero_perturbations(self, params: Any, inputs: Any) -> tuple[Array, ...]:
     """Zeros shaped like each site call's pre-activation for ``inputs`` (nothing is run)."""
-    return tuple(jnp.zeros(t.preact.shape, t.preact.dtype) for t in self._layout(params, inputs))
+    return _mesh.per_row(tuple(jnp.zeros(t.preact.shape, t.preact.dtype) for t in self._layout(params, inputs)))
 
   def errors(self, params: Any, inputs: Any, targets: Any, loss_fn: LossFn) -> Errors:
     """Backprop's per-site errors ``dL/dz`` of the mean loss and the residual param gradient,

@@ -11,7 +11,7 @@ from flax import nnx
 
 from altgrad._linalg import RidgeSolver
 from altgrad.nn._activations import Activation, get_activation
-from altgrad.nn._base import Layer, describe_shape, ridge_solver
+from altgrad.nn._base import Layer, computed_in, describe_shape, ridge_solver
 from altgrad.nn._dense import Dense
 from altgrad.nn._sites import design_rows, site, stacked_matrix
 
@@ -35,11 +35,13 @@ class RNNCell(nnx.Module):
     activation: str | Callable[[Array], Array] | Activation = "tanh",
     kernel_init: Callable[..., Array] = nnx.initializers.orthogonal(),
     param_dtype: Any = jnp.float32,
+    dtype: Any = None,
     rngs: nnx.Rngs,
   ):
     self.in_features = in_features
     self.hidden_features = hidden_features
     self.activation = get_activation(activation)
+    self.dtype = dtype
     self.recurrent_kernel = nnx.Param(
       kernel_init(rngs.params(), (hidden_features, hidden_features), param_dtype)
     )
@@ -48,12 +50,17 @@ class RNNCell(nnx.Module):
 
   def input_drive(self, x: Array) -> Array:
     """``x U + b``: the part of the pre-activation that does not depend on the state."""
-    return x @ self.input_kernel[...] + self.bias[...]
+    x, kernel, bias = computed_in(self.dtype, x, self.input_kernel[...], self.bias[...])
+    return x @ kernel + bias
+
+  def recurrent_kernel_value(self) -> Array:
+    """``W``, in the compute dtype."""
+    return computed_in(self.dtype, self.recurrent_kernel[...])[0]
 
   def linear(self, inputs: tuple[Array, Array]) -> Array:
     """The pre-activation ``h_prev W_h + x W_x + b`` of one step, from ``(h_prev, x)``."""
     h_prev, x = inputs
-    return h_prev @ self.recurrent_kernel[...] + self.input_drive(x)
+    return computed_in(self.dtype, h_prev)[0] @ self.recurrent_kernel_value() + self.input_drive(x)
 
   def design(self, inputs: tuple[Array, Array]) -> Array:
     """Rows ``[h_prev, x, 1]``, one per (example, time step): a shared layer stacks its uses."""
@@ -109,6 +116,7 @@ class _Recurrent(Layer):
     make_cell: Callable[[], nnx.Module],
     *,
     sequence_output: bool,
+    precision: dict[str, Any],
     rngs: nnx.Rngs,
   ):
     if min(in_features, hidden_features, out_features) < 1:
@@ -122,6 +130,7 @@ class _Recurrent(Layer):
       activation="identity",
       kernel_init=nnx.initializers.orthogonal(),
       rngs=rngs,
+      **precision,
     )
 
   def _read_out(self, h: Array) -> Array:
@@ -150,6 +159,7 @@ class SimpleRNN(_Recurrent):
     activation: the cell's activation (tanh by default).
     sequence_output: a readout at every step (a language model's setting; pair it with a loss
       over steps such as ``losses.over_time(losses.softmax_cross_entropy)``).
+    param_dtype, dtype: of the parameters and of the computation, as for :class:`Dense`.
     rngs: Flax NNX random streams.
   """
 
@@ -161,14 +171,18 @@ class SimpleRNN(_Recurrent):
     *,
     activation: str | Callable[[Array], Array] | Activation = "tanh",
     sequence_output: bool = False,
+    param_dtype: Any = jnp.float32,
+    dtype: Any = None,
     rngs: nnx.Rngs,
   ):
+    precision = {"param_dtype": param_dtype, "dtype": dtype}
     super().__init__(
       in_features,
       hidden_features,
       out_features,
-      lambda: RNNCell(in_features, hidden_features, activation=activation, rngs=rngs),
+      lambda: RNNCell(in_features, hidden_features, activation=activation, rngs=rngs, **precision),
       sequence_output=sequence_output,
+      precision=precision,
       rngs=rngs,
     )
 
@@ -180,7 +194,7 @@ class SimpleRNN(_Recurrent):
     drive = jnp.swapaxes(self.cell.input_drive(x), 0, 1)
     if perturbation is not None:
       drive = drive + jnp.swapaxes(perturbation, 0, 1)
-    recurrent_kernel = self.cell.recurrent_kernel[...]
+    recurrent_kernel = self.cell.recurrent_kernel_value()
     activation = self.cell.activation
 
     def step(h, drive_t):
@@ -235,10 +249,12 @@ class GRUCell(nnx.Module):
     *,
     kernel_init: Callable[..., Array] = nnx.initializers.orthogonal(),
     param_dtype: Any = jnp.float32,
+    dtype: Any = None,
     rngs: nnx.Rngs,
   ):
     self.in_features = in_features
     self.hidden_features = hidden_features
+    self.dtype = dtype
     self.input_kernel = nnx.Param(
       _orthogonal_blocks(kernel_init, rngs.params(), in_features, hidden_features, param_dtype)
     )
@@ -254,17 +270,20 @@ class GRUCell(nnx.Module):
 
   def gates(self, h_prev: Array, x: Array) -> GRUGates:
     """The gates of the steps from ``h_prev`` on inputs ``x`` (any leading axes)."""
-    drive_r, drive_z, drive_n = jnp.split(x @ self.input_kernel[...] + self.input_bias[...], 3, axis=-1)
-    state_r, state_z, state_n = jnp.split(h_prev @ self.recurrent_kernel[...], 3, axis=-1)
+    h_prev, x, input_kernel, recurrent_kernel, input_bias, recurrent_bias = computed_in(
+      self.dtype, h_prev, x, self.input_kernel[...], self.recurrent_kernel[...], self.input_bias[...], self.recurrent_bias[...]
+    )
+    drive_r, drive_z, drive_n = jnp.split(x @ input_kernel + input_bias, 3, axis=-1)
+    state_r, state_z, state_n = jnp.split(h_prev @ recurrent_kernel, 3, axis=-1)
     reset = jax.nn.sigmoid(drive_r + state_r)
-    recurrent_candidate = state_n + self.recurrent_bias[...]
+    recurrent_candidate = state_n + recurrent_bias
     candidate = jnp.tanh(drive_n + reset * recurrent_candidate)
     return GRUGates(reset, jax.nn.sigmoid(drive_z + state_z), candidate, recurrent_candidate)
 
   def __call__(self, h_prev: Array, x: Array) -> Array:
     """``h'``, the state after one step (any leading axes)."""
     gates = self.gates(h_prev, x)
-    return (1 - gates.update) * gates.candidate + gates.update * h_prev
+    return (1 - gates.update) * gates.candidate + gates.update * computed_in(self.dtype, h_prev)[0]
 
   def ridge_solvers(self, reg: float | Array) -> tuple[RidgeSolver, RidgeSolver, RidgeSolver]:
     """The regularized inverses of ``W_r``, ``W_z``, ``W_n`` (one factorization each per
@@ -318,18 +337,29 @@ class GRU(_Recurrent):
     hidden_features: state width.
     out_features: readout width.
     sequence_output: a readout at every step (as for :class:`SimpleRNN`).
+    param_dtype, dtype: of the parameters and of the computation, as for :class:`Dense`.
     rngs: Flax NNX random streams.
   """
 
   def __init__(
-    self, in_features: int, hidden_features: int, out_features: int, *, sequence_output: bool = False, rngs: nnx.Rngs
+    self,
+    in_features: int,
+    hidden_features: int,
+    out_features: int,
+    *,
+    sequence_output: bool = False,
+    param_dtype: Any = jnp.float32,
+    dtype: Any = None,
+    rngs: nnx.Rngs,
   ):
+    precision = {"param_dtype": param_dtype, "dtype": dtype}
     super().__init__(
       in_features,
       hidden_features,
       out_features,
-      lambda: GRUCell(in_features, hidden_features, rngs=rngs),
+      lambda: GRUCell(in_features, hidden_features, rngs=rngs, **precision),
       sequence_output=sequence_output,
+      precision=precision,
       rngs=rngs,
     )
 
@@ -343,7 +373,7 @@ class GRU(_Recurrent):
       h_next = self.cell(h, x_t)
       return h_next, (h, h_next)
 
-    h0 = jnp.zeros((x.shape[0], self.cell.hidden_features), x.dtype)
+    h0 = jnp.zeros((x.shape[0], self.cell.hidden_features), self.cell.dtype or x.dtype)
     _, (h_prev, h) = jax.lax.scan(step, h0, jnp.swapaxes(x, 0, 1))
     return jnp.swapaxes(h_prev, 0, 1), jnp.swapaxes(h, 0, 1)
 

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from altgrad.nn._activations import Activation
@@ -67,6 +68,7 @@ class MLP(Sequential):
       (see :class:`Dense`).
     kernel_init: initializer of every kernel (LeCun normal by default; the node-perturbation
       authors use He normal, ``nnx.initializers.he_normal()``).
+    param_dtype, dtype: of the parameters and of the computation (see :class:`Dense`).
     rngs: Flax NNX random streams.
   """
 
@@ -79,6 +81,8 @@ class MLP(Sequential):
     decorrelation_lr: float | None = None,
     decorrelation_sample: float = 1.0,
     kernel_init: Callable[..., Array] = nnx.initializers.lecun_normal(),
+    param_dtype: Any = jnp.float32,
+    dtype: Any = None,
     rngs: nnx.Rngs,
   ):
     sizes = tuple(int(s) for s in sizes)
@@ -94,6 +98,8 @@ class MLP(Sequential):
           decorrelation_lr=decorrelation_lr,
           decorrelation_sample=decorrelation_sample,
           kernel_init=kernel_init,
+          param_dtype=param_dtype,
+          dtype=dtype,
           rngs=rngs,
         )
         for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))

@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import math
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -68,6 +69,10 @@ class Tap:
 
 class SiteError(ValueError):
   """A site that the rules cannot tap, or a model with none."""
+
+
+class SiteWarning(UserWarning):
+  """A linear layer that a rule cannot tap where it runs, and treats as params outside sites."""
 
 
 @dataclasses.dataclass
@@ -142,13 +147,8 @@ def site(module: nnx.Module, compute: Callable[[Array | None], tuple[Any, Array]
     return compute(None)[1]
   nested = _trace_state() != current.trace_state
   if nested and not module._pytree__state.trace_state.is_valid():
-    _ACTIVE.current = None  # leave the thread clean: the error ends the pass
-    raise SiteError(
-      f"site {type(module).__name__} at {'/'.join(map(str, site_path(module))) or 'the top'} runs "
-      "inside a JAX transform of the model's own code (jax.lax.scan, jax.vmap, jax.checkpoint): "
-      "its taps cannot leave that transform. Use the NNX transform instead (nnx.scan, nnx.vmap, "
-      "nnx.remat), whose module state carries them out, or apply the layer outside it"
-    )
+    _warn_untapped(module)
+    return compute(None)[1]
   index = len(current.taps)
   if nested:
     delta = module.altgrad_delta.get_value() if hasattr(module, "altgrad_delta") else None
@@ -170,6 +170,21 @@ def site(module: nnx.Module, compute: Callable[[Array | None], tuple[Any, Array]
   module.altgrad_record = _Record((inputs, preact))
   current.taps.append(Nested(site_path(module), tuple(preact.shape)))
   return preact
+
+
+def _warn_untapped(module: nnx.Module) -> None:
+  """A layer inside a raw JAX transform of the model's own code is not a site (its taps could
+  not leave the transform): its params are then params outside sites, which every rule still
+  updates. Said once per place, as Python's warnings are."""
+  warnings.warn(
+    f"altgrad: {type(module).__name__} at {'/'.join(map(str, site_path(module))) or 'the top'} runs inside "
+    "a JAX transform of the model's own code (jax.checkpoint, jax.lax.scan, jax.vmap), so it is not "
+    "a site: its params are treated as params outside sites (their exact gradient in backprop and "
+    "consequentialism, weight perturbation in node perturbation). The NNX transforms (nnx.remat, "
+    "nnx.scan, nnx.vmap) keep it a site",
+    SiteWarning,
+    stacklevel=4,
+  )
 
 
 def _batch_first(value: Any, stacked: bool) -> Any:

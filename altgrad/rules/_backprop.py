@@ -59,6 +59,6 @@ def backprop(
     back = step.model.errors(params, inputs, targets, lambda out, t: rule.losses(out, t, step.rows))
     updates = optax.tree.add(step.model.updates_from_errors(params, back.taps, back.errors), back.residual)
     variables = step.model.next_variables(params, back.variables, back.taps)
-    return _mesh.batch_sum(updates), BackpropState(rule.finish(step, back.loss, variables))
+    return _mesh.gradient_sum(updates), BackpropState(rule.finish(step, back.loss, variables))
 
   return rule.transformation(init_fn, step_fn)

@@ -97,6 +97,7 @@ def _seed(key: Any) -> Array:
   return jax.random.key(key)
 
 
+@jax.jit
 def _fingerprint(params: Any) -> Array:
   """A uint32 hash of the params' bits: folded into a rule's key at ``init``, so that runs
   initialized from different params (``jax.vmap(tx.init)`` over seeds) draw different noise."""

@@ -169,7 +169,7 @@ def consequentialism(
     if plain:
       taps, errors = zip(*plain, strict=True)
       rest = optax.tree.add(rest, model.updates_from_errors(params, taps, errors))
-    updates = optax.tree.add(updates, _mesh.batch_sum(rest))
+    updates = optax.tree.add(updates, _mesh.gradient_sum(rest))
     variables = model.next_variables(params, back.variables, back.taps)
     return updates, ConsequentialismState(rule.finish(step, back.loss, variables))
 

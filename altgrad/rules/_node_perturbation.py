@@ -146,7 +146,7 @@ def _sample(passes: _Passes, variant: str, perturb_free: bool, node_key: Array, 
   noise = passes.node_noise(node_key)
   weights = passes.weight_noise(weight_key) if perturb_free else None
   if variant == "inp":  # one pass per site (and one for the free params), vmapped over masks
-    masks = jnp.eye(len(noise) + perturb_free, dtype=noise[0].dtype)
+    masks = jnp.eye(len(noise) + perturb_free, dtype=jnp.float32)
 
     def masked(m):
       # only free params get the mask: site params stay unbatched under the vmap (batched
@@ -294,7 +294,7 @@ def node_perturbation(
       per_sample = jax.vmap(
         lambda t, e: step.model.updates_from_errors(params, t, jax.tree.map(lambda v: v / step.batch_size, e))
       )
-      updates = _mesh.batch_sum(jax.tree.map(lambda u: jnp.mean(u, axis=0), per_sample(taps, errors)))
+      updates = _mesh.gradient_sum(jax.tree.map(lambda u: jnp.mean(u, axis=0), per_sample(taps, errors)))
       variables_taps = jax.tree.map(lambda v: v[0], taps)
     else:
       perturb_free = free_params == "perturb" and any(jax.tree.leaves(free))
@@ -302,7 +302,7 @@ def node_perturbation(
         step.keys, step.shared_keys
       )
       errors = jax.tree.map(lambda e: jnp.mean(e, axis=0) / step.batch_size, errors)
-      updates = _mesh.batch_sum(step.model.updates_from_errors(params, clean.taps, errors))
+      updates = _mesh.gradient_sum(step.model.updates_from_errors(params, clean.taps, errors))
       if perturb_free:
         updates = optax.tree.add(updates, jax.tree.map(lambda u: jnp.mean(u, axis=0), weight_updates))
       variables_taps = clean.taps

@@ -23,6 +23,8 @@ def noise_like(noise_fn: NoiseFn | None, sigma: float, key: Array, like: list[Ar
   perturbation's step compile 5x slower than backprop's). ``batched``: the arrays share their
   first (batch) axis, which the single draw keeps, so a batch sharded over devices draws its
   noise where it lives."""
+  if not like:
+    return ()
   if noise_fn is not None:
     keys = jax.random.split(key, len(like))
     return tuple(noise_fn(k, a.shape, a.dtype) for k, a in zip(keys, like, strict=True))

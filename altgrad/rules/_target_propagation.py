@@ -344,6 +344,6 @@ def target_propagation(
     variables = step.model.next_variables(params, step.model.variables, taps)
     clipped = state.clipped_displacements + _mesh.batch_sum(clipped)
     common = rule.finish(step, _mesh.batch_sum(mean), variables)
-    return _mesh.batch_sum(updates), TargetPropagationState(common, norms, clipped)
+    return _mesh.gradient_sum(updates), TargetPropagationState(common, norms, clipped)
 
   return rule.transformation(init_fn, step_fn)
