@@ -14,6 +14,7 @@ import functools
 import json
 import platform
 import time
+import uuid
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,7 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from altgrad import _distributed, diagnostics, losses, nn, rules, train
+from altgrad import _distributed, _interrupt, diagnostics, losses, nn, rules, train
 from altgrad import data as data_lib
 from altgrad._experiment import build_model, loss_for, make_rule, optimizer_for
 from altgrad.nn._pure import param_path
@@ -436,9 +437,11 @@ def run_suite(
   if suite not in SUITES:
     raise ValueError(f"unknown suite {suite!r}; expected one of {sorted(SUITES)}")
   out_dir = Path(out_dir)
+  if out_dir.exists() and not out_dir.is_dir():
+    raise ValueError(f"--out {out_dir} is a file: give a directory (it is created)")
   out_dir.mkdir(parents=True, exist_ok=True)
   path = out_dir / f"{suite}.json"
-  previous = json.loads(path.read_text()) if path.exists() else {}
+  previous = _previous(path)
   if previous and previous.get("data_parallel", False) != data_parallel:
     raise ValueError(
       f"{path} was run with data_parallel={previous.get('data_parallel', False)}; resume it the same way "
@@ -459,38 +462,70 @@ def run_suite(
     )
     for k in missing_references
   ]
-  results = {"suite": suite, "environment": environment(), "data_parallel": data_parallel, "runs": {}}
+  here = environment()
+  # the runs of the file this one resumes are kept, those the suite no longer lists included
+  results = {"suite": suite, "environment": here, "data_parallel": data_parallel, "runs": dict(previous.get("runs", {}))}
   from tqdm.auto import tqdm
 
   primary = _distributed.is_primary()
   bar = tqdm(runs, desc=f"bench {suite}", unit="run", disable=progress is False or not primary)
-  for run in bar:
-    bar.set_postfix_str(run.name, refresh=True)
-    if run.name in previous.get("runs", {}):
-      results["runs"][run.name] = previous["runs"][run.name]
-      continue
-    start = time.perf_counter()
-    results["runs"][run.name] = execute(run, data_parallel=data_parallel) | {
-      "total_seconds": time.perf_counter() - start
-    }
-    if primary:  # several processes: process 0 writes
-      path.write_text(json.dumps(results, indent=1))  # resumable after every run
+  try:
+    for run in bar:
+      bar.set_postfix_str(run.name, refresh=True)
+      if run.name in results["runs"]:
+        continue
+      _interrupt.check()  # a Ctrl-C: stop between runs, the finished ones written
+      start = time.perf_counter()
+      record = execute(run, data_parallel=data_parallel)
+      results["runs"][run.name] = record | {"total_seconds": time.perf_counter() - start, "environment": here, "session": SESSION}
+      if primary:  # several processes: process 0 writes
+        path.write_text(json.dumps(results, indent=1))  # resumable after every run
+  except KeyboardInterrupt:
+    _interrupt.keep(f"{len(results['runs'])} finished run(s) in {path}; the same command resumes")
+    raise
   _add_ratios(runs, results["runs"])
   if primary:
     path.write_text(json.dumps(results, indent=1))
     (out_dir / f"{suite}.md").write_text(markdown(results))
-    plot(results, out_dir / f"{suite}.png")
+    try:
+      plot(results, out_dir / f"{suite}.png")
+    except Exception as error:  # matplotlib's errors are of many kinds; the JSON and markdown are written
+      raise ValueError(f"{out_dir / f'{suite}.png'}: the plot failed ({type(error).__name__}: {error}); "
+                       f"{path} and its markdown are written") from None
   return results
 
 
+#: This process's bench session: step-time ratios divide by a reference of the same session.
+SESSION = uuid.uuid4().hex
+
+
+def _previous(path: Path) -> dict:
+  """The results file a suite resumes (empty if there is none), or an error that names it."""
+  if not path.exists():
+    return {}
+  try:
+    previous = json.loads(path.read_text())
+  except (ValueError, UnicodeDecodeError) as error:
+    raise ValueError(f"{path} is not a results file ({error}; cut short?): delete it to start over, or give another --out") from None
+  if not isinstance(previous, dict) or not isinstance(previous.get("runs", {}), dict):
+    raise ValueError(f"{path} is not a results file of altgrad bench: delete it, or give another --out")
+  return previous
+
+
 def _add_ratios(runs: list[Run], records: dict) -> None:
-  """Divides each run's step time by backprop's with the same key, the same optimizer if there."""
+  """Divides each run's step time by backprop's with the same key, the same optimizer if there,
+  where both were timed in one process; a ratio to a reference timed in another process on the
+  same machine is marked as such, and none is made to one timed elsewhere."""
   backprop = [r for r in runs if r.rule == "backprop"]
   for r in runs:
     same_key = [b for b in backprop if b.reference_key == r.reference_key]
-    reference = next((b for b in same_key if b.optimizer == r.optimizer), same_key[0])
-    records[r.name]["step_time_ratio"] = (
-      records[r.name]["median_step_time"] / records[reference.name]["median_step_time"]
+    run, reference = records[r.name], records[next((b for b in same_key if b.optimizer == r.optimizer), same_key[0]).name]
+    machine = ("platform", "processor", "device")
+    same_machine = all(run.get("environment", {}).get(k) == reference.get("environment", {}).get(k) for k in machine)
+    run["step_time_ratio"] = run["median_step_time"] / reference["median_step_time"] if same_machine else None
+    run["step_time_reference"] = (
+      "this process" if run.get("session") == reference.get("session")
+      else "another process, this machine" if same_machine else "another machine: no ratio"
     )
 
 
@@ -598,10 +633,18 @@ def markdown(results: dict) -> str:
       f"| {_data_label(r)} | {r['model']} {'-'.join(map(str, r['hidden'])) or '(no hidden)'} {r['activation']}"
       f"{', ' + r['kernel_init'] if r.get('kernel_init') else ''} "
       f"| {r['batch_size']} | {_rule_label(r)} | {_optimizer_label(r)} | {_epochs(r)} | {n} | {accs} "
-      f"| {r['test_loss'][-1]:.4f} | {_cosines(r)} | {1e3 * r['median_step_time']:.3f} | {r['step_time_ratio']:.2f} "
+      f"| {r['test_loss'][-1]:.4f} | {_cosines(r)} | {1e3 * r['median_step_time']:.3f} | {_ratio(r)} "
       f"| {_step_memory(r)} |"
     )
   return "\n".join(lines) + "\n"
+
+
+def _ratio(record: dict) -> str:
+  """The step-time ratio, marked where its reference was timed in another process."""
+  if record.get("step_time_ratio") is None:
+    return "n/a (reference timed on another machine)"
+  mark = " (reference timed in another process)" if record.get("step_time_reference", "this process") != "this process" else ""
+  return f"{record['step_time_ratio']:.2f}{mark}"
 
 
 def plot(results: dict, path: str | Path) -> None:

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 import jax
 
+from altgrad import _interrupt
+
 #: ``--coordinator`` value that lets JAX find the cluster itself (TPU slices, SLURM, Open MPI).
 AUTO = "auto"
 
@@ -69,26 +71,54 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+#: Set in the processes :func:`launch_local` starts: the launcher's process id (they end with it).
+LAUNCHER = "ALTGRAD_LAUNCHER_PID"
+#: Seconds a stopped process has to end after SIGTERM before it is killed.
+GRACE = 1.0
+
+
 def launch_local(argv: Sequence[str], processes: int, timeout: float) -> int:
   """Runs ``altgrad *argv`` as ``processes`` local processes joined through a coordinator on
   127.0.0.1 and returns the first non-zero exit status (0 if all succeed). When one process fails
-  the others are stopped, so nothing waits on a dead peer."""
+  the others are stopped at once (a peer would wait for it in a collective), and so are all of
+  them when the launcher is interrupted or ends (no orphans)."""
   coordinator = f"127.0.0.1:{free_port()}"
   children = [
     subprocess.Popen(
       [sys.executable, "-m", "altgrad", *argv, "--coordinator", coordinator]
       + ["--num-processes", str(processes), "--process-id", str(i), "--init-timeout", f"{timeout:g}"],
-      env=os.environ.copy(),
+      env=os.environ | {LAUNCHER: str(os.getpid())},
     )
     for i in range(processes)
   ]
-  status = 0
-  while any(child.poll() is None for child in children):
-    failed = [child.returncode for child in children if child.returncode not in (None, 0)]
-    if failed:
-      status = failed[0]
-      for child in children:
-        if child.poll() is None:
-          child.terminate()
-    time.sleep(0.1)
-  return status or next((c.returncode for c in children if c.returncode), 0)
+  try:
+    while True:
+      _interrupt.check()
+      codes = [child.poll() for child in children]  # every child's (any() would stop at the first running)
+      failed = [code for code in codes if code not in (None, 0)]
+      if failed:
+        return _exit_status(failed[0])
+      if None not in codes:
+        return 0
+      time.sleep(0.1)
+  finally:
+    _stop(children)
+
+
+def _exit_status(returncode: int) -> int:
+  """A child's status as a process's exit status (128 + the signal that ended it)."""
+  return 128 - returncode if returncode < 0 else returncode
+
+
+def _stop(children: Sequence[subprocess.Popen]) -> None:
+  """Ends every child still running: SIGTERM, then SIGKILL after :data:`GRACE` seconds."""
+  running = [c for c in children if c.poll() is None]
+  for child in running:
+    child.terminate()
+  deadline = time.monotonic() + GRACE
+  for child in running:
+    try:
+      child.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+      child.kill()
+      child.wait()

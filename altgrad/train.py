@@ -19,7 +19,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from altgrad import _distributed
+from altgrad import __version__, _distributed, _identity, _interrupt
+from altgrad._checkpoints import Checkpoints
 from altgrad.data import Dataset
 from altgrad.nn import Layer, PureModel
 from altgrad.rules._expectation_reflection import rises
@@ -78,15 +79,28 @@ class History:
 
 
 def _check_data(model: nnx.Module, data: Dataset, batch_size: int) -> None:
-  for split, x in (("train", data.x_train), ("test", data.x_test)):
+  """Refuses, by name, data the model cannot train on: an empty split, inputs or targets that are
+  not finite, labels out of the data set's classes or beyond the model's outputs."""
+  for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
+    if len(x) == 0 or len(y) != len(x):
+      raise ValueError(f"{data.name}: the {split} split has {len(x)} inputs and {len(y)} targets; it needs both, as many")
     if isinstance(model, Layer):
       model.check_input(x)
-    if not np.all(np.isfinite(x)):
-      raise ValueError(f"{data.name}: the {split} inputs contain NaN or infinite values")
+    for what, values in (("inputs", x), ("targets", y)):
+      if np.issubdtype(np.asarray(values).dtype, np.inexact) and not np.all(np.isfinite(values)):
+        raise ValueError(f"{data.name}: the {split} {what} contain NaN or infinite values")
   if data.num_classes is not None:
     for split, y in (("train", data.y_train), ("test", data.y_test)):
       if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= data.num_classes:
         raise ValueError(f"{data.name}: {split} labels must be integers in [0, {data.num_classes})")
+    outputs = jax.eval_shape(lambda x: PureModel(model).evaluate(nnx.state(model, nnx.Param), x), data.x_test[:1])
+    width = jax.tree.leaves(outputs)[0].shape[-1]
+    highest = int(max(data.y_train.max(), data.y_test.max()))
+    if highest >= max(width, 2):  # one output is a binary classifier's (labels 0 and 1)
+      raise ValueError(
+        f"{data.name}: labels go up to {highest}, but the model has {width} outputs (logits): its last "
+        f"layer needs at least {highest + 1}"
+      )
   if not 1 <= batch_size <= len(data.x_train):
     raise ValueError(f"batch_size must lie in [1, {len(data.x_train)}] (the training set), got {batch_size}")
 
@@ -137,6 +151,7 @@ def fit(
   checkpoint_dir: str | Path | None = None,
   probe: Probe | None = None,
   fresh_steps: int | None = None,
+  resume_anyway: bool = False,
 ) -> History:
   """Trains ``model`` in place with the rule chain ``tx`` and returns the per-epoch history.
 
@@ -174,8 +189,12 @@ def fit(
       only process 0 shows progress; required then.
     checkpoint_dir: save params, rule and optimizer state (PRNG keys and decorrelation matrices
       included) and the history there after every epoch with Orbax; if it holds a checkpoint,
-      the run resumes from it and continues as the uninterrupted run would. Not with
-      ``stop_on_discrepancy``, whose best params are not saved.
+      the run resumes from it and continues as the uninterrupted run would. The checkpoint
+      records what defines the run (the rule and optimizer with their hyperparameters, the
+      model's structure, the data set, batch size, seeds, altgrad's version): a checkpoint of
+      another run is refused with a list of what differs (more ``epochs`` is the same run). One
+      run writes a directory at a time (a lock). Not with ``stop_on_discrepancy``, whose best
+      params are not saved.
     probe: ``probe(params, opt_state) -> {name: scalar}``, e.g. per-layer cosines to the
       backprop gradient (:func:`altgrad.diagnostics.cosine_probe`), recorded in
       ``History.probes`` before training and after each epoch.
@@ -183,24 +202,15 @@ def fit(
       ``sampler`` (a synthetic task's; seeded by ``(seed, epoch)``) instead of a pass over
       ``x_train``, as the tasks' authors do; an epoch is then an evaluation interval (e.g. 200
       iterations).
+    resume_anyway: resume a checkpoint in ``checkpoint_dir`` even where its run's description
+      differs from this one's (a changed learning rate after a stop, say); a warning lists what.
+
+  The model must be the one ``tx``'s rule was built from (its structure: layers, sizes,
+  activations), and the labels must fit its outputs: both are refused by name otherwise.
   """
-  return _train(
-    [model],
-    [tx],
-    data,
-    [seed],
-    vmapped=False,
-    vectorize=True,
-    loss_fn=loss_fn,
-    epochs=epochs,
-    batch_size=batch_size,
-    progress=progress,
-    stop_on_discrepancy=stop_on_discrepancy,
-    data_parallel=data_parallel,
-    checkpoint_dir=checkpoint_dir,
-    probe=probe,
-    fresh_steps=fresh_steps,
-  )[0]
+  settings = _Settings(loss_fn, epochs, batch_size, progress, stop_on_discrepancy, data_parallel)
+  saving = _Saving(checkpoint_dir, resume_anyway)
+  return _train([model], [tx], data, [seed], _Runs(False, True), settings, saving, probe, fresh_steps)[0]
 
 
 def fit_seeds(
@@ -217,6 +227,7 @@ def fit_seeds(
   probe: Probe | None = None,
   vectorize: bool = True,
   fresh_steps: int | None = None,
+  resume_anyway: bool = False,
 ) -> list[tuple[nnx.Module, History]]:
   """Trains one run per seed in a single compiled program, ``jax.vmap`` over the runs.
 
@@ -238,23 +249,9 @@ def fit_seeds(
   structures = {str(nnx.graphdef(m)) for m in models}
   if len(structures) != 1:
     raise ValueError("build(seed) must make the same model for every seed (only the values may differ)")
-  histories = _train(
-    list(models),
-    list(txs),
-    data,
-    seeds,
-    vmapped=True,
-    vectorize=vectorize,
-    loss_fn=loss_fn,
-    epochs=epochs,
-    batch_size=batch_size,
-    progress=progress,
-    stop_on_discrepancy=False,
-    data_parallel=data_parallel,
-    checkpoint_dir=checkpoint_dir,
-    probe=probe,
-    fresh_steps=fresh_steps,
-  )
+  settings = _Settings(loss_fn, epochs, batch_size, progress, False, data_parallel)
+  saving = _Saving(checkpoint_dir, resume_anyway)
+  histories = _train(list(models), list(txs), data, seeds, _Runs(True, vectorize), settings, saving, probe, fresh_steps)
   return list(zip(models, histories, strict=True))
 
 
@@ -263,88 +260,119 @@ def epoch_order(seed: int, epoch: int, size: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(size)
 
 
-def _train(
-  models,
-  txs,
-  data,
-  seeds,
-  *,
-  vmapped,
-  vectorize,
-  loss_fn,
-  epochs,
-  batch_size,
-  progress,
-  stop_on_discrepancy,
-  data_parallel,
-  checkpoint_dir,
-  probe,
-  fresh_steps=None,
-) -> list[History]:
-  """The loop behind :func:`fit` (one run) and :func:`fit_seeds` (``vmapped`` runs)."""
-  _check_schedule(models[0], data, epochs, batch_size, stop_on_discrepancy, checkpoint_dir, data_parallel)
-  runs = _Runs(vmapped, vectorize)
-  params = runs.stack([nnx.state(m, nnx.Param) for m in models])
-  opt_state = runs.stack([t.init(nnx.state(m, nnx.Param)) for m, t in zip(models, txs, strict=True)])
-  if optax.tree_utils.tree_get(opt_state, "loss") is None:
-    raise TypeError("fit trains with a rule: tx must be an altgrad rule or a chain that starts with one")
-  if stop_on_discrepancy and optax.tree_utils.tree_get(opt_state, "discrepancy") is None:
-    raise ValueError("stop_on_discrepancy needs a rule that reports a discrepancy (expectation_reflection)")
-  own_variables = runs.stack([nnx.state(m, nnx.Not(nnx.Param)) for m in models])
-  arrays = _Arrays.of(data)
-  mesh = _batch_mesh(batch_size) if data_parallel else None
-  if mesh is not None:
-    params, opt_state, arrays = _replicate((params, opt_state, arrays), NamedSharding(mesh, P()))
-  batches = _Batches(data, seeds, batch_size, fresh_steps, vmapped)
-  histories = [History() for _ in models]
-  run_epoch = _compile_epoch(txs[0], runs, batches, mesh, histories, params, opt_state, arrays)
-  evaluate = make_evaluate(models[0], loss_fn, data.num_classes)
-  if vmapped:
-    evaluate = jax.jit(jax.vmap(evaluate, in_axes=(0, 0, None, None)))
-  checkpoints = None if checkpoint_dir is None else _Checkpoints(checkpoint_dir, seeds, batch_size)
-  first, params, opt_state = _resume(checkpoints, histories, params, opt_state, epochs)
-  record = _Recorder(histories, runs, probe)  # after the resume: it continues the restored wall time
-  if first == 1:
-    record.probe(0, params, opt_state)
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+  """What a :func:`fit` run is asked to do, beyond its models, rules and data."""
 
-  def variables_of(opt_state):
-    return optax.tree_utils.tree_get(opt_state, "model_variables", default=own_variables)
+  loss_fn: Callable
+  epochs: int
+  batch_size: int
+  progress: bool | None
+  stop_on_discrepancy: bool
+  data_parallel: bool
 
-  show = (sys.stderr.isatty() if progress is None else progress) and _distributed.is_primary()
-  bar = _progress_bar(epochs, data.name, show, initial=first - 1)
-  stop = _BestParams() if stop_on_discrepancy else None
-  for epoch in range(first, epochs + 1):
-    start, before = time.perf_counter(), (params, opt_state)
-    params, opt_state, train_loss = run_epoch(params, opt_state, batches.plan(epoch), arrays.x_train, arrays.y_train)
-    jax.block_until_ready(params)
-    seconds = time.perf_counter() - start
-    test = jax.device_get(evaluate(params, variables_of(opt_state), arrays.x_test, arrays.y_test))
-    record.epoch(epoch, seconds, batches.steps, test, train_loss, opt_state)
-    record.probe(epoch, params, opt_state)
-    bar.update(1)
-    bar.set_postfix(test_acc=f"{histories[0].test_accuracy[-1]:.3f}", loss=f"{histories[0].test_loss[-1]:.3f}")
+
+@dataclasses.dataclass(frozen=True)
+class _Saving:
+  """Where a run checkpoints, and whether it resumes a checkpoint of a run described otherwise."""
+
+  directory: str | Path | None
+  resume_anyway: bool
+
+  def open(self, models, txs, data, seeds, settings: _Settings, fresh_steps) -> Checkpoints | None:
+    if self.directory is None:
+      return None
+    run = {
+      "altgrad": __version__,
+      "transformation": _identity.describe_transformation(txs[0]),
+      "model": _identity.model_signature(models[0]),
+      "data": _identity.data_signature(data),
+      "batch_size": settings.batch_size,
+      "seeds": list(seeds),
+      "fresh_steps": fresh_steps,
+    }
+    return Checkpoints(self.directory, run, resume_anyway=self.resume_anyway)
+
+
+def _train(models, txs, data, seeds, runs: _Runs, settings: _Settings, saving: _Saving, probe, fresh_steps) -> list[History]:
+  """The loop behind :func:`fit` (one run) and :func:`fit_seeds` (``runs.vmapped`` runs)."""
+  _check_schedule(models, txs, data, settings, saving)
+  checkpoints = saving.open(models, txs, data, seeds, settings, fresh_steps)  # fails fast, before compiling
+  bar = None
+  try:
+    params = runs.stack([nnx.state(m, nnx.Param) for m in models])
+    opt_state = runs.stack([t.init(nnx.state(m, nnx.Param)) for m, t in zip(models, txs, strict=True)])
+    if optax.tree_utils.tree_get(opt_state, "loss") is None:
+      raise TypeError("fit trains with a rule: tx must be an altgrad rule or a chain that starts with one")
+    if settings.stop_on_discrepancy and optax.tree_utils.tree_get(opt_state, "discrepancy") is None:
+      raise ValueError("stop_on_discrepancy needs a rule that reports a discrepancy (expectation_reflection)")
+    own_variables = runs.stack([nnx.state(m, nnx.Not(nnx.Param)) for m in models])
+    arrays = _Arrays.of(data)
+    mesh = _batch_mesh(settings.batch_size) if settings.data_parallel else None
+    if mesh is not None:
+      params, opt_state, arrays = _replicate((params, opt_state, arrays), NamedSharding(mesh, P()))
+    batches = _Batches(data, seeds, settings.batch_size, fresh_steps, runs.vmapped)
+    histories = [History() for _ in models]
+    run_epoch = _compile_epoch(txs[0], runs, batches, mesh, histories, params, opt_state, arrays)
+    evaluate = make_evaluate(models[0], settings.loss_fn, data.num_classes)
+    if runs.vmapped:
+      evaluate = jax.jit(jax.vmap(evaluate, in_axes=(0, 0, None, None)))
+    first, params, opt_state = _resume(checkpoints, histories, params, opt_state, settings.epochs)
+    record = _Recorder(histories, runs, probe)  # after the resume: it continues the restored wall time
+    if first == 1:
+      record.probe(0, params, opt_state)
+
+    def variables_of(opt_state):
+      return optax.tree_utils.tree_get(opt_state, "model_variables", default=own_variables)
+
+    show = (sys.stderr.isatty() if settings.progress is None else settings.progress) and _distributed.is_primary()
+    bar = _progress_bar(settings.epochs, data.name, show, initial=first - 1)
+    stop = _BestParams() if settings.stop_on_discrepancy else None
+    for epoch in range(first, settings.epochs + 1):
+      _interrupt.check()  # a Ctrl-C the command line caught: stop between epochs, the last one saved
+      start, before = time.perf_counter(), (params, opt_state)
+      params, opt_state, train_loss = run_epoch(params, opt_state, batches.plan(epoch), arrays.x_train, arrays.y_train)
+      jax.block_until_ready(params)
+      seconds = time.perf_counter() - start
+      test = jax.device_get(evaluate(params, variables_of(opt_state), arrays.x_test, arrays.y_test))
+      record.epoch(epoch, seconds, batches.steps, test, train_loss, opt_state)
+      record.probe(epoch, params, opt_state)
+      bar.update(1)
+      bar.set_postfix(test_acc=f"{histories[0].test_accuracy[-1]:.3f}", loss=f"{histories[0].test_loss[-1]:.3f}")
+      if checkpoints is not None:
+        checkpoints.save(epoch, params, opt_state, histories)
+      if stop is not None and stop.fired(opt_state, before, epoch):
+        params, opt_state, histories[0].restored_epoch = stop.best
+        break
+  finally:
+    if bar is not None:
+      bar.close()
     if checkpoints is not None:
-      checkpoints.save(epoch, params, opt_state, histories)
-    if stop is not None and stop.fired(opt_state, before, epoch):
-      params, opt_state, histories[0].restored_epoch = stop.best
-      break
-  bar.close()
-  if checkpoints is not None:
-    checkpoints.close()
+      checkpoints.close()
   variables = variables_of(opt_state)
   for i, m in enumerate(models):
     nnx.update(m, runs.member(params, i), runs.member(variables, i))
   return histories
 
 
-def _check_schedule(model, data, epochs, batch_size, stop_on_discrepancy, checkpoint_dir, data_parallel) -> None:
-  """Refuses, by name, a schedule :func:`_train` cannot run."""
-  if epochs < 0:
-    raise ValueError(f"epochs must be >= 0, got {epochs}")
-  _check_data(model, data, batch_size)
-  if stop_on_discrepancy and checkpoint_dir is not None:
+def _check_schedule(models, txs, data, settings: _Settings, saving: _Saving) -> None:
+  """Refuses, by name, a run :func:`_train` cannot do: a bad schedule, bad data, a model that is
+  not the one the rule was built from."""
+  if settings.epochs < 0:
+    raise ValueError(f"epochs must be >= 0, got {settings.epochs}")
+  _check_data(models[0], data, settings.batch_size)
+  for model, tx in zip(models, txs, strict=True):
+    for rule in _identity.rules_in(tx):
+      found = _identity.differences(rule.model_signature, _identity.model_signature(model), ("the rule's", "fit's"))
+      if found:
+        raise ValueError(
+          f"fit was given another model than the one its {rule.name} rule was built from: "
+          + "; ".join(found[:6])
+          + ". Build the rule from the model fit trains"
+        )
+  if settings.stop_on_discrepancy and saving.directory is not None:
     raise ValueError("stop_on_discrepancy cannot be checkpointed (its best params are not saved)")
-  if jax.process_count() > 1 and not data_parallel:
+  if jax.process_count() > 1 and not settings.data_parallel:
     raise ValueError(
       f"running in {jax.process_count()} processes (jax.distributed): pass data_parallel=True, "
       "so that they train one model on shards of each batch"
@@ -462,7 +490,7 @@ class _Recorder:
       h.probes.append({"epoch": epoch} | {k: float(v) for k, v in self.runs.member(values, i).items()})
 
 
-def _resume(checkpoints: _Checkpoints | None, histories: list[History], params, opt_state, epochs: int):
+def _resume(checkpoints: Checkpoints | None, histories: list[History], params, opt_state, epochs: int):
   """``(first epoch to run, params, opt_state)``: from the latest checkpoint, its histories
   restored, or from the start."""
   if checkpoints is None or checkpoints.latest() is None:
@@ -546,57 +574,6 @@ def _replicate(tree, sharding: NamedSharding):
     return jax.device_put(np.asarray(leaf), sharding)
 
   return jax.tree.map(one, tree)
-
-
-class _Checkpoints:
-  """Orbax checkpoints of a run after each epoch: the arrays, and the histories as JSON."""
-
-  def __init__(self, directory: str | Path, seeds: Sequence[int], batch_size: int):
-    import orbax.checkpoint as ocp
-
-    self._ocp = ocp
-    self.schedule = {"seeds": list(seeds), "batch_size": batch_size}
-    self.manager = ocp.CheckpointManager(
-      Path(directory).absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=1)
-    )
-
-  def latest(self) -> int | None:
-    return self.manager.latest_step()
-
-  def save(self, epoch: int, params, opt_state, histories: Sequence[History]) -> None:
-    ocp = self._ocp
-    record = self.schedule | {"histories": [dataclasses.asdict(h) for h in histories]}
-    self.manager.save(
-      epoch,
-      args=ocp.args.Composite(
-        arrays=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
-        record=ocp.args.JsonSave(record),
-      ),
-    )
-
-  def restore(self, params, opt_state, epochs: int):
-    """``(epoch, params, opt_state, histories)`` of the latest checkpoint, shaped like the given."""
-    ocp = self._ocp
-    epoch = self.latest()
-    record = self.manager.restore(epoch, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
-    saved = {k: record[k] for k in self.schedule}
-    if saved != self.schedule:
-      raise ValueError(
-        f"the checkpoint in {self.manager.directory} is of another run: {saved}, not {self.schedule}"
-      )
-    if epoch > epochs:
-      raise ValueError(
-        f"the checkpoint in {self.manager.directory} is at epoch {epoch}, beyond epochs={epochs}"
-      )
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params, "opt_state": opt_state})
-    arrays = self.manager.restore(epoch, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(target)))[
-      "arrays"
-    ]
-    return epoch, arrays["params"], arrays["opt_state"], record["histories"]
-
-  def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
 
 
 def _progress_bar(total: int, description: str, show: bool, initial: int = 0):

@@ -87,7 +87,7 @@ def test_compare_runs_end_to_end(tmp_path, capsys):
 
 def test_compare_builds_the_model_for_the_data():
   seq = data.temporal_order(20, num_train=8, num_test=4)
-  assert isinstance(_cli.build_model(seq, "auto", (8,), "tanh", 0), nn.SimpleRNN)
+  assert isinstance(_experiment.build_model(seq, "auto", (8,), "tanh", 0), nn.SimpleRNN)
   images = data.Dataset(
     np.zeros((4, 8, 8, 1), np.float32),
     np.zeros(4, np.int32),
@@ -96,10 +96,10 @@ def test_compare_builds_the_model_for_the_data():
     3,
     "imgs",
   )
-  conv = _cli.build_model(images, "auto", (8,), "tanh", 0)
+  conv = _experiment.build_model(images, "auto", (8,), "tanh", 0)
   assert conv(np.zeros((2, 8, 8, 1), np.float32)).shape == (2, 3)
   with pytest.raises(ValueError, match="--model rnn needs sequences"):
-    _cli.build_model(data.digits(), "rnn", (8,), "tanh", 0)
+    _experiment.build_model(data.digits(), "rnn", (8,), "tanh", 0)
 
 
 def test_command_line_errors_are_clear(capsys):
@@ -108,7 +108,7 @@ def test_command_line_errors_are_clear(capsys):
   assert "unknown rule" in capsys.readouterr().err
   with pytest.raises(SystemExit):
     _cli.main(["compare", "--lr", "-1"])
-  assert "must be positive" in capsys.readouterr().err
+  assert "must be a finite positive number" in capsys.readouterr().err
 
 
 def test_models_fixture_kinds_all_fit():

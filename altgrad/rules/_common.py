@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from altgrad import _mesh
+from altgrad import _identity, _mesh
 from altgrad.nn import Layer, PureModel
 from altgrad.nn._base import describe_shape, is_concrete
 from altgrad.nn._pure import ApplyFn, LossFn
@@ -168,6 +168,8 @@ class Rule:
     self.name, self.loss_fn, self.unpack, self.per_example = name, loss_fn, unpack, per_example
     self.seed = _seed(key)
     self.pure = PureModel(model, apply=apply, float32=float32)
+    #: The structure of the model the rule was built from (``fit`` checks its model against it).
+    self.model_signature = _identity.model_signature(model)
     self.layer = model if isinstance(model, Layer) else None
 
   # --- the transformation ---------------------------------------------------------------------
