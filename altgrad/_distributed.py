@@ -47,6 +47,8 @@ def initialize(coordinator: str, num_processes: int | None, process_id: int | No
   if process_id != 0:
     _wait_for(host, int(port), timeout, process_id)
   jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=int(timeout))
+  if is_primary():  # on stderr, unbuffered: the run's one sign that every process joined
+    print(f"altgrad: {jax.process_count()} processes joined, {jax.device_count()} devices", file=sys.stderr, flush=True)
 
 
 def _wait_for(host: str, port: int, timeout: float, process_id: int) -> None:

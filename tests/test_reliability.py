@@ -4,10 +4,12 @@ directory, hostile data caught before training, results never lost, clean stops.
 import dataclasses
 import json
 import os
+import queue
 import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -257,19 +259,29 @@ def _gone(pids, within):
   return False
 
 
+def _lines_into(stream, lines):
+  for line in stream:
+    lines.put(line)
+
+
 @pytest.mark.slow
 def test_local_processes_stop_together(tmp_path):
   """--processes 2: a worker killed stops the run at once, and an interrupted launcher leaves no
   worker behind."""
   for stop in ("kill a worker", "interrupt the launcher"):
-    launcher = subprocess.Popen(  # Gloo reports the peers joining on stdout
-      [*COMPARE, "--epochs", "100000", "--processes", "2"], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    launcher = subprocess.Popen(  # process 0 says on stderr when both have joined
+      [*COMPARE, "--epochs", "100000", "--processes", "2"], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-    connected = 0
-    while connected < 2:  # both workers joined and train
-      line = launcher.stdout.readline()
-      assert line, "the launcher ended before its workers joined"
-      connected += "is connected to 1 peer ranks" in line
+    lines = queue.Queue()
+    threading.Thread(target=_lines_into, args=(launcher.stderr, lines), daemon=True).start()
+    while True:
+      try:
+        line = lines.get(timeout=180)
+      except queue.Empty:
+        launcher.kill()
+        raise AssertionError("no 'processes joined' line within 180 s") from None
+      if "2 processes joined" in line:
+        break
     workers = _children(launcher.pid)
     assert len(workers) == 2
     start = time.monotonic()
@@ -277,7 +289,7 @@ def test_local_processes_stop_together(tmp_path):
       os.kill(workers[1], signal.SIGKILL)
     else:
       launcher.send_signal(signal.SIGINT)
-    launcher.communicate(timeout=60)
+    launcher.wait(timeout=60)
     assert time.monotonic() - start < 10, stop
     assert launcher.returncode == (137 if stop == "kill a worker" else 130)
     assert _gone(workers, within=5), stop
