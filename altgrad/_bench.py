@@ -242,29 +242,32 @@ def _er_suite() -> list[Run]:
 def _models_suite() -> list[Run]:
   """Ordinary NNX models, as a user writes them (altgrad._zoo, no altgrad layers): a small ResNet
   (BatchNorm, dropout) on Fashion-MNIST and a small transformer (attention, tied head) on the
-  majority task, trained with backprop, CW and ANP (no decorrelation: NNX layers have no
-  decorrelating matrix), and with plain ``jax.grad``, which times the backprop rule's overhead."""
+  majority task, trained with backprop, CW and ANP, and with plain ``jax.grad``, which times the
+  backprop rule's overhead; then backprop, decorrelated backprop and DANP (``nn.decorrelate``:
+  every Conv and Linear, decorrelation lr 1e-3 as the node-perturbation authors') over 3 seeds."""
   runs = []
+  anp = ("anp", (("sigma", 1e-3),))
   for dataset, model, hidden, epochs, batch_size, lr, options in (
     ("fashion_mnist", "resnet", (16,), 2, 128, 3e-3, (("flatten", False),)),
     ("majority", "transformer", (32, 32), 10, 64, 1e-3, ()),
   ):
-    for rule, rule_options in (("jax_grad", ()), ("backprop", ()), ("consequentialism", ()), ("anp", (("sigma", 1e-3),))):
-      runs.append(
-        Run(
-          dataset,
-          hidden,
-          rule,
-          "adam",
-          lr,
-          epochs,
-          batch_size,
-          model=model,
-          activation="relu" if model == "resnet" else "gelu",
-          rule_options=rule_options,
-          dataset_options=options,
-        )
-      )
+    setting = functools.partial(
+      Run,
+      dataset,
+      hidden,
+      optimizer="adam",
+      lr=lr,
+      epochs=epochs,
+      batch_size=batch_size,
+      model=model,
+      activation="relu" if model == "resnet" else "gelu",
+      dataset_options=options,
+    )
+    for rule, rule_options in (("jax_grad", ()), ("backprop", ()), ("consequentialism", ()), anp):
+      runs.append(setting(rule=rule, rule_options=rule_options))
+    runs.append(setting(rule="backprop", seeds=3))
+    for rule, rule_options in (("backprop", ()), anp):
+      runs.append(setting(rule=rule, rule_options=rule_options, decorrelation_lr=1e-3, seeds=3))
   return runs
 
 

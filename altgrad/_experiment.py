@@ -67,23 +67,29 @@ def build_model(
   ``transformer`` (width ``hidden[0]``, ``len(hidden)`` blocks, a head tied to the token
   embedding) for token sequences whose classes are tokens. ``kernel_init`` names the
   initializer of the MLP's and conv net's kernels (a key of ``KERNEL_INITS``; LeCun normal if
-  None)."""
+  None). ``decorrelation_lr`` decorrelates the inputs of every linear layer (``nn.decorrelate``)."""
   rngs = nnx.Rngs(seed)
-  shape, out = dataset.input_shape, dataset.output_size
+  shape = dataset.input_shape
   if kind == "auto":
     kind = {1: "mlp", 2: "rnn", 3: "conv"}.get(len(shape), "mlp")
   if decorrelation_lr is None and decorrelation_sample != 1.0:
     raise ValueError("--decorrelation-sample sets how the decorrelation update samples a batch: it needs --decorrelation-lr")
-  if decorrelation_lr is not None and kind not in ("mlp", "conv"):
+  if decorrelation_lr is not None and kind in ("rnn", "gru"):
     raise ValueError(
-      f"--decorrelation-lr decorrelates the inputs of altgrad's Dense layers; the {kind} model has none "
-      "(use --model mlp or conv)"
+      f"--decorrelation-lr decorrelates the inputs of linear layers; the {kind} model's recurrent cells "
+      "have no decorrelating matrix (use --model mlp, conv, resnet or transformer)"
     )
   if kernel_init is not None and kind not in ("mlp", "conv"):
     raise ValueError(f"--kernel-init sets the kernels of altgrad's MLP and conv net; the {kind} model keeps its own")
   if kernel_init is not None and kernel_init not in KERNEL_INITS:
     raise ValueError(f"unknown kernel init {kernel_init!r}; expected one of {sorted(KERNEL_INITS)}")
   init = dict(kernel_init=KERNEL_INITS[kernel_init or "lecun_normal"]())
+  model = _undecorrelated_model(dataset, kind, hidden, activation, rngs, init)
+  return model if decorrelation_lr is None else nn.decorrelate(model, decorrelation_lr, sample=decorrelation_sample)
+
+
+def _undecorrelated_model(dataset, kind, hidden, activation, rngs, init):
+  shape, out = dataset.input_shape, dataset.output_size
   if kind == "resnet":
     if len(shape) != 3:
       raise ValueError(f"--model resnet needs images (height, width, channels); {dataset.name} has {shape}")
@@ -108,15 +114,10 @@ def build_model(
       nn.MLP(
         (32 * -(-shape[0] // 4) * -(-shape[1] // 4), *hidden, out),
         activation=activation,
-        decorrelation_lr=decorrelation_lr,  # the Dense layers; a Conv has no decorrelating matrix
-        decorrelation_sample=decorrelation_sample,
         rngs=rngs,
         **init,
       ),
     )
-  options = dict(decorrelation_lr=decorrelation_lr, decorrelation_sample=decorrelation_sample, **init)
   if len(shape) != 1:
-    return nn.Sequential(
-      nn.Flatten(), nn.MLP((math.prod(shape), *hidden, out), activation=activation, rngs=rngs, **options)
-    )
-  return nn.MLP((shape[0], *hidden, out), activation=activation, rngs=rngs, **options)
+    return nn.Sequential(nn.Flatten(), nn.MLP((math.prod(shape), *hidden, out), activation=activation, rngs=rngs, **init))
+  return nn.MLP((shape[0], *hidden, out), activation=activation, rngs=rngs, **init)

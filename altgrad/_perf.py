@@ -101,12 +101,13 @@ def cases() -> list[Case]:
   for length, features, classes, batch in ((60, 6, 4, 20), (120, 6, 4, 20), (784, 1, 10, 16)):
     shape = _shape(f"RNN 100, T={length}", "rnn", (length, features), classes, batch, (100,))
     found += [Case(shape, "backprop"), Case(shape, "tp", (("reg", 1.0),))]
-  user_models = (  # the user-model path (TP and decorrelation need altgrad layers)
+  user_models = (  # the user-model path (TP needs altgrad layers), decorrelated by nn.decorrelate
     _shape("NNX ResNet 16x1 (BatchNorm, dropout) on 28x28", "resnet", (28, 28, 1), 10, 128, (16,), "relu"),
     _shape("NNX transformer 32x2 on 16 tokens", "transformer", (16,), 8, 64, (32, 32), "gelu", tokens=True),
   )
   for shape in user_models:
     found += [Case(shape, rule) for rule in ("jax_grad", "backprop", "consequentialism", "np", "anp", "inp")]
+    found += [Case(shape, rule, decorrelation=(1e-3, s)) for rule in ("backprop", "anp") for s in (1.0, 0.1)]
   return found
 
 

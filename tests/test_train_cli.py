@@ -228,10 +228,12 @@ def test_rules_draw_noise_from_the_run_seed_and_decorrelation_is_refused_where_i
     dataset.x_train.reshape(-1, 8, 8, 1), dataset.y_train, dataset.x_test.reshape(-1, 8, 8, 1), dataset.y_test, 10, "d"
   )
   conv = _experiment.build_model(images, "conv", (8,), "tanh", 0, decorrelation_lr=1e-3, decorrelation_sample=0.5)
-  assert all(layer.decorrelation is not None for layer in conv.layers[-1].layers)
-  assert all(layer.decorrelation_sample == 0.5 for layer in conv.layers[-1].layers)
+  sites = [*conv.layers[:2], *conv.layers[-1].layers]  # the convolutions and the dense layers
+  assert all(layer.decorrelation is not None and layer.decorrelation_sample == 0.5 for layer in sites)
+  resnet = _experiment.build_model(images, "resnet", (4,), "relu", 0, decorrelation_lr=1e-3)
+  assert resnet.stem.decorrelation is not None and resnet.head.decorrelation is not None
   sequences = data.temporal_order(10, num_train=8, num_test=4)
-  with pytest.raises(ValueError, match="the rnn model has none"):
+  with pytest.raises(ValueError, match="recurrent cells have no decorrelating matrix"):
     _experiment.build_model(sequences, "rnn", (8,), "tanh", 0, decorrelation_lr=1e-3)
   with pytest.raises(ValueError, match="needs --decorrelation-lr"):
     _experiment.build_model(images, "conv", (8,), "tanh", 0, decorrelation_sample=0.1)

@@ -8,8 +8,9 @@ mechanism that expose their activations and regularized inverses.
 """
 
 from altgrad.nn._activations import ACTIVATIONS, Activation, get_activation
-from altgrad.nn._base import Decorrelation, Layer, SingleSite
+from altgrad.nn._base import Layer, SingleSite
 from altgrad.nn._conv import Conv
+from altgrad.nn._decorrelation import Decorrelation, decorrelate, fold_decorrelation
 from altgrad.nn._dense import Dense
 from altgrad.nn._pure import Errors, Forward, PureModel
 from altgrad.nn._recurrent import GRU, GRUCell, GRUGates, RNNCell, SimpleRNN
@@ -39,5 +40,7 @@ __all__ = [
   "SiteError",
   "SiteWarning",
   "Tap",
+  "decorrelate",
+  "fold_decorrelation",
   "get_activation",
 ]

@@ -22,11 +22,6 @@ from altgrad.nn._sites import site
 Array = jax.Array
 
 
-class Decorrelation(nnx.Variable):
-  """A layer's decorrelating matrix ``R``: model state that rules update, never an ``nnx.Param``,
-  so an optax optimizer never sees it."""
-
-
 def describe_shape(x: Any) -> str:
   """``shape (a, b)`` for an array, ``a <type>`` for anything else: for error messages."""
   shape = getattr(x, "shape", None)

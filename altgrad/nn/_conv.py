@@ -11,7 +11,8 @@ from flax import nnx
 
 from altgrad.nn._activations import Activation, get_activation
 from altgrad.nn._base import SingleSite, computed_in, describe_shape
-from altgrad.nn._sites import design_rows, stacked_matrix
+from altgrad.nn._decorrelation import Decorrelating
+from altgrad.nn._sites import KernelLayout, design_rows, stacked_matrix
 
 Array = jax.Array
 
@@ -23,7 +24,7 @@ def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
   return pair
 
 
-class Conv(SingleSite):
+class Conv(SingleSite, Decorrelating):
   """``y = activation(conv(x, kernel) + bias)`` on inputs shaped ``(batch, height, width, in_features)``.
 
   Args:
@@ -37,6 +38,10 @@ class Conv(SingleSite):
     kernel_init: initializer of the ``(kh, kw, in_features, out_features)`` kernel.
     param_dtype: dtype of the parameters.
     dtype: the dtype of the computation (``None``: that of the inputs and params), as Flax's.
+    decorrelation_lr: if given, the input patches are decorrelated by ``R`` (folded into the
+      kernel: one convolution), as :class:`Dense`'s inputs are.
+    decorrelation_sample: the fraction of a batch's images the decorrelation update is
+      estimated on (all their patches count).
     rngs: Flax NNX random streams.
   """
 
@@ -53,6 +58,8 @@ class Conv(SingleSite):
     kernel_init: Callable[..., Array] = nnx.initializers.lecun_normal(),
     param_dtype: Any = jnp.float32,
     dtype: Any = None,
+    decorrelation_lr: float | None = None,
+    decorrelation_sample: float = 1.0,
     rngs: nnx.Rngs,
   ):
     if in_features < 1 or out_features < 1:
@@ -67,10 +74,32 @@ class Conv(SingleSite):
     shape = (*self.kernel_size, in_features, out_features)
     self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype))
     self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+    self.start_decorrelation(decorrelation_lr, decorrelation_sample)
+
+  def kernel_layout(self) -> KernelLayout:
+    """The features are the input patches, ordered (in, kh, kw); the kernel in that order."""
+
+    def patches(x):
+      rows = jax.lax.conv_general_dilated_patches(
+        x.astype(jnp.result_type(x, self.kernel[...])),
+        self.kernel_size,
+        self.strides,
+        self.padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      )
+      return rows.reshape(-1, rows.shape[-1])
+
+    def to_matrix(kernel):
+      return jnp.transpose(kernel, (2, 0, 1, 3)).reshape(-1, kernel.shape[-1])  # HWIO -> (in, kh, kw), out
+
+    def from_matrix(matrix):
+      return jnp.transpose(matrix.reshape(self.in_features, *self.kernel_size, -1), (1, 2, 0, 3))
+
+    return KernelLayout(patches, to_matrix, from_matrix, True)
 
   def linear(self, x: Array) -> Array:
     bias = None if self.bias is None else self.bias[...]
-    x, kernel, bias = computed_in(self.dtype, x, self.kernel[...], bias)
+    x, kernel, bias = computed_in(self.dtype, x, self.effective_kernel(), bias)
     z = jax.lax.conv_general_dilated(
       x.astype(jnp.result_type(x, kernel)),  # as a matmul would: bfloat16 inputs meet float32 params
       kernel,
@@ -81,21 +110,12 @@ class Conv(SingleSite):
     return z if bias is None else z + bias
 
   def design(self, x: Array) -> Array:
-    """One row per output position: the input patch, features ordered (in, kh, kw)."""
-    patches = jax.lax.conv_general_dilated_patches(
-      x.astype(jnp.result_type(x, self.kernel[...])),
-      self.kernel_size,
-      self.strides,
-      self.padding,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    )
-    return design_rows(patches, self.bias is not None)
+    """One row per output position: the (decorrelated) input patch, features ordered (in, kh, kw)."""
+    return design_rows(self.decorrelated(self.kernel_layout().features(x)), self.bias is not None)
 
   def matrix(self) -> Array:
-    kernel = jnp.transpose(self.kernel[...], (2, 0, 1, 3))  # HWIO -> the patches' (in, kh, kw) order
-    return stacked_matrix(
-      kernel.reshape(-1, self.out_features), None if self.bias is None else self.bias[...]
-    )
+    kernel = self.kernel_layout().to_matrix(self.kernel[...])
+    return stacked_matrix(kernel, None if self.bias is None else self.bias[...])
 
   def check_input(self, x: Any) -> None:
     shape = getattr(x, "shape", None)

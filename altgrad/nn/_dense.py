@@ -9,23 +9,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from altgrad import _mesh
 from altgrad._linalg import RidgeSolver
 from altgrad.nn._activations import Activation, get_activation
-from altgrad.nn._base import (
-  Decorrelation,
-  SingleSite,
-  check_number,
-  computed_in,
-  describe_shape,
-  ridge_solver,
-)
-from altgrad.nn._sites import design_rows, stacked_matrix
+from altgrad.nn._base import SingleSite, computed_in, describe_shape, ridge_solver
+from altgrad.nn._decorrelation import Decorrelating
+from altgrad.nn._sites import KernelLayout, design_rows, stacked_matrix
 
 Array = jax.Array
 
 
-class Dense(SingleSite):
+class Dense(SingleSite, Decorrelating):
   """``y = activation(x @ kernel + bias)`` on inputs shaped ``(..., in_features)``.
 
   Args:
@@ -40,7 +33,8 @@ class Dense(SingleSite):
     decorrelation_lr: if given, a decorrelating matrix ``R`` (identity at first, a
       :class:`Decorrelation` variable, never an ``nnx.Param``) is applied to the input before the
       kernel, ``linear(x) = (x R) K + b``, and every rule moves it by this learning rate after
-      each step, ``R <- R - lr R C`` with ``C`` the off-diagonal second moment of ``x R`` (spec/np.md 2.3).
+      each step, ``R <- R - lr R C`` with ``C`` the off-diagonal second moment of ``x R`` (spec/np.md 2.3);
+      the same as ``altgrad.nn.decorrelate`` gives any linear layer.
     decorrelation_sample: the fraction of a batch's rows that ``C`` is estimated on (evenly
       strided rows of the batch, which training shuffles). ``1.0`` (default) uses the whole batch,
       as the node-perturbation authors' code does; a fraction such as ``0.1`` (the decorrelated
@@ -71,43 +65,11 @@ class Dense(SingleSite):
     self.dtype = dtype
     self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype))
     self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
-    if decorrelation_lr is not None:
-      check_number(decorrelation_lr, "decorrelation_lr")
-    if not (isinstance(decorrelation_sample, (int, float)) and 0 < decorrelation_sample <= 1):
-      raise ValueError(f"decorrelation_sample is a fraction of the batch in (0, 1], got {decorrelation_sample!r}")
-    self.decorrelation_lr = decorrelation_lr
-    self.decorrelation_sample = float(decorrelation_sample)
-    self.decorrelation = (
-      None if decorrelation_lr is None else Decorrelation(jnp.eye(in_features, dtype=param_dtype))
-    )
+    self.start_decorrelation(decorrelation_lr, decorrelation_sample)
 
-  def decorrelated(self, x: Array) -> Array:
-    """``x R``: the input as the kernel sees it (``x`` itself without decorrelation)."""
-    if self.decorrelation is None:
-      return x
-    x, r = computed_in(self.dtype, x, self.decorrelation[...])
-    return x @ r
-
-  def decorrelation_step(self, x: Array) -> Array:
-    """The next ``R`` from a batch of inputs ``x`` (spec/np.md 2.3, in row layout):
-    ``R - lr R C`` with ``C`` the off-diagonal part of ``M = (x R)^T (x R) / n``.
-
-    ``R M`` is formed as ``(R (xR)^T)(xR) / n``: two thin products instead of a cubic one. With
-    ``decorrelation_sample < 1``, ``M`` is estimated on every ``k``-th row of ``x``.
-    """
-    rows = x.reshape(-1, self.in_features)
-    count = max(1, round(rows.shape[0] * self.decorrelation_sample))
-    xs = self.decorrelated(rows[:: rows.shape[0] // count][:count])
-    r = self.decorrelation[...]
-    count = _mesh.batch_count(xs.shape[0])  # inside shard_map: every device's rows
-    full = _mesh.batch_sum((r @ xs.T) @ xs) / count
-    diagonal = _mesh.batch_sum(jnp.sum(xs * xs, axis=0)) / count
-    return r - self.decorrelation_lr * (full - r * diagonal[None, :])
-
-  def effective_kernel(self) -> Array:
-    """``R K``: the map from the raw input to the pre-activation (minus the bias)."""
-    kernel = self.kernel[...]
-    return kernel if self.decorrelation is None else self.decorrelation[...] @ kernel
+  def kernel_layout(self) -> KernelLayout:
+    """The kernel is the matrix; the features are the input vectors."""
+    return KernelLayout(lambda x: x.reshape(-1, self.in_features), lambda k: k, lambda m: m, False)
 
   def linear(self, x: Array) -> Array:
     x, kernel, bias = computed_in(self.dtype, self.decorrelated(x), self.kernel[...], self.bias_value())

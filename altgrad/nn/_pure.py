@@ -223,8 +223,7 @@ class PureModel:
     for path in dict.fromkeys(tap.path for tap in taps if not tap.stacked):
       module = modules[path]
       if getattr(module, "decorrelation", None) is not None:
-        inputs = [t.inputs.reshape(-1, t.inputs.shape[-1]) for t in taps if t.path == path]
-        module.decorrelation[...] = module.decorrelation_step(jnp.concatenate(inputs))
+        module.decorrelation[...] = module.decorrelation_step([t.inputs for t in taps if t.path == path])
     return self.carried(model)
 
   def site_paths(self, taps: Sequence[Tap]) -> tuple[Path, ...]:

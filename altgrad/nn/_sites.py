@@ -23,7 +23,7 @@ import math
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -327,62 +327,99 @@ def stacked_matrix(kernel: Array, bias: Array | None) -> Array:
   return kernel if bias is None else jnp.concatenate([kernel, bias.reshape(1, -1)], axis=0)
 
 
-def matrix_form(module: nnx.Module) -> tuple[Callable[[Any], Array], Callable[[], Array]] | None:
-  """``(design, matrix)`` with ``linear_map(module, x).reshape(-1, out) == design(x) @ matrix()``,
-  or ``None`` where the site is not such a product (grouped or masked convs, batch axes, Einsum,
-  ConvTranspose, LoRA). CW and ER solve per-site least squares on this form."""
-  if not getattr(type(module), "_altgrad_tapped", False):
-    design, matrix = getattr(module, "design", None), getattr(module, "matrix", None)
-    return (design, matrix) if callable(design) and callable(matrix) else None
-  cls, bias = original_class(module), getattr(module, "bias", None)
-  has_bias = bias is not None
+class KernelLayout(NamedTuple):
+  """A linear site as a matrix product: ``features(x) @ to_matrix(kernel) (+ bias)`` is its
+  output as rows ``(n, out)``; ``from_matrix`` puts a ``(d, out)`` matrix back in the kernel's
+  shape. ``fused``: the features are not the input itself (a convolution's patches), so a
+  decorrelating matrix is applied to the kernel, not to the input."""
 
-  def bias_value():
-    return bias[...] if has_bias else None
+  features: Callable[[Any], Array]
+  to_matrix: Callable[[Array], Array]
+  from_matrix: Callable[[Array], Array]
+  fused: bool
 
+
+def user_class(module: nnx.Module) -> type:
+  """The user's own class of a module that altgrad made tappable or decorrelated."""
+  cls = original_class(module)
+  return getattr(cls, "_altgrad_decorrelated_base", cls)
+
+
+def kernel_layout(module: nnx.Module) -> KernelLayout | None:
+  """The :class:`KernelLayout` of an NNX linear layer, or ``None`` where it is not such a
+  product (grouped or masked convs, batch axes, Einsum, ConvTranspose, subclasses such as LoRA).
+  altgrad's own layers give theirs (``module.kernel_layout()``)."""
+  own = getattr(module, "kernel_layout", None)
+  if callable(own):
+    return own()
+  cls = user_class(module)
   if cls is nnx.Linear:
-
-    def linear_design(x):
-      return design_rows(x, has_bias)
-
-    return linear_design, lambda: stacked_matrix(module.kernel[...], bias_value())
+    return KernelLayout(lambda x: x.reshape(-1, x.shape[-1]), lambda k: k, lambda m: m, False)
   if cls is nnx.LinearGeneral:
     axes = tuple(sorted(module.axis))
     width = math.prod(module.in_features)
     if module.batch_axis or axes != tuple(range(-len(axes), 0)):  # contracted axes must be the last
       return None
-
-    def general_design(x):
-      return design_rows(x.reshape(-1, width), has_bias)
-
-    return general_design, lambda: stacked_matrix(module.kernel[...].reshape(width, -1), bias_value())
+    shape = (*module.in_features, *module.out_features)
+    return KernelLayout(
+      lambda x: x.reshape(-1, width), lambda k: k.reshape(width, -1), lambda m: m.reshape(shape), False
+    )
   if cls is nnx.Conv:
-    dims = len(module.kernel_size)
-    padding = _conv_padding(module.padding, dims)
-    if padding is None or module.feature_group_count != 1 or module.mask is not None:
-      return None
-    if _as_tuple(module.input_dilation, dims) != (1,) * dims:
-      return None
-    spatial = "DHW"[-dims:] if dims <= 3 else None
-    if spatial is None:
-      return None
-    numbers = (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
-
-    def conv_design(x):
-      x = x.reshape(-1, *x.shape[-dims - 1 :])
-      patches = jax.lax.conv_general_dilated_patches(
-        x.astype(jnp.result_type(x, module.kernel[...])),
-        tuple(module.kernel_size),
-        _as_tuple(module.strides, dims),
-        padding,
-        rhs_dilation=_as_tuple(module.kernel_dilation, dims),
-        dimension_numbers=numbers,
-      )
-      return design_rows(patches, has_bias)
-
-    def conv_matrix():
-      kernel = jnp.moveaxis(module.kernel[...], -2, 0)  # spatial..., in, out -> in, spatial..., out
-      return stacked_matrix(kernel.reshape(-1, kernel.shape[-1]), bias_value())
-
-    return conv_design, conv_matrix
+    return _conv_layout(module)
   return None
+
+
+def _conv_layout(module: nnx.Conv) -> KernelLayout | None:
+  dims = len(module.kernel_size)
+  padding = _conv_padding(module.padding, dims)
+  if padding is None or module.feature_group_count != 1 or module.mask is not None or dims > 3:
+    return None
+  if _as_tuple(module.input_dilation, dims) != (1,) * dims:
+    return None
+  spatial = "DHW"[-dims:]
+  numbers = (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
+
+  def patches(x):
+    x = x.reshape(-1, *x.shape[-dims - 1 :])
+    rows = jax.lax.conv_general_dilated_patches(
+      x.astype(jnp.result_type(x, module.kernel[...])),
+      tuple(module.kernel_size),
+      _as_tuple(module.strides, dims),
+      padding,
+      rhs_dilation=_as_tuple(module.kernel_dilation, dims),
+      dimension_numbers=numbers,
+    )  # features ordered (in, spatial...)
+    return rows.reshape(-1, rows.shape[-1])
+
+  def to_matrix(kernel):
+    kernel = jnp.moveaxis(kernel, -2, 0)  # spatial..., in, out -> in, spatial..., out
+    return kernel.reshape(-1, kernel.shape[-1])
+
+  def from_matrix(matrix):
+    kernel = matrix.reshape(module.in_features, *module.kernel_size, -1)
+    return jnp.moveaxis(kernel, 0, -2)
+
+  return KernelLayout(patches, to_matrix, from_matrix, True)
+
+
+def matrix_form(module: nnx.Module) -> tuple[Callable[[Any], Array], Callable[[], Array]] | None:
+  """``(design, matrix)`` with ``linear_map(module, x).reshape(-1, out) == design(x) @ matrix()``,
+  or ``None`` where the site is not such a product (see :func:`kernel_layout`). CW and ER solve
+  per-site least squares on this form; a decorrelated site's design rows are decorrelated."""
+  if not getattr(type(module), "_altgrad_tapped", False):
+    design, matrix = getattr(module, "design", None), getattr(module, "matrix", None)
+    return (design, matrix) if callable(design) and callable(matrix) else None
+  layout = kernel_layout(module)
+  if layout is None:
+    return None
+  bias = getattr(module, "bias", None)
+  decorrelated = getattr(module, "decorrelated", None)
+
+  def design(x):
+    rows = layout.features(x)
+    return design_rows(rows if decorrelated is None else decorrelated(rows), bias is not None)
+
+  def matrix():
+    return stacked_matrix(layout.to_matrix(module.kernel[...]), None if bias is None else bias[...])
+
+  return design, matrix
