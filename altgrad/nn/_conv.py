@@ -12,7 +12,7 @@ from flax import nnx
 from altgrad.nn._activations import Activation, get_activation
 from altgrad.nn._base import SingleSite, computed_in, describe_shape
 from altgrad.nn._decorrelation import Decorrelating
-from altgrad.nn._sites import KernelLayout, design_rows, stacked_matrix
+from altgrad.nn._sites import KernelLayout, design_rows, patch_layout, stacked_matrix
 
 Array = jax.Array
 
@@ -78,24 +78,7 @@ class Conv(SingleSite, Decorrelating):
 
   def kernel_layout(self) -> KernelLayout:
     """The features are the input patches, ordered (in, kh, kw); the kernel in that order."""
-
-    def patches(x):
-      rows = jax.lax.conv_general_dilated_patches(
-        x.astype(jnp.result_type(x, self.kernel[...])),
-        self.kernel_size,
-        self.strides,
-        self.padding,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      )
-      return rows.reshape(-1, rows.shape[-1])
-
-    def to_matrix(kernel):
-      return jnp.transpose(kernel, (2, 0, 1, 3)).reshape(-1, kernel.shape[-1])  # HWIO -> (in, kh, kw), out
-
-    def from_matrix(matrix):
-      return jnp.transpose(matrix.reshape(self.in_features, *self.kernel_size, -1), (1, 2, 0, 3))
-
-    return KernelLayout(patches, to_matrix, from_matrix, True)
+    return patch_layout(self.kernel[...], self.kernel_size, self.strides, self.padding, (1, 1))
 
   def linear(self, x: Array) -> Array:
     bias = None if self.bias is None else self.bias[...]

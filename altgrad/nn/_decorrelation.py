@@ -26,8 +26,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from altgrad import _mesh
-from altgrad.nn._base import check_number
-from altgrad.nn._sites import SiteError, is_site_module, kernel_layout, user_class
+from altgrad.nn._base import check_number, computed_in
+from altgrad.nn._sites import SiteError, describe_site, is_site_module, kernel_layout
 
 Array = jax.Array
 
@@ -96,10 +96,7 @@ class Decorrelating:
     themselves without decorrelation."""
     if self.decorrelation is None:
       return features
-    dtype = getattr(self, "dtype", None)
-    r = self.decorrelation[...]
-    if dtype is not None:
-      features, r = features.astype(dtype), r.astype(dtype)
+    features, r = computed_in(getattr(self, "dtype", None), features, self.decorrelation[...])
     return features @ r
 
   def decorrelation_step(self, inputs: Array | Sequence[Array]) -> Array:
@@ -163,11 +160,6 @@ def _expected_kernel_ndim(module: nnx.Module) -> int:
   return 2
 
 
-def _describe(path: Sequence[Any], module: nnx.Module) -> str:
-  cls = user_class(module)
-  return f"{'/'.join(map(str, path)) or 'the model'} ({cls.__module__.split('.')[0]}.{cls.__name__})"
-
-
 def decorrelate(model: nnx.Module, lr: float, *, sample: float = 1.0, only: Any = ...) -> nnx.Module:
   """A clone of ``model`` with a decorrelating matrix ``R`` in front of every chosen site.
 
@@ -192,7 +184,7 @@ def decorrelate(model: nnx.Module, lr: float, *, sample: float = 1.0, only: Any 
     if not is_site_module(module) or not chosen(path, module):
       continue
     if getattr(module, "decorrelation", None) is not None:
-      raise SiteError(f"{_describe(path, module)} is decorrelated already")
+      raise SiteError(f"{describe_site(path, module)} is decorrelated already")
     if isinstance(module, Decorrelating):
       module.start_decorrelation(lr, sample)
     elif kernel_layout(module) is not None and module.kernel[...].ndim == _expected_kernel_ndim(module):
@@ -200,7 +192,7 @@ def decorrelate(model: nnx.Module, lr: float, *, sample: float = 1.0, only: Any 
       module.start_decorrelation(lr, sample)
     else:
       raise SiteError(
-        f"{_describe(path, module)} cannot be decorrelated: altgrad decorrelates the input features of "
+        f"{describe_site(path, module)} cannot be decorrelated: altgrad decorrelates the input features of "
         "nnx.Linear, nnx.LinearGeneral over its last axes, nnx.Conv without feature groups, mask or "
         "input dilation (not inside a stack of layers made by nnx.vmap), and altgrad's Dense and Conv; "
         "leave it out with only= (an NNX filter, e.g. only=nnx.Linear)"

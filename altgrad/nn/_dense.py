@@ -13,7 +13,7 @@ from altgrad._linalg import RidgeSolver
 from altgrad.nn._activations import Activation, get_activation
 from altgrad.nn._base import SingleSite, computed_in, describe_shape, ridge_solver
 from altgrad.nn._decorrelation import Decorrelating
-from altgrad.nn._sites import KernelLayout, design_rows, stacked_matrix
+from altgrad.nn._sites import DENSE_LAYOUT, KernelLayout, design_rows, stacked_matrix
 
 Array = jax.Array
 
@@ -69,7 +69,7 @@ class Dense(SingleSite, Decorrelating):
 
   def kernel_layout(self) -> KernelLayout:
     """The kernel is the matrix; the features are the input vectors."""
-    return KernelLayout(lambda x: x.reshape(-1, self.in_features), lambda k: k, lambda m: m, False)
+    return DENSE_LAYOUT
 
   def linear(self, x: Array) -> Array:
     x, kernel, bias = computed_in(self.dtype, self.decorrelated(x), self.kernel[...], self.bias_value())

@@ -345,6 +345,16 @@ def user_class(module: nnx.Module) -> type:
   return getattr(cls, "_altgrad_decorrelated_base", cls)
 
 
+def describe_site(path: Sequence[Any], module: nnx.Module) -> str:
+  """``path (package.Class)`` of a site module, for error messages."""
+  cls = user_class(module)
+  return f"{'/'.join(map(str, path)) or 'the model'} ({cls.__module__.split('.')[0]}.{cls.__name__})"
+
+
+#: A dense layer: the input vectors are the features and the kernel is the matrix.
+DENSE_LAYOUT = KernelLayout(lambda x: x.reshape(-1, x.shape[-1]), lambda k: k, lambda m: m, False)
+
+
 def kernel_layout(module: nnx.Module) -> KernelLayout | None:
   """The :class:`KernelLayout` of an NNX linear layer, or ``None`` where it is not such a
   product (grouped or masked convs, batch axes, Einsum, ConvTranspose, subclasses such as LoRA).
@@ -354,7 +364,7 @@ def kernel_layout(module: nnx.Module) -> KernelLayout | None:
     return own()
   cls = user_class(module)
   if cls is nnx.Linear:
-    return KernelLayout(lambda x: x.reshape(-1, x.shape[-1]), lambda k: k, lambda m: m, False)
+    return DENSE_LAYOUT
   if cls is nnx.LinearGeneral:
     axes = tuple(sorted(module.axis))
     width = math.prod(module.in_features)
@@ -376,28 +386,38 @@ def _conv_layout(module: nnx.Conv) -> KernelLayout | None:
     return None
   if _as_tuple(module.input_dilation, dims) != (1,) * dims:
     return None
+  return patch_layout(
+    module.kernel[...],
+    tuple(module.kernel_size),
+    _as_tuple(module.strides, dims),
+    padding,
+    _as_tuple(module.kernel_dilation, dims),
+  )
+
+
+def patch_layout(
+  kernel: Array, kernel_size: tuple[int, ...], strides: tuple[int, ...], padding: Any, dilation: tuple[int, ...]
+) -> KernelLayout:
+  """A channels-last convolution (kernel ``spatial..., in, out``) as a product of its input
+  patches, features ordered ``(in, spatial...)``, with the kernel in that order."""
+  dims = len(kernel_size)
   spatial = "DHW"[-dims:]
   numbers = (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
 
   def patches(x):
     x = x.reshape(-1, *x.shape[-dims - 1 :])
+    x = x.astype(jnp.result_type(x, kernel))
     rows = jax.lax.conv_general_dilated_patches(
-      x.astype(jnp.result_type(x, module.kernel[...])),
-      tuple(module.kernel_size),
-      _as_tuple(module.strides, dims),
-      padding,
-      rhs_dilation=_as_tuple(module.kernel_dilation, dims),
-      dimension_numbers=numbers,
-    )  # features ordered (in, spatial...)
+      x, kernel_size, strides, padding, rhs_dilation=dilation, dimension_numbers=numbers
+    )
     return rows.reshape(-1, rows.shape[-1])
 
-  def to_matrix(kernel):
-    kernel = jnp.moveaxis(kernel, -2, 0)  # spatial..., in, out -> in, spatial..., out
-    return kernel.reshape(-1, kernel.shape[-1])
+  def to_matrix(k):
+    k = jnp.moveaxis(k, -2, 0)  # spatial..., in, out -> in, spatial..., out
+    return k.reshape(-1, k.shape[-1])
 
   def from_matrix(matrix):
-    kernel = matrix.reshape(module.in_features, *module.kernel_size, -1)
-    return jnp.moveaxis(kernel, 0, -2)
+    return jnp.moveaxis(matrix.reshape(kernel.shape[-2], *kernel_size, -1), 0, -2)
 
   return KernelLayout(patches, to_matrix, from_matrix, True)
 

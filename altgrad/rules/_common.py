@@ -27,7 +27,7 @@ from altgrad import _identity, _mesh
 from altgrad.nn import Layer, PureModel
 from altgrad.nn._base import describe_shape, is_concrete
 from altgrad.nn._pure import ApplyFn, LossFn
-from altgrad.nn._sites import is_site_module, original_class
+from altgrad.nn._sites import describe_site, is_site_module
 
 Array = jax.Array
 #: ``unpack(batch) -> (inputs, targets)``: how a rule splits the batch it is given.
@@ -343,7 +343,7 @@ def not_a_chain(model: nnx.Module, rule: str, chains: str) -> TypeError:
   """The error for a rule that needs layer inverses, naming a layer of ``model`` that has none."""
   culprit = next(
     (
-      f"{'/'.join(map(str, path))} ({original_class(m).__module__.split('.')[0]}.{original_class(m).__name__})"
+      describe_site(path, m)
       for path, m in nnx.iter_modules(model)
       if is_site_module(m) and not hasattr(m, "inverse")
     ),
