@@ -83,7 +83,10 @@ def _sigmoid_inverse_derivative(a):
   return 1.0 / (a * (1.0 - a))
 
 
-def _leaky_relu(z):
+@jax.jit
+def altgrad_leaky_relu(z):
+  """Jitted under this name so that a model's trace shows it (``altgrad.nn._chain`` reads it as
+  an invertible activation between two sites)."""
   return jnp.where(z >= 0, z, LEAKY_RELU_SLOPE * z)
 
 
@@ -113,7 +116,7 @@ _NAMED: dict[str, Activation] = {
   "relu": Activation("relu", jax.nn.relu, lambda z: (z > 0).astype(z.dtype)),
   "leaky_relu": Activation(
     "leaky_relu",
-    _leaky_relu,
+    altgrad_leaky_relu,
     _leaky_relu_derivative,
     _leaky_relu_inverse,
     _leaky_relu_inverse_derivative,

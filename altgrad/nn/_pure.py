@@ -13,6 +13,8 @@ from flax import nnx
 from altgrad import _mesh
 from altgrad.nn._sites import (
   Nested,
+  Reached,
+  SiteError,
   Tap,
   collect_nested,
   linear_map,
@@ -153,6 +155,17 @@ class PureModel:
     if any(isinstance(t, Nested) for t in taps):
       taps = collect_nested(self._modules_of(model), taps)
     return Forward(outputs, tuple(taps), self.carried(model))
+
+  def between(self, params: Any, inputs: Any, index: int, z: Array) -> Any:
+    """The input of site call ``index + 1`` when site call ``index`` outputs ``z``: what lies
+    between two consecutive sites as a function of the first one's output. The model runs on
+    ``inputs`` up to that call and no further."""
+    try:
+      with tapping(replaced=(index, z), stop_at=index + 1):
+        self._call(self.bind(params), inputs, self.call_key)
+    except Reached as reached:
+      return reached.inputs
+    raise SiteError(f"the model makes no site call after call {index}: there is nothing between it and the output")
 
   def _layout(self, params: Any, inputs: Any) -> tuple[Tap, ...]:
     """The taps of a pass on inputs shaped like ``inputs`` (shapes only; cached)."""

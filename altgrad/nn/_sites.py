@@ -81,6 +81,17 @@ class _Pass:
   stop_site_params: bool
   trace_state: Any
   taps: list[Any] = dataclasses.field(default_factory=list)
+  replaced: tuple[int, Array] | None = None
+  stop_at: int | None = None
+
+
+class Reached(Exception):  # noqa: N818  (control flow, not an error)
+  """Raised inside a :func:`tapping` pass with ``stop_at`` when that site call is reached: it
+  carries the call's input, and nothing after it runs."""
+
+  def __init__(self, inputs: Any):
+    super().__init__("the pass reached its stopping site")
+    self.inputs = inputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,17 +120,33 @@ def _trace_state() -> Any:
 
 
 @contextlib.contextmanager
-def tapping(perturbations: Sequence[Any] | None = None, *, stop_site_params: bool = False) -> Iterator[list[Tap]]:
+def tapping(
+  perturbations: Sequence[Any] | None = None,
+  *,
+  stop_site_params: bool = False,
+  replaced: tuple[int, Array] | None = None,
+  stop_at: int | None = None,
+) -> Iterator[list[Tap]]:
   """Within this context every site call adds ``perturbations[i]`` (``None``: nothing) to the
   output of the ``i``-th site call and appends a :class:`Tap` to the yielded list.
 
   With ``stop_site_params`` each site reads its own params through ``stop_gradient``: the
   gradient of the pass with respect to the params is then the *residual*, the part that comes
   from uses of params outside any site call (a tied embedding head, a norm scale, a free param).
+  ``replaced=(i, z)`` makes ``z`` the output of the ``i``-th site call, whatever its input;
+  with ``stop_at=j`` the ``j``-th site call raises :class:`Reached` with its input. Together they
+  give what lies between two sites as a function of the first one's output (see
+  ``PureModel.between``).
   """
   if getattr(_ACTIVE, "current", None) is not None:
     raise RuntimeError("a tapped pass is already running in this thread")
-  current = _Pass(None if perturbations is None else tuple(perturbations), stop_site_params, _trace_state())
+  current = _Pass(
+    None if perturbations is None else tuple(perturbations),
+    stop_site_params,
+    _trace_state(),
+    replaced=replaced,
+    stop_at=stop_at,
+  )
   _ACTIVE.current = current
   try:
     yield current.taps
@@ -158,6 +185,10 @@ def site(module: nnx.Module, compute: Callable[[Array | None], tuple[Any, Array]
     delta = None
   with _params_stopped(module) if current.stop_site_params else contextlib.nullcontext():
     inputs, preact = compute(delta)
+  if index == current.stop_at:
+    raise Reached(inputs)
+  if current.replaced is not None and current.replaced[0] == index:
+    preact = current.replaced[1].astype(preact.dtype)
   if not nested:
     current.taps.append(Tap(inputs, preact, site_path(module)))
     return preact
