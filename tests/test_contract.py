@@ -12,7 +12,7 @@ from altgrad import losses, nn, rules
 
 RULE_NAMES = sorted(rules.RULES)
 # Model families a rule cannot handle: it must say so at construction.
-UNSUPPORTED = {("tp", "conv"), ("er", "conv"), ("er", "rnn")}
+UNSUPPORTED = {("er", "rnn")}
 CONSTRUCTOR = {"tp": "target_propagation", "er": "expectation_reflection"}
 
 

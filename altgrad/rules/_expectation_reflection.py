@@ -34,9 +34,10 @@ from flax import nnx
 
 from altgrad import _mesh
 from altgrad._lapack import single_threaded_lapack
-from altgrad.nn import Dense, Sequential
+from altgrad.nn import GRU, SimpleRNN
 from altgrad.nn._base import at_step, check_number, is_concrete
-from altgrad.nn._sites import site_path
+from altgrad.nn._chain import Chain, chain_of, site_inverse
+from altgrad.nn._sites import SiteError, describe_site, is_site_module, kernel_layout, matrix_form
 from altgrad.rules._common import Common, LossFn, Rule, UnpackFn, check_precision, not_a_chain
 
 Array = jax.Array
@@ -193,20 +194,46 @@ class ExpectationReflectionState(NamedTuple):
   moments: tuple[Moments, ...]  # per layer, streamed over the data set (see the module docstring)
 
 
-def _check_model(model: nnx.Module) -> list[Dense]:
-  if not (isinstance(model, Sequential) and all(isinstance(layer, Dense) for layer in model.layers)):
-    raise not_a_chain(model, "expectation_reflection", "an altgrad.nn MLP (a Sequential of Dense layers)")
-  for layer in model.layers:
-    if layer.bias is None:
-      raise ValueError(
-        "expectation_reflection refits a bias in every layer: build the Dense layers with use_bias=True"
+def _check_model(model: nnx.Module) -> list[tuple[Any, nnx.Module]]:
+  """The model's site modules ``(path, module)`` in module order, checked as far as can be
+  before a batch (the chain itself is read from the first batch's trace)."""
+  sites = [(tuple(path), m) for path, m in nnx.iter_modules(model) if is_site_module(m)]
+  if isinstance(model, (SimpleRNN, GRU)) or not sites:
+    raise not_a_chain(model, "expectation_reflection", "an altgrad.nn MLP, conv net or another chain of linear layers")
+  for path, module in sites:
+    if kernel_layout(module) is None:
+      raise SiteError(
+        f"expectation_reflection refits every layer by least squares on its inputs, but {describe_site(path, module)} "
+        "is not a product of its input features (a grouped, masked or input-dilated conv, an Einsum, a transposed conv)"
       )
-  for layer in model.layers[:-1]:
-    if layer.activation.name != "tanh":
+    if getattr(module, "bias", None) is None:
       raise ValueError(
-        f"multilayer expectation_reflection reflects hidden fields through tanh; got activation {layer.activation.name!r}"
+        f"expectation_reflection refits a bias in every layer, but {describe_site(path, module)} has none: "
+        "build its layers with use_bias=True"
       )
-  return list(model.layers)
+  for _, module in sites[:-1]:
+    activation = getattr(module, "activation", None)
+    if activation is not None and activation.name != "tanh":
+      raise ValueError(
+        f"multilayer expectation_reflection reflects hidden fields through tanh; got activation {activation.name!r}"
+      )
+  return sites
+
+
+def _check_chain(chain: Chain, outputs: Any) -> None:
+  """ER reflects the last site's field and carries targets through tanh between sites."""
+  if outputs is not chain.taps[-1].preact:
+    raise SiteError(
+      "expectation_reflection reflects the output layer's field, so the model must return its last linear "
+      f"layer's output unchanged (logits), but something follows {chain.describe(len(chain.taps) - 1)}"
+    )
+  for index, link in enumerate(chain.links):
+    if not link.invertible or link.activation.name != "tanh":
+      what = link.blocker if link.blocker is not None else f"activation {link.activation.name!r}"
+      raise SiteError(
+        f"multilayer expectation_reflection reflects hidden fields through tanh, but between {chain.describe(index)} "
+        f"and {chain.describe(index + 1)} lies {what}: use tanh followed at most by reshapes"
+      )
 
 
 def _check_labels(labels: Array, outputs: int) -> None:
@@ -294,8 +321,15 @@ def expectation_reflection(
   hidden unit) or ``atanh(a*)`` (``"atanh"``). Layers are refit bottom-up, each on the inputs the
   already refit layers below now give.
 
+  Any chain of linear layers with biases takes ER (altgrad's MLP and conv net, an
+  ``nnx.Sequential`` or a module calling ``nnx.Linear``/``nnx.Conv`` one after another, read
+  from the first batch's trace as target propagation reads it), with tanh (followed at most by
+  reshapes) between layers and the last layer's output returned unchanged. A convolution is
+  refit on its input patches (one row per output position), its targets carried down through
+  its matrix-free ridge inverse [reconstruction on convolutions: the paper has dense layers].
+
   Args:
-    model: an MLP of Dense layers with biases (tanh hidden layers) and identity output.
+    model: a chain as above: linear layers with biases, tanh between them, logits out.
     data_size: the number of training examples. Each layer's refit uses moments streamed as
       ``M <- (1 - B/data_size) M + moments(batch)``, so full-batch training (``B = data_size``)
       is the reference rule and minibatches see the whole data set's statistics. Required:
@@ -314,14 +348,11 @@ def expectation_reflection(
   the reference stops when it no longer falls (``altgrad.train.fit(..., stop_on_discrepancy=True)``).
   """
   rule = Rule("expectation_reflection", model, loss_fn, unpack=unpack, key=key, float32=True)
-  layers = _check_model(model)
+  paths = [path for path, _ in _check_model(model)]
   check_precision(model, "expectation_reflection", "solves a least-squares refit per layer")
   _check_data_size(data_size)
   _check_options(reg, expectation, multiclass, hidden_target, hidden_field)
-  outputs = layers[-1].out_features
-  if multiclass == "softmax" and outputs < 2:
-    raise ValueError("multiclass='softmax' needs at least two outputs")
-  if len(layers) > 1 and is_concrete(at_step(reg, 0)) and at_step(reg, 0) == 0:
+  if len(paths) > 1 and is_concrete(at_step(reg, 0)) and at_step(reg, 0) == 0:
     raise ValueError(
       "multilayer expectation_reflection needs reg > 0: hidden targets use ridge pseudo-inverses"
     )
@@ -329,57 +360,79 @@ def expectation_reflection(
 
   def init_fn(params):
     dtype = jnp.promote_types(jax.tree.leaves(params)[0].dtype, jnp.float32)
-    moments = tuple(Moments.zeros(layer.in_features, layer.out_features, dtype) for layer in layers)
+    modules = rule.pure.modules(params)
+    shapes = [matrix_form(modules[path])[1]().shape for path in paths]
+    moments = tuple(Moments.zeros(rows - 1, columns, dtype) for rows, columns in shapes)
     return ExpectationReflectionState(rule.common(params), jnp.asarray(jnp.inf, jnp.float32), moments)
 
   def step_fn(state, params, x, labels):
-    _check_labels(labels, outputs)
     step = rule.begin(state.common, x, labels)
     view, ridge = step.model, at_step(reg, step.count)
-    memory = _memory(data_size, step.batch_size)
-    sites = view.bind(params).sites()
     clean = view.tapped(params, x)
-    taps = clean.taps
+    chain = chain_of(view, params, x, clean.taps, "expectation_reflection", minimum=1)
+    _check_chain(chain, clean.outputs)
+    outputs = clean.taps[-1].preact.shape[-1]
+    if multiclass == "softmax" and outputs < 2:
+      raise ValueError("multiclass='softmax' needs at least two outputs")
+    _check_labels(labels, outputs)
     field_target, discrepancy = reflect(
-      taps[-1].preact, spins(labels, outputs), expectation=expectation, multiclass=multiclass
+      clean.taps[-1].preact, spins(labels, outputs), expectation=expectation, multiclass=multiclass
     )
-    field_targets = _hidden_field_targets(sites, taps, field_target, ridge, hidden_target, hidden_field)
-    matrices, streamed, inputs = {}, [], x
-    for i, (site, tap, target, old) in enumerate(zip(sites, taps, field_targets, state.moments, strict=True)):
-      features = site.decorrelated(inputs)
-      batch_moments = _mesh.batch_sum(Moments.of(features, target, discrepancy))
-      moments = old.scaled(memory) + Moments(*(m.astype(old.count.dtype) for m in batch_moments))
-      kernel, bias = refit(moments, ridge, center_outputs=multiclass == "softmax" and i == len(sites) - 1)
-      matrices[tap.path] = site.matrix() - jnp.concatenate([kernel, bias[None]]).astype(site.matrix().dtype)
-      streamed.append(moments)
-      inputs = site.activation(features @ kernel + bias)
+    field_targets = _hidden_field_targets(chain, field_target, ridge, hidden_target, hidden_field)
+    order = [paths.index(tap.path) for tap in chain.taps]
+    old = [state.moments[i] for i in order]
+    matrices, streamed = _refit(chain, field_targets, discrepancy, old, ridge, _memory(data_size, step.batch_size), multiclass)
     updates = view.updates_from_matrices(params, matrices)
+    moments = list(state.moments)
+    for i, new in zip(order, streamed, strict=True):
+      moments[i] = new
     mean_discrepancy = rule.mean(discrepancy).astype(jnp.float32)
     logged = mean_discrepancy if loss_fn is None else rule.mean(rule.losses(clean.outputs, labels, step.rows))
-    variables = view.next_variables(params, view.variables, taps)
+    variables = view.next_variables(params, view.variables, clean.taps)
     common = rule.finish(step, logged, variables)
-    return updates, ExpectationReflectionState(common, mean_discrepancy, tuple(streamed))
+    return updates, ExpectationReflectionState(common, mean_discrepancy, tuple(moments))
 
   return rule.transformation(init_fn, step_fn)
 
 
-def _hidden_field_targets(sites, taps, field_target, reg, hidden_target, hidden_field) -> list[Array]:
-  """Every layer's field target, the output's ``field_target`` carried down through each layer's
-  ridge inverse (see :func:`expectation_reflection` for the forms)."""
+def _refit(chain: Chain, field_targets, discrepancy, old, ridge, memory, multiclass):
+  """Every site refit bottom-up, each on the inputs the already refit sites below now give: the
+  pseudo-gradients ``matrix - refit`` by path and the streamed moments, in call order."""
+  matrices, streamed, inputs = {}, [], chain.taps[0].inputs
+  last = len(chain.taps) - 1
+  for i, (module, tap, target, previous) in enumerate(zip(chain.modules, chain.taps, field_targets, old, strict=True)):
+    design, matrix = matrix_form(module)
+    features = design(inputs)[:, :-1]  # the ones column of the bias: the refit centres instead
+    batch_moments = _mesh.batch_sum(Moments.of(features, target.reshape(features.shape[0], -1), discrepancy))
+    moments = previous.scaled(memory) + Moments(*(m.astype(previous.count.dtype) for m in batch_moments))
+    kernel, bias = refit(moments, ridge, center_outputs=multiclass == "softmax" and i == last)
+    current = matrix()
+    matrices[tap.path] = current - jnp.concatenate([kernel, bias[None]]).astype(current.dtype)
+    streamed.append(moments)
+    if i < last:
+      inputs = chain.links[i].apply((features @ kernel + bias).reshape(tap.preact.shape).astype(tap.preact.dtype))
+  return matrices, streamed
+
+
+def _hidden_field_targets(chain: Chain, field_target, reg, hidden_target, hidden_field) -> list[Array]:
+  """Every site's field target, the output's ``field_target`` carried down through each site's
+  ridge inverse and the tanh below it (see :func:`expectation_reflection` for the forms)."""
   field_targets = [field_target]
-  for layer, tap, below, below_tap in zip(sites[:0:-1], taps[:0:-1], sites[-2::-1], taps[-2::-1], strict=True):
-    solve = layer.ridge_solver(reg)
+  for index in range(len(chain.taps) - 1, 0, -1):
+    tap, below = chain.taps[index], chain.taps[index - 1]
+    inverse = site_inverse(chain.modules[index], tap.inputs, reg, coupled=chain.coupled)
     z_target = field_targets[0]
     if hidden_target == "plain":
-      a_target = solve(z_target - layer.bias[...])
+      a_target = inverse.target(z_target)
     elif hidden_target == "diff":
-      a_target = tap.inputs + solve(z_target - tap.preact)
+      a_target = tap.inputs + inverse.displacement(z_target - tap.preact)
     else:
-      a_target = ratio_target(tap.inputs, solve(z_target - layer.bias[...]), solve(tap.preact - layer.bias[...]))
+      a_target = ratio_target(tap.inputs, inverse.target(z_target), inverse.target(tap.preact))
+    a_target = chain.links[index - 1].unstructure(a_target, below.preact)
     if hidden_field == "ratio":
-      field_targets.insert(0, a_target * secant_ratio(below_tap.preact))
+      field_targets.insert(0, a_target * secant_ratio(below.preact))
     else:
-      field_targets.insert(0, below.activation.inverse(a_target))
+      field_targets.insert(0, chain.links[index - 1].activation.inverse(a_target))
   return field_targets
 
 
@@ -393,11 +446,12 @@ def ratio_target(activity: Array, observed: Array, predicted: Array) -> Array:
   return jnp.where(small | (jnp.abs(ratio) >= 1.0), difference, ratio)
 
 
-def _single_layer(model: nnx.Module) -> Dense:
-  layers = _check_model(model)
-  if len(layers) != 1:
-    raise ValueError(f"the streaming ER API refits one layer; this model has {len(layers)}")
-  return layers[0]
+def _single_layer(model: nnx.Module) -> Any:
+  """The path of a single-layer model's one site."""
+  sites = _check_model(model)
+  if len(sites) != 1:
+    raise ValueError(f"the streaming ER API refits one layer; this model has {len(sites)}")
+  return sites[0][0]
 
 
 def reflection_moments(
@@ -409,31 +463,26 @@ def reflection_moments(
   accumulates them batch by batch (or reduces them across devices) and solves once with
   :func:`reflection_solution`: exactly the refit of all the data in one batch.
   """
-  layer = _single_layer(model)
+  _single_layer(model)
   _check_options(0.0, expectation, multiclass, "diff", "ratio")
   rule = Rule("reflection_moments", model, None)
   x, labels = rule.read_batch(batch)
-  _check_labels(labels, layer.out_features)
-  bound = rule.pure.bind(params)
-  features = bound.sites()[0].decorrelated(x)
-  target, discrepancy = reflect(
-    bound.sites()[0].linear(x),
-    spins(labels, layer.out_features),
-    expectation=expectation,
-    multiclass=multiclass,
-  )
-  return Moments.of(features, target, discrepancy)
+  (tap,) = rule.pure.tapped(params, x).taps
+  outputs = tap.preact.shape[-1]
+  _check_labels(labels, outputs)
+  design, _ = matrix_form(rule.pure.modules(params)[tap.path])
+  features = design(tap.inputs)[:, :-1]
+  target, discrepancy = reflect(tap.preact, spins(labels, outputs), expectation=expectation, multiclass=multiclass)
+  return Moments.of(features, target.reshape(features.shape[0], -1), discrepancy)
 
 
 def reflection_solution(
   model: nnx.Module, params: Any, moments: Moments, *, reg: float = 0.01, multiclass: str = "ovr"
 ) -> Any:
   """The refit params (shaped like ``params``) of a single-layer model from accumulated moments."""
-  _single_layer(model)
+  path = _single_layer(model)
   _check_options(reg, "tanh_half", multiclass, "diff", "ratio")
   kernel, bias = refit(moments, reg, center_outputs=multiclass == "softmax")
   view = Rule("reflection_solution", model, None).pure
-  site = view.bind(params).sites()[0]
-  return view.updates_from_matrices(
-    params, {site_path(site): jnp.concatenate([kernel, bias[None]]).astype(site.matrix().dtype)}
-  )
+  current = matrix_form(view.modules(params)[path])[1]()
+  return view.updates_from_matrices(params, {path: jnp.concatenate([kernel, bias[None]]).astype(current.dtype)})

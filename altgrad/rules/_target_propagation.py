@@ -1,11 +1,13 @@
-"""Target propagation via regularized inversion (TP-RI), for MLPs, Elman RNNs and GRUs.
+"""Target propagation via regularized inversion (TP-RI), for any chain of layers (MLPs, conv
+nets, ordinary NNX chains), Elman RNNs and GRUs.
 
 Roulet and Harchaoui, "Target Propagation via Regularized Inversion", arXiv:2112.01453 (TMLR
 2023: "... for Recurrent Neural Networks"). The algorithm follows the authors' public code
-(vroulet/tpri) and slide as spec/tp.md records: the paper's text was not available. The
-feed-forward (MLP) form and the Gauss-Newton reading are reconstructions. Displacements
-``d = v - h`` are carried instead of targets ``v`` (the reference forms targets, which loses
-small displacements below float32's resolution of ``h``).
+(vroulet/tpri) and slide as docs/rules/target_propagation.rst records: the paper's text was not
+available. The feed-forward form, the Gauss-Newton reading, and everything on convolutions
+(the sites' matrix-free inverses, the fallback for links without an inverse) are reconstructions.
+Displacements ``d = v - h`` are carried instead of targets ``v`` (the reference forms targets,
+which loses small displacements below float32's resolution of ``h``).
 """
 
 from __future__ import annotations
@@ -20,9 +22,26 @@ from flax import nnx
 
 from altgrad import _mesh
 from altgrad._lapack import single_threaded_lapack
-from altgrad.nn import GRU, Dense, PureModel, Sequential, SimpleRNN
+from altgrad.nn import GRU, PureModel, SimpleRNN
 from altgrad.nn._base import at_step, check_number
-from altgrad.rules._common import Common, LossFn, Rule, UnpackFn, check_choice, check_precision, not_a_chain
+from altgrad.nn._chain import (
+  CG_ITERATIONS,
+  Chain,
+  chain_of,
+  regularized_least_squares,
+  site_inverse,
+  transpose_at,
+)
+from altgrad.nn._sites import SiteError, is_site_module, linear_map
+from altgrad.rules._common import (
+  Common,
+  LossFn,
+  Rule,
+  UnpackFn,
+  check_choice,
+  check_precision,
+  check_static_int,
+)
 
 Array = jax.Array
 
@@ -36,6 +55,18 @@ class TargetPropagationState(NamedTuple):
   common: Common
   displacement_norms: tuple[Array, ...]  # RMS displacement of each hidden layer at the last step
   clipped_displacements: Array  # how many displacements the guard has changed, all steps
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+  """One step's options (hyperparameters at the step's count)."""
+
+  mode: str
+  reg: Any
+  lr_target: Any
+  update: str
+  max_rms: Any
+  iterations: int
 
 
 def _guard(d: Array, max_rms: float | None) -> tuple[Array, Array]:
@@ -53,19 +84,37 @@ def _guard(d: Array, max_rms: float | None) -> tuple[Array, Array]:
   return d, jnp.sum(fired, dtype=jnp.int32)
 
 
-def _mlp_displacements(layers, taps, top: Array, mode: str, reg, max_rms) -> tuple[list[Array], Array]:
-  """Displacements of each hidden layer's output, from ``top`` (that of the last hidden layer),
-  and how many the guard scaled down."""
-  displacements, clipped = [top], jnp.zeros((), jnp.int32)
-  for layer, tap in zip(layers[1:][::-1], taps[1:][::-1], strict=True):
-    d, output = displacements[0], layer.activation(tap.preact)
+def _invert_layer(chain: Chain, index: int, d: Array, settings: _Settings) -> Array:
+  """The displacement of site ``index``'s input for a displacement ``d`` of the next site's:
+  through the link's exact inverse where it is invertible, else (linearized only) by the
+  regularized least squares of the whole layer's linearization (see ``altgrad.nn._chain``)."""
+  link, tap, mode, reg = chain.links[index], chain.taps[index], settings.mode, settings.reg
+  inverse = site_inverse(chain.modules[index], tap.inputs, reg, coupled=chain.coupled, iterations=settings.iterations)
+  if link.invertible:
+    activation, output = link.activation, link.activation(tap.preact)
+    step = link.unstructure(d, tap.preact)
     if mode == "linearized":
-      below = layer.inverse_linearized(d, output, reg=reg)
-    elif mode == "difference":
-      below = layer.inverse(output + d, reg=reg) - layer.inverse(output, reg=reg)
-    else:
-      below = layer.inverse(output + d, reg=reg) - tap.inputs
-    below, count = _guard(below, max_rms)
+      return inverse.displacement(step * activation.inverse_derivative(output))
+    target = inverse.target(activation.inverse(output + step))
+    return target - (inverse.target(activation.inverse(output)) if mode == "difference" else tap.inputs)
+  if mode != "linearized":
+    raise SiteError(
+      f"target_propagation mode {mode!r} inverts every layer, but between {chain.describe(index)} and "
+      f"{chain.describe(index + 1)} lies {link.blocker}, which has no inverse: use mode='linearized' "
+      "(the regularized inverse of the layer's linearization), or invertible activations (tanh, sigmoid, leaky_relu)"
+    )
+  _, link_jvp = jax.linearize(link.apply, tap.preact)
+  forward = lambda t: link_jvp(inverse.linear(t))  # noqa: E731
+  transpose = transpose_at(lambda x: link.apply(linear_map(chain.modules[index], x)), tap.inputs)
+  return regularized_least_squares(forward, transpose, d, reg, coupled=chain.coupled, iterations=settings.iterations)
+
+
+def _chain_displacements(chain: Chain, top: Array, settings: _Settings) -> tuple[list[Array], Array]:
+  """Displacements of the inputs of every site but the first, from ``top`` (the last site's),
+  and how many the guard changed."""
+  displacements, clipped = [top], jnp.zeros((), jnp.int32)
+  for index in range(len(chain.taps) - 2, 0, -1):
+    below, count = _guard(_invert_layer(chain, index, displacements[0], settings), settings.max_rms)
     displacements.insert(0, below)
     clipped = clipped + count
   return displacements, clipped
@@ -130,17 +179,6 @@ def _gru_displacements(cell, h_prev: Array, x: Array, local: Array, reg, max_rms
   return _sweep_back(carry_back, local, steps, max_rms)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Settings:
-  """One step's options (hyperparameters at the step's count)."""
-
-  mode: str
-  reg: Any
-  lr_target: Any
-  update: str
-  max_rms: Any
-
-
 def _mean_loss(loss, outputs, targets) -> Array:
   """This device's part of the whole batch's mean loss (all of it outside ``shard_map``)."""
   values = loss(outputs, targets)
@@ -168,61 +206,73 @@ def _gru_step(view: PureModel, params, x, targets, loss, settings: _Settings):
   return optax.tree.add(readout_update, cell_update), [displacement], clipped, (), mean
 
 
-def _check_model(model: nnx.Module, mode: str) -> None:
+def _check_model(model: nnx.Module, mode: str) -> int:
+  """Checks what can be checked before a batch (a chain is read from the first batch's trace) and
+  returns how many hidden states the model has."""
   if isinstance(model, GRU):
     if mode != "linearized":
       raise ValueError(
         f"target_propagation inverts a GRU gate by gate, linearized (as the authors' code does); mode {mode!r} "
         "needs a whole-cell inverse it does not have: use mode='linearized'"
       )
-    return
-  if isinstance(model, SimpleRNN):
-    hidden = [model.cell]
-  elif isinstance(model, Sequential) and all(isinstance(layer, Dense) for layer in model.layers):
-    if len(model.layers) < 2:
-      raise ValueError("target_propagation needs at least one hidden layer below the output layer")
-    hidden = list(model.layers[:-1])
-  else:
-    raise not_a_chain(model, "target_propagation", "an altgrad.nn MLP (a Sequential of Dense), SimpleRNN or GRU")
-  for site in hidden:
-    if not site.activation.invertible:
+    return 1
+  sites = [model.cell] if isinstance(model, SimpleRNN) else [m for _, m in nnx.iter_modules(model) if is_site_module(m)]
+  if not isinstance(model, SimpleRNN) and len(sites) < 2:
+    raise ValueError("target_propagation needs at least one hidden layer below the output layer")
+  hidden = sites if isinstance(model, SimpleRNN) else sites[:-1]
+  for site in hidden if isinstance(model, SimpleRNN) or mode != "linearized" else ():
+    activation = getattr(site, "activation", None)
+    if activation is not None and not activation.invertible:
       raise ValueError(
-        f"target_propagation inverts every hidden layer, but activation {site.activation.name!r} has no "
-        "inverse; use tanh, sigmoid, leaky_relu or identity"
+        f"target_propagation mode {mode!r} inverts every hidden layer, but activation {activation.name!r} has "
+        "no inverse; use tanh, sigmoid, leaky_relu or identity"
+        + ("" if isinstance(model, SimpleRNN) else ", or mode='linearized' (the layer's linearization)")
       )
+  return 1 if isinstance(model, SimpleRNN) else len(hidden)
 
 
-def _step(view: PureModel, params, x, targets, loss, settings: _Settings):
-  """This device's part of the update, the hidden layers' displacements, how many of them the
-  guard changed, the taps, and this device's part of the mean loss, of one TP step."""
-  bound = view.bind(params)
-  if isinstance(bound, GRU):
-    return _gru_step(view, params, x, targets, loss, settings)
-  sites = bound.sites()
+def _recurrent_step(view: PureModel, params, x, targets, loss, settings: _Settings):
+  """:func:`_step` for a SimpleRNN: displacements carried back in time by the cell's inverse."""
+  cell, top = view.bind(params).sites()
 
   def forward(perturbations):
     taps = view.tapped(params, x, perturbations).taps
     return tuple(t.preact for t in taps), taps
 
   _, pull_back, taps = jax.vjp(forward, view.zero_perturbations(params, x), has_aux=True)
-  top_site, top_tap = sites[-1], taps[-1]
-  mean, top_error = jax.value_and_grad(lambda z: _mean_loss(loss, top_site.activation(z), targets))(top_tap.preact)
-  _, input_vjp = jax.vjp(top_site.linear, top_tap.inputs)
-  (top_input_grad,) = input_vjp(top_error)
-  first = -settings.lr_target * top_input_grad  # displacement of the last hidden state (of each, per step)
-  mode, reg, max_rms = settings.mode, settings.reg, settings.max_rms
-  if isinstance(bound, SimpleRNN):
-    local = _per_step(first, taps[0].preact.shape[1])
-    displacement, clipped = _rnn_displacements(sites[0], taps[0], local, mode, reg, max_rms)
-    displacements = [displacement]
-  else:
-    displacements, clipped = _mlp_displacements(sites[:-1], taps[:-1], first, mode, reg, max_rms)
-  local = [
-    -d * site.activation.derivative(tap.preact)
-    for site, tap, d in zip(sites[:-1], taps[:-1], displacements, strict=True)
-  ]
+  mean, top_error = jax.value_and_grad(lambda z: _mean_loss(loss, top.activation(z), targets))(taps[-1].preact)
+  _, input_vjp = jax.vjp(top.linear, taps[-1].inputs)
+  local = _per_step(-settings.lr_target * input_vjp(top_error)[0], taps[0].preact.shape[1])
+  displacement, clipped = _rnn_displacements(cell, taps[0], local, settings.mode, settings.reg, settings.max_rms)
+  own = -displacement * cell.activation.derivative(taps[0].preact)
   if settings.update == "through_time":
-    (errors,) = pull_back((*local, jnp.zeros_like(top_error)))
+    own = pull_back((own, jnp.zeros_like(top_error)))[0][0]
+  return view.updates_from_errors(params, taps, (own, top_error)), [displacement], clipped, taps, mean
+
+
+def _step(view: PureModel, params, x, targets, loss, settings: _Settings):
+  """This device's part of the update, the hidden states' displacements, how many of them the
+  guard changed, the taps, and this device's part of the mean loss, of one TP step."""
+  bound = view.bind(params)
+  if isinstance(bound, GRU):
+    return _gru_step(view, params, x, targets, loss, settings)
+  if isinstance(bound, SimpleRNN):
+    return _recurrent_step(view, params, x, targets, loss, settings)
+
+  def forward(perturbations):
+    tapped = view.tapped(params, x, perturbations)
+    return (_mean_loss(loss, tapped.outputs, targets), tuple(t.preact for t in tapped.taps)), tapped.taps
+
+  (mean, preacts), pull_back, taps = jax.vjp(forward, view.zero_perturbations(params, x), has_aux=True)
+  chain = chain_of(view, params, x, taps, "target_propagation")
+  nothing = tuple(jnp.zeros_like(z) for z in preacts)
+  top_error = pull_back((jnp.ones_like(mean), nothing))[0][-1]  # dL/dz at the last site (the rest is dead code)
+  _, input_vjp = jax.vjp(lambda h: linear_map(chain.modules[-1], h), taps[-1].inputs)
+  first = -settings.lr_target * input_vjp(top_error)[0]  # displacement of the last site's input
+  displacements, clipped = _chain_displacements(chain, first, settings)
+  local = [-link.vjp(tap.preact, d) for link, tap, d in zip(chain.links, taps[:-1], displacements, strict=True)]
+  if settings.update == "through_time":
+    (errors,) = pull_back((jnp.zeros_like(mean), (*local, jnp.zeros_like(top_error))))
     errors = (*errors[:-1], top_error)
   else:
     errors = (*local, top_error)
@@ -239,16 +289,18 @@ def target_displacements(
   reg: float = 1.0,
   lr_target: float = 1e-2,
   max_displacement: float | None = None,
+  cg_iterations: int | None = None,
   unpack: UnpackFn | None = None,
 ) -> list[Array]:
-  """The displacements ``v - h`` that TP gives each hidden layer on ``batch``: one array per
-  hidden layer of an MLP, or one ``(batch, time, hidden)`` array for a SimpleRNN or GRU (its norm over
+  """The displacements ``v - h`` that TP gives each hidden state on ``batch``: one array per
+  site input but the first's of a chain (each hidden layer of an MLP), or one ``(batch, time, hidden)`` array for a SimpleRNN or GRU (its norm over
   time shows how far back the targets carry signal). Options as in :func:`target_propagation`."""
   rule = Rule("target_displacements", model, loss_fn, unpack=unpack, float32=True)
   _check_model(model, mode)
   x, targets = rule.read_batch(batch)
   rows = jax.tree.leaves(x)[0].shape[0]
-  settings = _Settings(mode, reg, lr_target, "local", max_displacement)
+  iterations = CG_ITERATIONS if cg_iterations is None else check_static_int(cg_iterations, "cg_iterations", minimum=1)
+  settings = _Settings(mode, reg, lr_target, "local", max_displacement, iterations)
   return _step(rule.pure, params, x, targets, lambda o, t: rule.losses(o, t, rows), settings)[1]
 
 
@@ -261,6 +313,7 @@ def target_propagation(
   lr_target: float = 1e-2,
   update: str = "through_time",
   max_displacement: float | None = None,
+  cg_iterations: int | None = None,
   unpack: UnpackFn | None = None,
   key: int | Array = 0,
 ) -> optax.GradientTransformationExtraArgs:
@@ -293,8 +346,20 @@ def target_propagation(
   The output layer always gets its ordinary loss gradient; hidden layers move by about
   ``lr_target`` times the optimizer's step, so compare learning rates fairly.
 
+  On any model that is a chain of linear layers (altgrad's MLP and conv net, an
+  ``nnx.Sequential`` or a module calling ``nnx.Linear``/``nnx.Conv`` layers one after another;
+  read from the first batch's trace, see ``altgrad.nn._chain``) a layer is a site and what lies
+  between it and the next site: ``a^-1`` is the activation's guarded inverse where that is a
+  known invertible activation followed by reshapes, and ``linear``'s ridge inverse is closed form
+  for a dense site and conjugate gradients for a convolution [reconstruction on convolutions].
+  Where what lies between two sites has no inverse (relu, pooling, normalization), the
+  linearized mode uses the regularized least squares of the layer's Jacobian instead,
+  ``(J^T J + reg I)^-1 J^T d`` [reconstruction, not the paper's inverse]; the other modes say
+  so. A model that is not a chain (residual blocks, attention) is refused, naming the site.
+
   Args:
-    model: an MLP (Sequential of Dense) or a SimpleRNN with invertible hidden activations, or a
+    model: a chain of linear layers as above (invertible hidden activations for the
+      ``difference`` and ``exact`` modes), a SimpleRNN with an invertible activation, or a
       GRU (inverted gate by gate, ``mode="linearized"`` only: see ``GRUCell.inverse_linearized``).
     loss_fn: ``loss_fn(outputs, targets) -> (batch,)``.
     mode: ``"linearized"``, ``"difference"`` or ``"exact"``.
@@ -311,6 +376,10 @@ def target_propagation(
       finite. The state's ``clipped_displacements`` counts the displacements (example, layer,
       time step) the guard has changed over all steps, and ``fit`` records it per epoch
       (``History.clipped_displacements``).
+    cg_iterations: the most conjugate-gradient iterations of one matrix-free solve (a
+      convolution's inverse, a layer without an inverse; ``None``:
+      ``altgrad.nn._chain.CG_ITERATIONS``); each stops earlier once every example's relative
+      residual is below ``altgrad.nn._chain.CG_TOLERANCE``.
 
   The state records the RMS displacement of each hidden layer at the last step;
   :func:`target_displacements` gives them whole (per time step for an RNN). On a CPU, building
@@ -318,15 +387,15 @@ def target_propagation(
   (their threads would take the cores from XLA's).
   """
   rule = Rule("target_propagation", model, loss_fn, unpack=unpack, key=key, float32=True)
-  _check_model(model, mode)
-  check_precision(model, "target_propagation", "solves a ridge system per layer")
   check_choice(mode, "mode", MODES)
   check_choice(update, "update", UPDATES)
+  hidden = _check_model(model, mode)
+  check_precision(model, "target_propagation", "solves a ridge system per layer")
+  iterations = CG_ITERATIONS if cg_iterations is None else check_static_int(cg_iterations, "cg_iterations", minimum=1)
   for name, value in (("reg", reg), ("lr_target", lr_target), ("max_displacement", max_displacement)):
     if value is not None:
       check_number(value, name, positive=True, schedule=True)
   single_threaded_lapack()
-  hidden = 1 if isinstance(model, (SimpleRNN, GRU)) else len(model.layers) - 1
 
   def init_fn(params):
     zeros = (jnp.zeros((), jnp.float32),) * hidden
@@ -336,10 +405,15 @@ def target_propagation(
     step = rule.begin(state.common, inputs, targets)
     count = step.count
     max_rms = None if max_displacement is None else at_step(max_displacement, count)
-    settings = _Settings(mode, at_step(reg, count), at_step(lr_target, count), update, max_rms)
+    settings = _Settings(mode, at_step(reg, count), at_step(lr_target, count), update, max_rms, iterations)
     updates, displacements, clipped, taps, mean = _step(
       step.model, params, inputs, targets, lambda o, t: rule.losses(o, t, step.rows), settings
     )
+    if len(displacements) != hidden:
+      raise SiteError(
+        f"target_propagation: the model has {hidden + 1} linear layers but its pass calls {len(taps)}: "
+        "every linear layer of a chain runs once per pass"
+      )
     norms = tuple(jnp.sqrt(rule.mean(jnp.mean(d.reshape(d.shape[0], -1) ** 2, axis=1))) for d in displacements)
     variables = step.model.next_variables(params, step.model.variables, taps)
     clipped = state.clipped_displacements + _mesh.batch_sum(clipped)
