@@ -272,7 +272,8 @@ def make_parser() -> argparse.ArgumentParser:
     choices=MODELS,
     default="auto",
     help="model family; auto picks mlp for vectors, rnn for sequences, conv for images; gru is a "
-    "GRU for sequences (target propagation inverts it gate by gate); resnet "
+    "GRU for sequences (target propagation inverts it gate by gate); cnn (images) is altgrad's conv net "
+    "written in plain NNX; resnet "
     "(images) and transformer (token sequences, e.g. --dataset majority) are ordinary NNX models "
     "without altgrad layers",
   )

@@ -21,7 +21,7 @@ OPTIMIZERS = {
   "rmsprop": optax.rmsprop,
   "adam": optax.adam,
 }
-MODELS = ("auto", "mlp", "conv", "rnn", "gru", "resnet", "transformer")
+MODELS = ("auto", "mlp", "conv", "cnn", "rnn", "gru", "resnet", "transformer")
 KERNEL_INITS = {
   "lecun_normal": nnx.initializers.lecun_normal,
   "he_normal": nnx.initializers.he_normal,
@@ -63,6 +63,7 @@ def build_model(
 ):
   """The model `compare` trains: an MLP for flat inputs, a SimpleRNN (or, as ``gru``, a GRU)
   for sequences, a small conv net for images; or an ordinary NNX model of the user's kind (no altgrad layers): a
+  ``cnn`` (altgrad's conv net in plain NNX), a
   ``resnet`` (width ``hidden[0]``, ``len(hidden)`` residual blocks) for images, a
   ``transformer`` (width ``hidden[0]``, ``len(hidden)`` blocks, a head tied to the token
   embedding) for token sequences whose classes are tokens. ``kernel_init`` names the
@@ -90,6 +91,10 @@ def build_model(
 
 def _undecorrelated_model(dataset, kind, hidden, activation, rngs, init):
   shape, out = dataset.input_shape, dataset.output_size
+  if kind == "cnn":
+    if len(shape) != 3:
+      raise ValueError(f"--model cnn needs images (height, width, channels); {dataset.name} has {shape}")
+    return _zoo.CNN(shape, out, hidden=hidden, activation=nn.get_activation(activation).fn, rngs=rngs)
   if kind == "resnet":
     if len(shape) != 3:
       raise ValueError(f"--model resnet needs images (height, width, channels); {dataset.name} has {shape}")

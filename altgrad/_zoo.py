@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -23,6 +26,30 @@ class ResidualMLP(nnx.Module):
     h = h + jnp.tanh(self.block(self.norm(h)))
     h = h + jnp.tanh(self.block(h))  # the same layer again: shared weights
     return self.head(h) * self.temperature
+
+
+class CNN(nnx.Module):
+  """A chain of ``nnx.Conv`` and ``nnx.Linear`` with elementwise activations, as a user writes one:
+  two 3x3 convolutions of stride 2 (16 and 32 channels; strides rather than pooling, so that
+  Expectation Reflection can carry targets through it), a reshape, then dense layers of widths
+  ``hidden`` and the classifier. altgrad's conv net, written in plain NNX."""
+
+  def __init__(
+    self, image: Sequence[int], classes: int, *, hidden: Sequence[int] = (128,), activation=jnp.tanh, rngs: nnx.Rngs
+  ):
+    height, width, channels = image
+    self.conv1 = nnx.Conv(channels, 16, (3, 3), strides=(2, 2), rngs=rngs)
+    self.conv2 = nnx.Conv(16, 32, (3, 3), strides=(2, 2), rngs=rngs)
+    widths = (32 * -(-height // 4) * -(-width // 4), *hidden, classes)
+    self.dense = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in itertools.pairwise(widths)])
+    self.activation = activation
+
+  def __call__(self, x):
+    h = self.activation(self.conv2(self.activation(self.conv1(x))))
+    h = h.reshape(h.shape[0], -1)
+    for layer in self.dense[:-1]:
+      h = self.activation(layer(h))
+    return self.dense[-1](h)
 
 
 class ResidualBlock(nnx.Module):
