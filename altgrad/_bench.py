@@ -154,7 +154,7 @@ def _np_suite() -> list[Run]:
 
 
 def _tp_suite() -> list[Run]:
-  """spec/tp.md 5: a tanh RNN of 100 units, TP (SGD gamma_theta; gamma_h, r) against BPTT (Nesterov)
+  """docs/rules/target_propagation.rst, Benchmark settings: a tanh RNN of 100 units, TP (SGD gamma_theta; gamma_h, r) against BPTT (Nesterov)
   and against the control, BPTT at TP's step sizes (``scaled_backprop``), 3 seeds; the adding task
   in the authors' squared error (``mean_squared_error``). Temporal order at T = 60 and the adding
   task run the authors' budgets as they do: 40k, 48k and 24k iterations of fresh batches of 20,
@@ -184,7 +184,7 @@ def _tp_suite() -> list[Run]:
   )
   runs.append(adding(rule="backprop", optimizer="nesterov", lr=1e-3))
   runs.append(adding(rule="tp", optimizer="sgd", lr=0.1, rule_options=(("lr_target", 0.1), ("reg", 1.0))))
-  # MNIST-1D as a 40-step sequence, with SGD settings after spec/tp.md's pixel-MNIST ones (both
+  # MNIST-1D as a 40-step sequence, with SGD settings after the paper's pixel-MNIST ones (both
   # rules diverged in results/tp.md: a setting to tune, not a comparison)
   sequence = (("as_sequence", True),)
   runs.append(Run("mnist1d", (100,), "backprop", "nesterov", 1e-3, 20, 16, dataset_options=sequence))
@@ -221,7 +221,7 @@ def _tp_suite() -> list[Run]:
 
 
 def _er_suite() -> list[Run]:
-  """spec/er.md 5: full-batch ER, one sweep (3 seeds) and the reference stopping rule (one seed:
+  """docs/rules/expectation_reflection.rst, Benchmark settings: full-batch ER, one sweep (3 seeds) and the reference stopping rule (one seed:
   it stops one run); ER on minibatches of 64 and 256 with moments streamed over the data set
   (3 seeds, 5 epochs; the hidden models also with the ratio hidden target); backprop with Adam
   (3 seeds)."""

@@ -299,7 +299,7 @@ def make_parser() -> argparse.ArgumentParser:
     type=_fraction,
     default=1.0,
     help="the fraction of each batch the decorrelation update is estimated on (default: 1.0, the "
-    "whole batch, as the node-perturbation authors do; 0.1 makes it 10x cheaper)",
+    "whole batch, as the node-perturbation authors do; 0.1 estimates it on a tenth)",
   )
   p.add_argument(
     "--kernel-init",

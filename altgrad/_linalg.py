@@ -19,8 +19,7 @@ class RidgeSolver(NamedTuple):
   columns, and of ``K^T K + reg I`` otherwise (push-through identity), so its size is
   ``min(K.shape)``. The solver keeps ``L^-1`` (one triangular solve at creation) and applies
   ``L^-T L^-1`` as two products: XLA's CPU backend runs a triangular solve inside a loop
-  (``lax.scan``, as target propagation's backward sweep does) about 300 times slower than
-  outside one, and the ridge keeps ``L`` well conditioned (``cond(L)^2 <= (|K|^2 + reg) / reg``).
+  (``lax.scan``, as target propagation's backward sweep does) far slower than outside one, and the ridge keeps ``L`` well conditioned (``cond(L)^2 <= (|K|^2 + reg) / reg``).
 
   The solve is a fixed linear map ``z -> z P``. With ``explicit=True`` the solver forms
   ``P = K^T (K K^T + reg I)^-1`` (``(n_out, n_in)``) once and each call is one product: worth it

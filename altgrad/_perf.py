@@ -1,7 +1,7 @@
 """`altgrad bench --suite perf`: what one training step of each rule costs against backprop's.
 
 Every case is one jitted step (rule, then ``optax.sgd``) on one batch passed as an argument, at a
-shape of spec/np.md, spec/cw.md and spec/tp.md's benchmarks or an ordinary NNX model. Per case:
+shape of the benchmark settings in docs/rules/node_perturbation.rst, consequentialism.rst and target_propagation.rst or an ordinary NNX model. Per case:
 the median step time (cases of a shape are timed in turn, round after round, so that a drift of
 the machine hits them alike), the time to trace and compile the step, the FLOPs and peak device
 memory of the compiled step (XLA's cost and memory analyses: arguments, outputs and temporaries,
@@ -114,7 +114,7 @@ def cases() -> list[Case]:
 def largest_constant(hlo: str) -> int:
   """Elements of the largest array constant in compiled HLO text. Data closed over by a step
   instead of passed to it becomes such a constant, and XLA may fold whole products of it at
-  compile time (a 1000 x 1000 Gram matrix took 65 s)."""
+  compile time (a large Gram matrix can take minutes)."""
   shapes = re.findall(r"=\s*\w+\[([\d,]*)\](?:\{[\d,]*\})?\s+constant\(", hlo)
   return max((math.prod(int(d) for d in shape.split(",") if d) for shape in shapes), default=0)
 

@@ -29,7 +29,8 @@ Array = jax.Array
 #: ``probe(params, opt_state) -> {name: scalar}``, recorded before training and after each epoch.
 Probe = Callable[[Any, Any], dict[str, Array]]
 
-#: A regression prediction counts as correct within this distance of its target (spec/tp.md).
+#: A regression prediction counts as correct within this distance of its target
+#: (docs/rules/target_propagation.rst, Benchmark settings).
 REGRESSION_TOLERANCE = 0.04
 #: The mesh axis that :func:`fit`'s ``data_parallel`` shards the batch over.
 BATCH_AXIS = "batch"

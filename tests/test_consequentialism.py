@@ -1,4 +1,4 @@
-"""Oracles of spec/cw.md for the consequentialism (mini-batch NLMS) rule."""
+"""Oracles for the consequentialism (mini-batch NLMS) rule."""
 
 import chex
 import jax
@@ -87,7 +87,7 @@ def test_dual_and_primal_forms_agree(rows_count):
     )
   # float32 at the smallest ridge the spec recommends (1e-3 tr(K)/B): the side "auto" picks
   # (the smaller, full-rank Gram) is accurate to ~1e-7; the other side's Gram is rank-deficient
-  # and loses ~1e-4 to 1e-3 (spec/cw.md 3), which is why auto never picks it.
+  # and loses ~1e-4 to 1e-3 (docs/rules/consequentialism.rst, Precision), which is why auto never picks it.
   with jax.enable_x64(True):
     want = np.asarray(emend(jnp.asarray(rows), jnp.asarray(d), eps=1e-3, form="dual"))
   other = "primal" if rows_count < 41 else "dual"

@@ -1,4 +1,4 @@
-"""One suite, every rule: the optax contract of DESIGN.md."""
+"""One suite, every rule: the optax contract of docs/rules/common.rst."""
 
 import chex
 import jax

@@ -2,6 +2,7 @@
 
 import dataclasses
 import inspect
+import typing
 
 import pytest
 
@@ -27,6 +28,8 @@ def _documented_objects():
     yield module.__name__, module
     for name, value in _public(module):
       if inspect.ismodule(value) or not (inspect.isclass(value) or callable(value)):
+        continue
+      if typing.get_origin(value) is not None:  # a type alias: documented by its #: comment
         continue
       yield name, value
       if inspect.isclass(value):
@@ -83,3 +86,27 @@ def test_the_api_reference_has_a_page_entry_for_every_public_class_and_function(
     if (inspect.isclass(value) or inspect.isfunction(value)) and f":: {name}\n" not in text
   ]
   assert not missing, f"not in docs/: {missing}"
+
+
+_ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+_CITED = r"(?<![\w/.])((?:docs|results|tools|notebooks|tests|altgrad)/[\w/.-]*\w\.(?:md|rst|py|json|png|ipynb))"
+
+
+def _sources():
+  for folder, pattern in (("altgrad", "**/*.py"), ("tests", "*.py"), ("tools", "*.py"), ("docs", "**/*.rst")):
+    yield from sorted((_ROOT / folder).glob(pattern))
+
+
+def test_every_document_the_code_and_docs_cite_exists():
+  """Docstrings, comments and doc pages point only at files in this repository: no design notes
+  or specs kept elsewhere."""
+  import re
+
+  missing, elsewhere = [], []
+  for path in _sources():
+    text = path.read_text()
+    where = path.relative_to(_ROOT)
+    missing += [f"{where}: {cited}" for cited in re.findall(_CITED, text) if not (_ROOT / cited).exists()]
+    elsewhere += [f"{where}: {m}" for m in re.findall(r"\bspec/\w+\." + "md|DESIGN" + r"\.md", text)]
+  assert not missing, f"cited files that do not exist: {missing}"
+  assert not elsewhere, f"citations of documents outside the repository: {elsewhere}"

@@ -1,4 +1,4 @@
-"""Oracles of spec/er.md for Expectation Reflection."""
+"""Oracles for Expectation Reflection."""
 
 import itertools
 import os
@@ -83,7 +83,7 @@ def test_refit_with_ridge_solves_its_normal_equations():
 
 
 def test_one_er_step_is_a_preconditioned_gradient_like_step():
-  # spec/er.md 2.2: w_new = w + C^-1 Cov(x, (s - m) h / m): C^-1 for the learning rate, h/f(h) for f'(h)
+  # docs/rules/expectation_reflection.rst, Gradient reading: w_new = w + C^-1 Cov(x, (s - m) h / m): C^-1 for the learning rate, h/f(h) for f'(h)
   with jax.enable_x64(True):
     x, y = _binary_problem()
     model = _f64_layer(10, 1, seed=3)

@@ -99,7 +99,7 @@ def test_inverse_activations_are_guarded_at_the_range_boundaries(name, low, high
   assert bool(jnp.all(jnp.isfinite(inv))) and bool(jnp.all(jnp.isfinite(slope)))
   # Values past the edge are clipped to the same guarded value as the edge itself.
   assert float(inv[0]) == float(inv[1]) and float(inv[2]) == float(inv[3])
-  # The guard bounds the inverse slope, as spec/tp.md asks (~500 for tanh with e = 1e-3).
+  # The guard bounds the inverse slope, as docs/rules/target_propagation.rst says (Guards) (~500 for tanh with e = 1e-3).
   assert float(jnp.max(slope)) <= 1.001 * steepest
 
 

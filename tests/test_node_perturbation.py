@@ -1,4 +1,4 @@
-"""Oracles of spec/np.md for node perturbation (NP, INP, ANP) and decorrelation."""
+"""Oracles for node perturbation (NP, INP, ANP) and decorrelation."""
 
 import chex
 import jax
@@ -81,7 +81,7 @@ def test_anp_mean_follows_the_predicted_biased_descent_direction():
     pure = nn.PureModel(model)
     _, _, taps, errors, *_ = pure.errors(params, *batch, CE)
     jac = _site_jacobians(model, x)
-    # spec/np.md 2.4: E[e_l] is proportional to (I + sum_{k<l} M_lk M_lk^T) g_l.
+    # docs/rules/node_perturbation.rst, Bias and variance: E[e_l] is proportional to (I + sum_{k<l} M_lk M_lk^T) g_l.
     predicted = []
     for i, g in enumerate(errors):
       p = g

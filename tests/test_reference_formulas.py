@@ -1,6 +1,6 @@
 """One step of a rule against a NumPy implementation of its authors' formulas, in float64: node
 perturbation (NP, INP, ANP) with decorrelation after Dalm et al. (SanderDalm/DANP_open_source),
-and target propagation of an Elman RNN after Roulet and Harchaoui (vroulet/tpri, spec/tp.md 2.2-2.4;
+and target propagation of an Elman RNN after Roulet and Harchaoui (vroulet/tpri, docs/rules/target_propagation.rst;
 the displacement guard, which the reference lacks, off). The NumPy side is written from the
 equations, not from altgrad's code."""
 

@@ -1,4 +1,4 @@
-"""Oracles of spec/tp.md for target propagation via regularized inversion."""
+"""Oracles for target propagation via regularized inversion."""
 
 import chex
 import jax
@@ -54,7 +54,7 @@ def test_through_time_update_is_the_gradient_of_the_surrogate_with_fixed_targets
     # the readout always gets its ordinary loss gradient
     chex.assert_trees_all_close(update["readout"], _grad(model, params, (x, y))["readout"], rtol=1e-12)
 
-    # The surrogate's last-step term alone is lr_target times backprop's gradient (spec/tp.md 4).
+    # The surrogate's last-step term alone is lr_target times backprop's gradient (docs/rules/target_propagation.rst, Test oracles).
     def last_term(p):
       _, taps = tapped(model, x, params=p)
       return 0.5 * jnp.sum((jnp.tanh(taps[0].preact[:, -1]) - targets[:, -1]) ** 2)

@@ -1,4 +1,4 @@
-"""The synthetic long-range sequence tasks of spec/tp.md (after Manchev and Spratling, JMLR 2020)."""
+"""The synthetic long-range sequence tasks of target propagation's benchmarks (docs/rules/target_propagation.rst; after Manchev and Spratling, JMLR 2020)."""
 
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def adding(length: int = 30, *, num_train: int = 10_000, num_test: int = 2_000, 
 
   Channel 0 holds the markers (one in the first tenth, one before the middle), channel 1 the
   values. x ``(n, length, 2)`` float32, y ``(n, 1)`` float32 in [0, 1). A prediction counts as
-  correct within 0.04 of the target (spec/tp.md). Its ``sampler`` draws fresh sequences the
+  correct within 0.04 of the target (docs/rules/target_propagation.rst). Its ``sampler`` draws fresh sequences the
   same way (``fit(..., fresh_steps=...)``).
   """
   _check_length(length, 4, "adding")

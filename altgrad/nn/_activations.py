@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-#: Margin kept from the edge of a bounded range before inverting (spec/tp.md: e = 1e-3).
+#: Margin kept from the edge of a bounded range before inverting (docs/rules/target_propagation.rst, Guards: e = 1e-3).
 INVERSE_MARGIN = 1e-3
 LEAKY_RELU_SLOPE = 0.2
 

@@ -4,7 +4,7 @@ A decorrelated site computes ``z = (f(x) R) K + b``, where ``f(x)`` are the rows
 matrix form (a dense layer's input vectors, a convolution's input patches). ``R`` starts at the
 identity and is a :class:`Decorrelation` variable (model state, never an ``nnx.Param``); every
 rule advances it after each step on the step's clean inputs, ``R <- R - lr R C`` with ``C`` the
-off-diagonal second moment of ``f(x) R`` (spec/np.md 2.3; artcogsys/decorbp's update in row
+off-diagonal second moment of ``f(x) R`` (docs/rules/node_perturbation.rst; artcogsys/decorbp's update in row
 layout). A dense layer multiplies its input by ``R``; a convolution multiplies its kernel,
 ``K <- R K`` in patch layout, so its forward pass stays one convolution (as decorbp does).
 

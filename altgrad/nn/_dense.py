@@ -33,7 +33,7 @@ class Dense(SingleSite, Decorrelating):
     decorrelation_lr: if given, a decorrelating matrix ``R`` (identity at first, a
       :class:`Decorrelation` variable, never an ``nnx.Param``) is applied to the input before the
       kernel, ``linear(x) = (x R) K + b``, and every rule moves it by this learning rate after
-      each step, ``R <- R - lr R C`` with ``C`` the off-diagonal second moment of ``x R`` (spec/np.md 2.3);
+      each step, ``R <- R - lr R C`` with ``C`` the off-diagonal second moment of ``x R`` (docs/rules/node_perturbation.rst);
       the same as ``altgrad.nn.decorrelate`` gives any linear layer.
     decorrelation_sample: the fraction of a batch's rows that ``C`` is estimated on (evenly
       strided rows of the batch, which training shuffles). ``1.0`` (default) uses the whole batch,
@@ -98,7 +98,7 @@ class Dense(SingleSite, Decorrelating):
   def inverse(
     self, target: Array, *, reg: float | Array | None = None, solver: RidgeSolver | None = None
   ) -> Array:
-    """Regularized inverse (spec/tp.md 2.2): ``argmin_x ||a^-1(target) - linear(x)||^2 + reg ||x||^2``.
+    """Regularized inverse (docs/rules/target_propagation.rst): ``argmin_x ||a^-1(target) - linear(x)||^2 + reg ||x||^2``.
 
     Give ``reg``, or a ``solver`` from :meth:`ridge_solver` to factor once for many calls.
     """

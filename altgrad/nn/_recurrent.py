@@ -86,7 +86,7 @@ class RNNCell(nnx.Module):
     reg: float | Array | None = None,
     solver: RidgeSolver | None = None,
   ) -> Array:
-    """``argmin_h ||a^-1(target) - (h W + x U + b)||^2 + reg ||h||^2`` (spec/tp.md 2.2)."""
+    """``argmin_h ||a^-1(target) - (h W + x U + b)||^2 + reg ||h||^2`` (docs/rules/target_propagation.rst)."""
     solver = ridge_solver(self.recurrent_kernel[...], reg, solver)
     return solver(self.activation.inverse(target) - self.input_drive(x))
 

@@ -4,7 +4,7 @@ Paeedeh and Ghiasi-Shirazi, "Improving the Backpropagation Algorithm with Conseq
 Weight Updates over Mini-Batches", arXiv:2003.05164 (Neurocomputing 461, 2021).
 
 Reconstruction: only the paper's abstracts were available and no code was published, so the
-equations here are reconstructed (spec/cw.md) from the abstracts and standard NLMS /
+equations here are reconstructed (docs/rules/consequentialism.rst) from the abstracts and standard NLMS /
 affine-projection theory. Unconfirmed: the scaling of eps, sum versus mean, and how the paper
 combines the rule with momentum or Adam.
 """
@@ -107,7 +107,7 @@ def consequentialism(
   ``update = X^T (X X^T + eps I)^-1 D = (X^T X + eps I)^-1 X^T D``. With batch size 1 this is
   NLMS, ``delta x^T / (eps + ||x||^2)``; as ``eps`` grows it tends to ``B / eps`` times the
   gradient of the mean loss. The errors sent down are backprop's: only the weight update
-  changes. Reconstructed from the paper's abstract (spec/cw.md); see the module docstring.
+  changes. Reconstructed from the paper's abstract (docs/rules/consequentialism.rst); see the module docstring.
 
   Follow it with any optimizer ("emend, then optimize"): with ``optax.sgd(eta)``, ``eta`` in
   (0, 1] is the fraction of each example's virtual error corrected (the mean loss's ``1/B`` is

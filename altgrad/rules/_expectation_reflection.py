@@ -5,7 +5,7 @@ Kim, Soh, Periwal and Jo, "Multiplicative Learning" (v2: "Multiplicative learnin
 observation-prediction ratios"), arXiv:2503.10144, building on Expectation Reflection (Hoang,
 Song, Periwal and Jo, Phys. Rev. E 99, 023311, 2019). The single-layer rule follows the authors'
 public code (danhtaihoang/expectation-reflection and danhtaihoang/multiclass-classification) as
-spec/er.md records. The paper's body was not available: the multilayer rule here is a
+docs/rules/expectation_reflection.rst records. The paper's body was not available: the multilayer rule here is a
 reconstruction from its abstract ("modified gradient descent incorporating the inverse mapping of
 target propagation"), not the paper's algorithm.
 
@@ -307,7 +307,7 @@ def expectation_reflection(
 
   One output layer (``MLP((n, classes))``): the field ``h = x W + b`` is reflected by the ratio
   of observed to expected output (:func:`reflect`) and ``W, b`` are refit by ridge least squares
-  on ``x`` (spec/er.md 2.1). With one output the labels are binary {0, 1}.
+  on ``x`` (docs/rules/expectation_reflection.rst). With one output the labels are binary {0, 1}.
 
   Hidden layers [reconstruction, not the paper's algorithm]: the output field is reflected, then
   targets travel down through each layer's ridge inverse ``P(v) = v W^+``, as in target

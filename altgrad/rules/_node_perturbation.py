@@ -2,7 +2,7 @@
 
 Dalm, van Gerven and Ahmad, "Effective Learning with Node Perturbation in Multi-Layer Neural
 Networks", arXiv:2310.00965 (v4). The equations and defaults follow the authors' public code
-(SanderDalm/DANP_open_source), as spec/np.md records; the bias analysis of ANP and the extension
+(SanderDalm/DANP_open_source), as docs/rules/node_perturbation.rst records; the bias analysis of ANP and the extension
 to convolutional and recurrent sites are reconstructions.
 """
 
@@ -150,7 +150,7 @@ def _sample(passes: _Passes, variant: str, perturb_free: bool, node_key: Array, 
 
     def masked(m):
       # only free params get the mask: site params stay unbatched under the vmap (batched
-      # conv kernels made INP's step on a ResNet 4x slower)
+      # conv kernels made INP's step on a ResNet several times slower)
       w = None if not perturb_free else jax.tree.map(lambda v, f: m[-1] * v if f else v, weights, passes.free)
       return passes.run(tuple(mi * e for mi, e in zip(m[: len(noise)], noise, strict=True)), w)[0]
 
@@ -202,7 +202,7 @@ def node_perturbation(
     ``e_l = N_l dL_l eps_l / ||eps_l||^2`` with ``N_l`` the site's node count (unbiased);
   - ``"anp"``: one pass, all sites noisy, only *measured* activity changes
     ``da_l = a~_l - a_l`` (noise from below included): ``e_l = N dL da_l / sum_k ||da_k||^2``,
-    ``N`` all nodes. Biased toward a descent direction that is not the gradient (spec/np.md 2.4).
+    ``N`` all nodes. Biased toward a descent direction that is not the gradient (docs/rules/node_perturbation.rst, Bias and variance).
 
   The update is ``e_l`` through the site's linear map at its clean input, averaged over the batch
   (for a dense layer ``X^T E / B``), as backprop's would be. With a decorrelating model

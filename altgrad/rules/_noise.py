@@ -19,8 +19,8 @@ NoiseFn = Callable[[Array, tuple[int, ...], Any], Array]
 def noise_like(noise_fn: NoiseFn | None, sigma: float, key: Array, like: list[Array], batched: bool = False) -> tuple[Array, ...]:
   """Noise shaped like each array of ``like``: ``noise_fn`` called per array with a key of its
   own, or by default ``sigma`` times :func:`gaussian` in a single draw split among them (one
-  hash computation however many sites: XLA compiles each one separately, and they made node
-  perturbation's step compile 5x slower than backprop's). ``batched``: the arrays share their
+  hash computation however many sites: XLA compiles each one separately, and their compile
+  time dominated node perturbation's step: results/noise_hash.md). ``batched``: the arrays share their
   first (batch) axis, which the single draw keeps, so a batch sharded over devices draws its
   noise where it lives."""
   if not like:
@@ -43,9 +43,9 @@ def threefry2x32(key: tuple[Array, Array], counters: tuple[Array, Array]) -> tup
   """The Threefry-2x32 hash of 20 rounds (Salmon et al., SC 2011), JAX's default PRNG, word for
   word as ``jax.random`` computes it, written out as elementwise ops.
 
-  On CPU, JAX lowers its hash primitive as a loop over the rounds: a draw at node-perturbation
-  shapes compiled in 0.19-0.94 s with it and in 0.11 s written out, where the rounds fuse into
-  one elementwise kernel.
+  On CPU, JAX lowers its hash primitive as a loop over the rounds: written out, the rounds fuse
+  into one elementwise kernel and a draw compiles faster (``tools/noise_hash.py``:
+  results/noise_hash.md).
   """
   k0, k1 = key
   schedule = (k0, k1, k0 ^ k1 ^ np.uint32(0x1BD11BDA))

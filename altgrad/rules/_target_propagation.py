@@ -330,7 +330,7 @@ def target_propagation(
 
   A recurrent model with a readout at every step (``sequence_output=True``) gives every state
   its own ``-lr_target * dL/dh_t`` through that step's readout, added to the displacement
-  carried back from the step above (spec/tp.md's per-step outputs [recon]; the authors' file
+  carried back from the step above (a reconstruction, docs/rules/target_propagation.rst; the authors' file
   counts the last step's own term twice, altgrad once).
 
   Each hidden layer then moves toward its target ``v = h + d``:
