@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 
 from altgrad.nn import Layer
-from altgrad.rules import backprop
-from altgrad.rules._backprop import BackpropState
+from altgrad.rules import BackpropState, backprop
+
+__all__ = ["cosine_probe", "cosine_to_backprop", "layer_cosines"]
 
 Array = jax.Array
 

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+__all__ = ["clipped_cross_entropy", "mean_squared_error", "over_time", "softmax_cross_entropy", "squared_error"]
+
 Array = jax.Array
 
 

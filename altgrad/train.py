@@ -23,7 +23,9 @@ from altgrad import __version__, _distributed, _identity, _interrupt
 from altgrad._checkpoints import Checkpoints
 from altgrad.data import Dataset
 from altgrad.nn import Layer, PureModel
-from altgrad.rules._expectation_reflection import rises
+from altgrad.rules import rises
+
+__all__ = ["BATCH_AXIS", "REGRESSION_TOLERANCE", "History", "Probe", "epoch_order", "fit", "fit_seeds", "make_evaluate"]
 
 Array = jax.Array
 #: ``probe(params, opt_state) -> {name: scalar}``, recorded before training and after each epoch.
@@ -178,7 +180,7 @@ def fit(
     stop_on_discrepancy: the reference stopping rule of Expectation Reflection: stop when the
       discrepancy the rule reports (its state's ``discrepancy``, measured at the params its last
       update started from) rises by more than float rounding
-      (:func:`~altgrad.rules._expectation_reflection.rises`), and keep the best params. Meant
+      (:func:`~altgrad.rules.rises`), and keep the best params. Meant
       for full-batch training (``batch_size`` = the training set), where each epoch is one update.
     data_parallel: shard every batch over all devices (``jax.devices()``, a one-axis mesh named
       :data:`BATCH_AXIS`) with params and rule state replicated; ``batch_size`` must divide by

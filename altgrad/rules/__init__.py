@@ -19,6 +19,7 @@ from altgrad.rules._expectation_reflection import (
   reflect,
   reflection_moments,
   reflection_solution,
+  rises,
 )
 from altgrad.rules._guard import FiniteGuardState, finite_guard
 from altgrad.rules._node_perturbation import NodePerturbationState, node_perturbation
@@ -49,6 +50,7 @@ __all__ = [
   "reflect",
   "reflection_moments",
   "reflection_solution",
+  "rises",
   "target_displacements",
   "target_propagation",
 ]

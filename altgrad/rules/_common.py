@@ -82,6 +82,7 @@ def check_static_int(value: Any, name: str, *, minimum: int) -> int:
 
 
 def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> None:
+  """Refuses an option string outside ``choices``, naming the option and the choices."""
   if value not in choices:
     raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 

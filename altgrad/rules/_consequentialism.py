@@ -11,7 +11,7 @@ combines the rule with momentum or Adam.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +27,10 @@ from altgrad.rules._common import ApplyFn, Common, LossFn, Rule, UnpackFn, check
 
 Array = jax.Array
 
-FORMS = ("auto", "dual", "primal")
-EPS_MODES = ("relative", "absolute")
+Form = Literal["auto", "dual", "primal"]
+EpsMode = Literal["relative", "absolute"]
+FORMS = get_args(Form)
+EPS_MODES = get_args(EpsMode)
 
 
 def _solve_spd(matrix: Array, rhs: Array, eps: Array) -> Array:
@@ -42,8 +44,8 @@ def emend(
   errors: Array,
   *,
   eps: float,
-  eps_mode: str = "relative",
-  form: str = "auto",
+  eps_mode: EpsMode = "relative",
+  form: Form = "auto",
   diag: bool = False,
 ) -> Array:
   """The CW update of one site in matrix form, ``X^T (X X^T + eps I)^-1 D``.
@@ -92,8 +94,8 @@ def consequentialism(
   loss_fn: LossFn,
   *,
   eps: float | Array | optax.Schedule = 1.0,
-  eps_mode: str = "relative",
-  form: str = "auto",
+  eps_mode: EpsMode = "relative",
+  form: Form = "auto",
   diag: bool = False,
   apply: ApplyFn | None = None,
   unpack: UnpackFn | None = None,

@@ -9,21 +9,26 @@ that refit is not implemented here, so iterates and accuracies can differ from t
 from __future__ import annotations
 
 import functools
+from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from altgrad.rules._common import check_choice
 from altgrad.rules._expectation_reflection import (
   EXPECTATIONS,
   MULTICLASS,
+  Expectation,
   InputFactor,
+  Multiclass,
   reflect,
   rises,
   spins,
 )
 
-STOPPING = ("per_class", "joint")
+Stopping = Literal["per_class", "joint"]
+STOPPING = get_args(Stopping)
 
 
 @functools.partial(
@@ -82,7 +87,7 @@ class ERClassifier:
   With one-vs-rest outputs each class stops on its own discrepancy, as the reference does
   (``stopping="per_class"``, the default; one output's refit does not depend on the others), or
   all at once on their mean (``stopping="joint"``, the only choice for ``"softmax"``). A rise
-  within float rounding is not a rise (:func:`~altgrad.rules._expectation_reflection.rises`): near
+  within float rounding is not a rise (:func:`~altgrad.rules.rises`): near
   convergence the discrepancy falls by less than float32 resolves, and an exact comparison
   stopped float32 fits on rounding noise where float64 ones go on.
   Two classes use one output (labels' logit); more use one-vs-rest outputs normalized at
@@ -98,14 +103,14 @@ class ERClassifier:
     *,
     reg: float = 0.01,
     max_iter: int = 100,
-    expectation: str = "tanh_half",
-    multiclass: str = "ovr",
+    expectation: Expectation = "tanh_half",
+    multiclass: Multiclass = "ovr",
     keep_best: bool = True,
-    stopping: str | None = None,
+    stopping: Stopping | None = None,
     random_state: int = 1,
   ):
-    if expectation not in EXPECTATIONS or multiclass not in MULTICLASS:
-      raise ValueError(f"expectation must be one of {EXPECTATIONS} and multiclass one of {MULTICLASS}")
+    check_choice(expectation, "expectation", EXPECTATIONS)
+    check_choice(multiclass, "multiclass", MULTICLASS)
     stopping = stopping or ("per_class" if multiclass == "ovr" else "joint")
     if stopping not in STOPPING or (stopping == "per_class" and multiclass == "softmax"):
       raise ValueError(

@@ -23,7 +23,7 @@ the oldest reference file does (the 2019 package adds ``reg I / (2L)`` instead).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -38,19 +38,24 @@ from altgrad.nn import GRU, SimpleRNN
 from altgrad.nn._base import at_step, check_number, is_concrete
 from altgrad.nn._chain import Chain, chain_of, site_inverse
 from altgrad.nn._sites import SiteError, describe_site, is_site_module, kernel_layout, matrix_form
-from altgrad.rules._common import Common, LossFn, Rule, UnpackFn, check_precision, not_a_chain
+from altgrad.rules._common import Common, LossFn, Rule, UnpackFn, check_choice, check_precision, not_a_chain
 
 Array = jax.Array
 
-EXPECTATIONS = ("tanh_half", "tanh")
-MULTICLASS = ("ovr", "softmax")
-HIDDEN_TARGETS = ("diff", "plain", "ratio")
-HIDDEN_FIELDS = ("ratio", "atanh")
+Expectation = Literal["tanh_half", "tanh"]
+Multiclass = Literal["ovr", "softmax"]
+HiddenTarget = Literal["diff", "plain", "ratio"]
+HiddenField = Literal["ratio", "atanh"]
+EXPECTATIONS = get_args(Expectation)
+MULTICLASS = get_args(Multiclass)
+HIDDEN_TARGETS = get_args(HiddenTarget)
+HIDDEN_FIELDS = get_args(HiddenField)
 _SMALL = 1e-4  # below this |u|, g(u) = u / tanh(u) is replaced by its Taylor series
 #: Below this magnitude of a hidden unit's back-projected prediction, ``hidden_target="ratio"``
 #: takes the difference form for that unit (the ratio is undefined at 0).
 RATIO_FLOOR = 1e-3
-PER_BATCH = "per_batch"
+PerBatch = Literal["per_batch"]
+PER_BATCH: PerBatch = "per_batch"
 
 
 def secant_ratio(u: Array) -> Array:
@@ -68,7 +73,7 @@ def spins(labels: Array, outputs: int) -> Array:
 
 
 def reflect(
-  field: Array, s: Array, *, expectation: str = "tanh_half", multiclass: str = "ovr"
+  field: Array, s: Array, *, expectation: Expectation = "tanh_half", multiclass: Multiclass = "ovr"
 ) -> tuple[Array, Array]:
   """The reflected field ``h*`` and the discrepancy ``((E[s] - s) / 2)^2`` per example.
 
@@ -249,7 +254,7 @@ def _check_labels(labels: Array, outputs: int) -> None:
       )
 
 
-def _check_data_size(data_size: int | str | None) -> None:
+def _check_data_size(data_size: int | PerBatch | None) -> None:
   if data_size is None:
     raise ValueError(
       "expectation_reflection needs data_size: the number of training examples, over which its "
@@ -267,7 +272,7 @@ def _check_data_size(data_size: int | str | None) -> None:
     raise ValueError(f"data_size must be a positive int or {PER_BATCH!r}, got {data_size!r}")
 
 
-def _memory(data_size: int | str, batch_size: int) -> float:
+def _memory(data_size: int | PerBatch, batch_size: int) -> float:
   """The decay ``1 - B/N`` of the streamed moments (0: the batch alone)."""
   if data_size == PER_BATCH:
     return 0.0
@@ -278,25 +283,21 @@ def _memory(data_size: int | str, batch_size: int) -> float:
 
 def _check_options(reg, expectation, multiclass, hidden_target, hidden_field) -> None:
   check_number(reg, "reg", schedule=True)
-  for name, value, allowed in (
-    ("expectation", expectation, EXPECTATIONS),
-    ("multiclass", multiclass, MULTICLASS),
-    ("hidden_target", hidden_target, HIDDEN_TARGETS),
-    ("hidden_field", hidden_field, HIDDEN_FIELDS),
-  ):
-    if value not in allowed:
-      raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+  check_choice(expectation, "expectation", EXPECTATIONS)
+  check_choice(multiclass, "multiclass", MULTICLASS)
+  check_choice(hidden_target, "hidden_target", HIDDEN_TARGETS)
+  check_choice(hidden_field, "hidden_field", HIDDEN_FIELDS)
 
 
 def expectation_reflection(
   model: nnx.Module,
   *,
-  data_size: int | str | None = None,
+  data_size: int | PerBatch | None = None,
   reg: float = 0.01,
-  expectation: str = "tanh_half",
-  multiclass: str = "ovr",
-  hidden_target: str = "diff",
-  hidden_field: str = "ratio",
+  expectation: Expectation = "tanh_half",
+  multiclass: Multiclass = "ovr",
+  hidden_target: HiddenTarget = "diff",
+  hidden_field: HiddenField = "ratio",
   loss_fn: LossFn | None = None,
   unpack: UnpackFn | None = None,
   key: int | Array = 0,
@@ -455,7 +456,7 @@ def _single_layer(model: nnx.Module) -> Any:
 
 
 def reflection_moments(
-  model: nnx.Module, params: Any, batch, *, expectation: str = "tanh_half", multiclass: str = "ovr"
+  model: nnx.Module, params: Any, batch, *, expectation: Expectation = "tanh_half", multiclass: Multiclass = "ovr"
 ) -> Moments:
   """The sufficient statistics of one ER refit of a single-layer model on ``batch``.
 
@@ -477,7 +478,7 @@ def reflection_moments(
 
 
 def reflection_solution(
-  model: nnx.Module, params: Any, moments: Moments, *, reg: float = 0.01, multiclass: str = "ovr"
+  model: nnx.Module, params: Any, moments: Moments, *, reg: float = 0.01, multiclass: Multiclass = "ovr"
 ) -> Any:
   """The refit params (shaped like ``params``) of a single-layer model from accumulated moments."""
   path = _single_layer(model)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -34,8 +34,10 @@ from altgrad.rules._noise import NoiseFn, noise_like
 
 Array = jax.Array
 
-VARIANTS = ("np", "inp", "anp")
-FREE_PARAMS = ("perturb", "frozen")
+Variant = Literal["np", "inp", "anp"]
+FreeParams = Literal["perturb", "frozen"]
+VARIANTS = get_args(Variant)
+FREE_PARAMS = get_args(FreeParams)
 
 
 class NodePerturbationState(NamedTuple):
@@ -141,7 +143,7 @@ class _Passes:
     return jax.tree.map(lambda xi: mean_difference * xi / self.sigma**2, weight_noise)
 
 
-def _sample(passes: _Passes, variant: str, perturb_free: bool, node_key: Array, weight_key: Array):
+def _sample(passes: _Passes, variant: Variant, perturb_free: bool, node_key: Array, weight_key: Array):
   """One noisy sample's per-site errors, free-param update (or None) and zero-norm count."""
   noise = passes.node_noise(node_key)
   weights = passes.weight_noise(weight_key) if perturb_free else None
@@ -181,12 +183,12 @@ def node_perturbation(
   model: nnx.Module,
   loss_fn: LossFn,
   *,
-  variant: str = "anp",
+  variant: Variant = "anp",
   sigma: float | Array | optax.Schedule = 1e-3,
   samples: int = 1,
   measured: bool = False,
   noise_fn: NoiseFn | None = None,
-  free_params: str = "perturb",
+  free_params: FreeParams = "perturb",
   batch_coupled: bool | None = None,
   apply: ApplyFn | None = None,
   unpack: UnpackFn | None = None,

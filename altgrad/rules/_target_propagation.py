@@ -13,7 +13,7 @@ which loses small displacements below float32's resolution of ``h``).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -45,8 +45,10 @@ from altgrad.rules._common import (
 
 Array = jax.Array
 
-MODES = ("linearized", "difference", "exact")
-UPDATES = ("through_time", "local")
+Mode = Literal["linearized", "difference", "exact"]
+Update = Literal["through_time", "local"]
+MODES = get_args(Mode)
+UPDATES = get_args(Update)
 
 
 class TargetPropagationState(NamedTuple):
@@ -61,10 +63,10 @@ class TargetPropagationState(NamedTuple):
 class _Settings:
   """One step's options (hyperparameters at the step's count)."""
 
-  mode: str
+  mode: Mode
   reg: Any
   lr_target: Any
-  update: str
+  update: Update
   max_rms: Any
   iterations: int
 
@@ -146,7 +148,7 @@ def _sweep_back(carry_back, local: Array, steps: Any, max_rms) -> tuple[Array, A
   return jnp.concatenate([jnp.swapaxes(lower, 0, 1), top[:, None]], axis=1), jnp.sum(counts)
 
 
-def _rnn_displacements(cell, tap, local: Array, mode: str, reg, max_rms) -> tuple[Array, Array]:
+def _rnn_displacements(cell, tap, local: Array, mode: Mode, reg, max_rms) -> tuple[Array, Array]:
   """A SimpleRNN's displacements by the cell's inverse (regularized normal matrix factored
   once), and how many the guard changed: see :func:`_sweep_back`."""
   solver = cell.ridge_solver(reg)
@@ -206,7 +208,7 @@ def _gru_step(view: PureModel, params, x, targets, loss, settings: _Settings):
   return optax.tree.add(readout_update, cell_update), [displacement], clipped, (), mean
 
 
-def _check_model(model: nnx.Module, mode: str) -> int:
+def _check_model(model: nnx.Module, mode: Mode) -> int:
   """Checks what can be checked before a batch (a chain is read from the first batch's trace) and
   returns how many hidden states the model has."""
   if isinstance(model, GRU):
@@ -285,7 +287,7 @@ def target_displacements(
   params: Any,
   batch,
   *,
-  mode: str = "linearized",
+  mode: Mode = "linearized",
   reg: float = 1.0,
   lr_target: float = 1e-2,
   max_displacement: float | None = None,
@@ -308,10 +310,10 @@ def target_propagation(
   model: nnx.Module,
   loss_fn: LossFn,
   *,
-  mode: str = "linearized",
+  mode: Mode = "linearized",
   reg: float = 1.0,
   lr_target: float = 1e-2,
-  update: str = "through_time",
+  update: Update = "through_time",
   max_displacement: float | None = None,
   cg_iterations: int | None = None,
   unpack: UnpackFn | None = None,
