@@ -1,4 +1,7 @@
-"""The pure ``(graphdef, params, variables)`` view of any Flax NNX model that every rule works on."""
+"""The pure ``(graphdef, params, variables)`` view of any Flax NNX model that every rule works on.
+
+Each step of a rule, from the batch to the update, in order: altgrad/nn/README.md.
+"""
 
 from __future__ import annotations
 

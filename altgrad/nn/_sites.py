@@ -12,7 +12,9 @@ is stable and nothing retraces) whose ``__call__`` goes through :func:`site`. Ou
 perturbation to the output and records a :class:`Tap`. Param paths are unchanged, so the user's
 optimizer state, ``nnx.Optimizer`` and checkpoints still fit. This relies on NNX internals that
 are stable in flax 0.12 (modules have no ``__slots__``; the graphdef stores the class and static
-attributes); ``tests/test_any_model.py`` fails loudly if a Flax upgrade breaks them.
+attributes); ``tests/test_any_model.py`` fails loudly if a Flax upgrade breaks them. Why not Flax's own
+``nnx.capture``/``Module.perturb``, and the whole path of a step from batch to update:
+altgrad/nn/README.md.
 """
 
 from __future__ import annotations

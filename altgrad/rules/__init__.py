@@ -6,6 +6,7 @@ Every rule has the same contract: ``tx = rule(model, ...)``; ``state = tx.init(p
 ``jax.grad`` is. The output is shaped like ``params`` and carries a gradient's sign, so any optax
 optimizer can follow it in a chain. Every state holds :class:`Common` (``state.common``): the
 step count, the key, the loss of the last update's clean pass and the model's other variables.
+How one update runs, step by step, from the batch to the update: altgrad/nn/README.md.
 """
 
 from altgrad.rules._backprop import BackpropState, backprop
