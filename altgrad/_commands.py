@@ -248,6 +248,12 @@ def _plot(title: str, results: dict, path: str) -> None:
 def make_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="altgrad", description=__doc__)
   commands = parser.add_subparsers(dest="command", required=True)
+  _add_compare_parser(commands)
+  _add_bench_parser(commands)
+  return parser
+
+
+def _add_compare_parser(commands) -> None:
   p = commands.add_parser(
     "compare",
     help="train one model with several rules and print a table",
@@ -255,6 +261,14 @@ def make_parser() -> argparse.ArgumentParser:
     "by the same optimizer, then print final test accuracy, test loss, median time per step "
     "and the step-time ratio to backprop, and plot test accuracy against epoch.",
   )
+  _add_model_options(p)
+  _add_training_options(p)
+  _add_process_options(p)
+  p.set_defaults(func=compare)
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+  """The data, the rules and the model of ``altgrad compare``."""
   p.add_argument(
     "--dataset",
     default="digits",
@@ -307,6 +321,10 @@ def make_parser() -> argparse.ArgumentParser:
     help="initializer of the MLP's and conv net's kernels (default: lecun_normal; the "
     "node-perturbation authors use he_normal)",
   )
+
+
+def _add_training_options(p: argparse.ArgumentParser) -> None:
+  """The optimizer, the schedule and the outputs of ``altgrad compare``."""
   p.add_argument(
     "--optimizer",
     choices=sorted(OPTIMIZERS),
@@ -337,9 +355,9 @@ def make_parser() -> argparse.ArgumentParser:
   p.add_argument("--json", default="", help="also write all histories to this JSON file")
   p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
   p.add_argument("--data-parallel", action="store_true", help=DATA_PARALLEL_HELP)
-  _add_process_options(p)
-  p.set_defaults(func=compare)
 
+
+def _add_bench_parser(commands) -> None:
   b = commands.add_parser(
     "bench",
     help="run a benchmark suite and write JSON and markdown",
@@ -356,7 +374,6 @@ def make_parser() -> argparse.ArgumentParser:
   b.add_argument("--data-parallel", action="store_true", help=DATA_PARALLEL_HELP)
   _add_process_options(b)
   b.set_defaults(func=bench)
-  return parser
 
 
 def bench(args: argparse.Namespace) -> dict:
