@@ -1,7 +1,9 @@
-"""Every notebook runs top to bottom (a broken notebook fails CI)."""
+"""Every notebook runs top to bottom (a broken notebook fails CI), and each ``.ipynb`` is its
+jupytext percent-format ``.py`` (the source: edit it, then ``jupytext --sync notebooks/*.py``)."""
 
 from pathlib import Path
 
+import jupytext
 import nbformat
 import pytest
 from nbclient import NotebookClient
@@ -26,3 +28,21 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
 
 def test_there_is_a_quickstart():
   assert "quickstart.ipynb" in [p.name for p in NOTEBOOKS]
+
+
+def _cells(notebook) -> list[tuple[str, str]]:
+  return [(cell.cell_type, cell.source.strip()) for cell in notebook.cells]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_the_notebook_is_its_python_source(path):
+  source = path.with_suffix(".py")
+  assert source.exists(), f"{path.name} has no jupytext source {source.name}"
+  assert _cells(nbformat.read(path, as_version=4)) == _cells(jupytext.read(source)), (
+    f"{path.name} differs from {source.name}: run jupytext --sync {source}"
+  )
+
+
+def test_every_python_source_has_its_notebook():
+  sources = {p.stem for p in NOTEBOOKS[0].parent.glob("*.py")}
+  assert sources == {p.stem for p in NOTEBOOKS}

@@ -24,7 +24,7 @@ def _install_cell(path: Path) -> str:
 def test_every_notebook_installs_from_the_repository_named_in_pyproject():
   project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
   cells = {_install_cell(path) for path in NOTEBOOKS}
-  assert len(cells) == 1  # one install cell, written by tools/make_notebooks.py
+  assert len(cells) == 1  # one install cell, the same in every notebook
   assert f'"altgrad @ git+{project["urls"]["Repository"]}"' in cells.pop()
   assert project["dynamic"] == ["version"]  # the version is written once, in altgrad/__init__.py
 
