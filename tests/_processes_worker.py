@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from altgrad import _distributed, data, losses, nn, rules, train
+from altgrad.train._devices import replicate
 
 CE = losses.softmax_cross_entropy
 RULES = ("backprop", "consequentialism", "anp", "er")
@@ -46,7 +47,7 @@ def check_one_step_updates(size, mesh):
     state = tx.init(params)
     step = jax.jit(lambda p, s, b, tx=tx: tx.update(None, s, p, batch=b)[0])
     local = step(params, state, (x, y))
-    replicated = train._replicate((params, state), NamedSharding(mesh, P()))
+    replicated = replicate((params, state), NamedSharding(mesh, P()))
     spread = step(*replicated, global_batch)
     for a, b in zip(jax.tree.leaves(local), jax.tree.leaves(spread), strict=True):
       scale = max(1.0, float(np.max(np.abs(a))))

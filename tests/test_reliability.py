@@ -18,7 +18,8 @@ import optax
 import pytest
 from flax import nnx
 
-from altgrad import _bench, _checkpoints, _cli, _commands, data, losses, nn, rules, train
+from altgrad import _bench, _cli, _commands, data, losses, nn, rules, train
+from altgrad.train import _checkpoints
 
 CE = losses.softmax_cross_entropy
 
@@ -83,7 +84,7 @@ def test_one_writer_per_checkpoint_directory(tmp_path):
   _fit(directory)  # the lock is released with the writer
   # a writer that dies, however it dies, leaves no stale lock (the kernel releases it)
   script = (
-    "import sys, time; from pathlib import Path; from altgrad import _checkpoints\n"
+    "import sys, time; from pathlib import Path; from altgrad.train import _checkpoints\n"
     "_checkpoints._hold_lock(Path(sys.argv[1])); print('locked', flush=True); time.sleep(60)"
   )
   writer = subprocess.Popen([sys.executable, "-c", script, str(directory)], stdout=subprocess.PIPE, text=True)

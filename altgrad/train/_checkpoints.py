@@ -1,5 +1,6 @@
 """``fit``'s checkpoints: Orbax after every epoch, with a description of the run they belong to
-(refused by name when another run tries to resume them) and one writer per directory."""
+(refused by name when another run tries to resume them) and one writer per directory; and the
+resumption of a run from its latest checkpoint."""
 
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ import socket
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 
-from altgrad import _distributed
+from altgrad import __version__, _distributed, _identity
 from altgrad._identity import differences
+
+if TYPE_CHECKING:
+  from altgrad.train._history import History
+  from altgrad.train._loop import Settings
 
 #: The file in a checkpoint directory that its writer holds a lock on.
 LOCK_FILE = ".altgrad-writer"
@@ -126,3 +131,38 @@ def _hold_lock(directory: Path) -> int:
   os.ftruncate(descriptor, 0)
   os.pwrite(descriptor, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
   return descriptor
+
+
+@dataclasses.dataclass(frozen=True)
+class Saving:
+  """Where a run checkpoints, and whether it resumes a checkpoint of a run described otherwise."""
+
+  directory: str | Path | None
+  resume_anyway: bool
+
+  def open(self, models, txs, data, seeds, settings: Settings, fresh_steps) -> Checkpoints | None:
+    if self.directory is None:
+      return None
+    run = {
+      "altgrad": __version__,
+      "transformation": _identity.describe_transformation(txs[0]),
+      "model": _identity.model_signature(models[0]),
+      "data": _identity.data_signature(data),
+      "batch_size": settings.batch_size,
+      "seeds": list(seeds),
+      "fresh_steps": fresh_steps,
+    }
+    return Checkpoints(self.directory, run, resume_anyway=self.resume_anyway)
+
+
+def resume(checkpoints: Checkpoints | None, histories: list[History], params, opt_state, epochs: int):
+  """``(first epoch to run, params, opt_state)``: from the latest checkpoint, its histories
+  restored, or from the start."""
+  if checkpoints is None or checkpoints.latest() is None:
+    return 1, params, opt_state
+  last, params, opt_state, saved = checkpoints.restore(params, opt_state, epochs)
+  for h, s in zip(histories, saved, strict=True):
+    for name, value in s.items():
+      if name != "median_step_time":
+        setattr(h, name, value)
+  return last + 1, params, opt_state
