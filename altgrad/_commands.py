@@ -13,9 +13,10 @@ from pathlib import Path
 
 import optax
 
-from altgrad import _bench, _distributed, _interrupt, _perf, nn, rules, train
+from altgrad import _bench, _distributed, _interrupt, nn, rules, train
 from altgrad import data as data_lib
-from altgrad._experiment import (
+from altgrad._bench import _perf
+from altgrad._bench._experiment import (
   KERNEL_INITS,
   MODELS,
   OPTIMIZERS,

@@ -16,7 +16,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from altgrad import _experiment, losses, nn  # noqa: E402
+from altgrad import losses, nn  # noqa: E402
+from altgrad._bench import _experiment  # noqa: E402
 
 #: The training-set size told to a rule that streams statistics over the data set (ER).
 DATA_SIZE = 1024

@@ -9,7 +9,8 @@ import pytest
 from conftest import cosine, make_rule, tapped
 from flax import nnx
 
-from altgrad import _bench, _zoo, data, losses, nn, rules, train
+from altgrad import _bench, data, losses, nn, rules, train
+from altgrad._bench import _zoo
 from altgrad.nn import SiteError
 
 CE = losses.softmax_cross_entropy

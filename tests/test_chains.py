@@ -11,7 +11,8 @@ import pytest
 from conftest import MODELS, make_batch
 from flax import nnx
 
-from altgrad import _zoo, losses, nn, rules
+from altgrad import losses, nn, rules
+from altgrad._bench import _zoo
 from altgrad.nn._chain import regularized_least_squares, site_inverse
 from altgrad.nn._pure import PureModel
 from altgrad.nn._sites import SiteError, make_tappable

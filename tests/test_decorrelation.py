@@ -10,7 +10,8 @@ from conftest import make_rule
 from flax import nnx
 
 import altgrad
-from altgrad import _zoo, data, losses, nn, train
+from altgrad import data, losses, nn, train
+from altgrad._bench import _zoo
 
 CE = losses.softmax_cross_entropy
 

@@ -180,14 +180,14 @@ def _record(run, median):
   history = train.History(
     epoch=[1], train_loss=[1.0], test_loss=[1.0], test_accuracy=[0.5], step_time=[median], wall_time=[median]
   )
-  return dataclasses.asdict(run) | _bench._summarize([history]) | {"name": run.name}
+  return dataclasses.asdict(run) | _bench.summarize([history]) | {"name": run.name}
 
 
 def test_a_resumed_bench_keeps_every_run_and_divides_only_by_references_timed_here(tmp_path, monkeypatch):
   base = _bench.Run("digits", (8,), "backprop", "adam", 1e-3, 1, 64)
   runs = [base, _bench.Run("digits", (8,), "consequentialism", "adam", 1e-3, 1, 64)]
   monkeypatch.setitem(_bench.SUITES, "tiny", lambda: list(runs))
-  monkeypatch.setattr(_bench, "execute", lambda run, **kw: _record(run, 0.02))
+  monkeypatch.setattr(_bench._run, "execute", lambda run, **kw: _record(run, 0.02))
   elsewhere = {"platform": "another", "processor": "machine", "device": "cpu:0"}
   previous = {
     base.name: _record(base, 0.01) | {"environment": elsewhere, "session": "old"},

@@ -11,7 +11,8 @@ import pytest
 from conftest import MODELS
 from flax import nnx
 
-from altgrad import _bench, _cli, _experiment, data, losses, nn, rules, train
+from altgrad import _bench, _cli, data, losses, nn, rules, train
+from altgrad._bench import _experiment
 
 
 def _small_digits():
@@ -151,7 +152,7 @@ def test_bench_writes_json_markdown_and_plot_and_resumes(tmp_path, monkeypatch):
   def fail(run, **kwargs):
     raise AssertionError(f"{run.name} ran again")
 
-  monkeypatch.setattr(_bench, "execute", fail)
+  monkeypatch.setattr(_bench._run, "execute", fail)
   resumed = _bench.run_suite("tiny", tmp_path, progress=False)["runs"]  # nothing reruns
   assert resumed == json.loads(json.dumps(runs))
   with pytest.raises(ValueError, match="data_parallel"):
@@ -159,7 +160,7 @@ def test_bench_writes_json_markdown_and_plot_and_resumes(tmp_path, monkeypatch):
 
 
 def test_perf_times_steps_against_backprop_and_writes_json_and_markdown(tmp_path):
-  from altgrad import _perf
+  from altgrad._bench import _perf
 
   shape = _perf._shape("MLP 8-16-4", "mlp", (8,), 4, 8, (16,), "leaky_relu")
   found = [
@@ -194,7 +195,7 @@ def test_scaled_backprop_is_backprop_with_the_hidden_layers_scaled():
 
 
 def test_perf_suite_is_well_formed():
-  from altgrad import _perf
+  from altgrad._bench import _perf
 
   found = _perf.cases()
   assert len({(c.shape.name, c.label) for c in found}) == len(found)

@@ -13,7 +13,7 @@ from unittest import mock
 import numpy as np
 from jax.extend.random import threefry2x32_p
 
-from altgrad import _perf
+from altgrad._bench import _perf
 from altgrad.rules import _noise
 
 RULES = ("backprop", "np", "anp", "inp")

@@ -11,8 +11,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from altgrad import _zoo, losses, nn, rules
 from altgrad import data as data_lib
+from altgrad import losses, nn, rules
+from altgrad._bench import _zoo
 
 OPTIMIZERS = {
   "sgd": optax.sgd,

@@ -28,8 +28,9 @@ from flax import nnx
 
 from altgrad import _distributed, losses
 from altgrad import data as data_lib
-from altgrad._bench import BENCH_RULES, environment
-from altgrad._experiment import build_model, make_rule
+from altgrad._bench._controls import BENCH_RULES
+from altgrad._bench._experiment import build_model, make_rule
+from altgrad._bench._run import environment
 
 
 @dataclasses.dataclass(frozen=True)

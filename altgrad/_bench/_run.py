@@ -1,0 +1,207 @@
+"""Running a suite: each run trained (resumably), summarized, and its step time divided by
+backprop's timed in the same session."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import time
+import uuid
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+
+from altgrad import _distributed, _interrupt, diagnostics, losses, train
+from altgrad import data as data_lib
+from altgrad._bench._controls import BENCH_RULES
+from altgrad._bench._experiment import build_model, loss_for, make_rule, optimizer_for
+from altgrad._bench._report import markdown, plot
+from altgrad._bench._suites import PROBE_SIZE, SUITES, Run
+
+
+def environment() -> dict:
+  """The versions and the machine a suite ran with."""
+  import flax
+
+  return {
+    "jax": jax.__version__,
+    "optax": optax.__version__,
+    "flax": flax.__version__,
+    "device": str(jax.devices()[0]),
+    "device_count": jax.device_count(),
+    "platform": platform.platform(),
+    "processor": platform.processor() or platform.machine(),
+  }
+
+
+def execute(run: Run, *, data_parallel: bool = False) -> dict:
+  """Trains ``run`` and returns its record: the run's settings, the per-epoch mean (and spread
+  over seeds) of accuracy and loss, step times, per-layer cosines to backprop and peak memory."""
+  dataset = data_lib.load(run.dataset, **dict(run.dataset_options))
+  loss_fn = loss_for(dataset) if run.loss == "auto" else getattr(losses, run.loss)
+  built = {}
+
+  def build(seed):
+    model = build_model(
+      dataset,
+      run.model,
+      run.hidden,
+      run.activation,
+      seed,
+      run.decorrelation_lr,
+      run.decorrelation_sample,
+      run.kernel_init,
+    )
+    size = len(dataset.x_train)
+    rule = make_rule(run.rule, model, loss_fn, seed, size, registry=BENCH_RULES, **dict(run.rule_options))
+    built[seed] = (model, rule)
+    return model, optax.chain(rule, optimizer_for(run.rule, run.optimizer, run.lr))
+
+  seeds = [run.seed + i for i in range(run.seeds)]
+  probe_batch = (dataset.x_train[:PROBE_SIZE], dataset.y_train[:PROBE_SIZE])
+
+  def probe(params, opt_state):  # traced after build: any seed's rule has the same update
+    model, rule = built[seeds[0]]
+    return diagnostics.cosine_probe(model, loss_fn, rule, probe_batch)(params, opt_state)
+
+  common = dict(
+    loss_fn=loss_fn,
+    epochs=run.epochs,
+    batch_size=run.batch_size,
+    progress=False,
+    data_parallel=data_parallel,
+    probe=probe,
+    fresh_steps=run.fresh_steps,
+  )
+  if run.seeds == 1:
+    model, tx = build(run.seed)
+    histories = [
+      train.fit(model, tx, dataset, seed=run.seed, stop_on_discrepancy=run.stop_on_discrepancy, **common)
+    ]
+  elif run.stop_on_discrepancy:
+    raise ValueError(f"{run.name}: the stopping rule stops one run; give it seeds=1")
+  else:
+    histories = [h for _, h in train.fit_seeds(build, seeds, dataset, vectorize=run.vectorize, **common)]
+  return dataclasses.asdict(run) | summarize(histories) | {"name": run.name}
+
+
+def summarize(histories: list[train.History]) -> dict:
+  """One record of the runs of several seeds: shared timings, per-epoch mean and spread."""
+  first = histories[0].as_dict()
+  record = {k: first[k] for k in ("epoch", "step_time", "wall_time", "compile_time", "compilations")}
+  record["step_memory_mib"] = first["step_memory"] / 2**20
+  if first["clipped_displacements"]:  # target propagation's guard: how often it fired, per epoch
+    record["clipped_displacements"] = np.mean([h.clipped_displacements for h in histories], axis=0).tolist()
+  record |= {"restored_epoch": first["restored_epoch"], "median_step_time": first["median_step_time"]}
+  for key in ("train_loss", "test_loss", "test_accuracy"):
+    values = np.array([getattr(h, key) for h in histories])
+    record[key] = values.mean(axis=0).tolist()
+    record[f"{key}_std"] = values.std(axis=0).tolist()
+    record[f"{key}_seeds"] = values.tolist()
+  record["probes"] = [
+    {k: float(np.mean([h.probes[i][k] for h in histories])) for k in histories[0].probes[i]}
+    for i in range(len(histories[0].probes))
+  ]
+  return record
+
+
+def run_suite(
+  suite: str, out_dir: str | Path, *, progress: bool | None = None, data_parallel: bool = False
+) -> dict:
+  """Runs (or resumes) ``suite``, writes its JSON, markdown and plot, and returns the results."""
+  if suite not in SUITES:
+    raise ValueError(f"unknown suite {suite!r}; expected one of {sorted(SUITES)}")
+  out_dir = Path(out_dir)
+  if out_dir.exists() and not out_dir.is_dir():
+    raise ValueError(f"--out {out_dir} is a file: give a directory (it is created)")
+  out_dir.mkdir(parents=True, exist_ok=True)
+  path = out_dir / f"{suite}.json"
+  previous = read_previous(path)
+  if previous and previous.get("data_parallel", False) != data_parallel:
+    raise ValueError(
+      f"{path} was run with data_parallel={previous.get('data_parallel', False)}; resume it the same way "
+      "or write elsewhere (--out)"
+    )
+  runs = SUITES[suite]()
+  missing_references = {r.reference_key for r in runs} - {
+    r.reference_key for r in runs if r.rule == "backprop"
+  }
+  runs += [  # a backprop reference (Adam 1e-3) for every setting that has none
+    dataclasses.replace(
+      next(r for r in runs if r.reference_key == k),
+      rule="backprop",
+      rule_options=(),
+      optimizer="adam",
+      lr=1e-3,
+      stop_on_discrepancy=False,
+    )
+    for k in missing_references
+  ]
+  here = environment()
+  # the runs of the file this one resumes are kept, those the suite no longer lists included
+  results = {"suite": suite, "environment": here, "data_parallel": data_parallel, "runs": dict(previous.get("runs", {}))}
+  from tqdm.auto import tqdm
+
+  primary = _distributed.is_primary()
+  bar = tqdm(runs, desc=f"bench {suite}", unit="run", disable=progress is False or not primary)
+  try:
+    for run in bar:
+      bar.set_postfix_str(run.name, refresh=True)
+      if run.name in results["runs"]:
+        continue
+      _interrupt.check()  # a Ctrl-C: stop between runs, the finished ones written
+      start = time.perf_counter()
+      record = execute(run, data_parallel=data_parallel)
+      results["runs"][run.name] = record | {"total_seconds": time.perf_counter() - start, "environment": here, "session": SESSION}
+      if primary:  # several processes: process 0 writes
+        path.write_text(json.dumps(results, indent=1))  # resumable after every run
+  except KeyboardInterrupt:
+    _interrupt.keep(f"{len(results['runs'])} finished run(s) in {path}; the same command resumes")
+    raise
+  add_ratios(runs, results["runs"])
+  if primary:
+    path.write_text(json.dumps(results, indent=1))
+    (out_dir / f"{suite}.md").write_text(markdown(results))
+    try:
+      plot(results, out_dir / f"{suite}.png")
+    except Exception as error:  # matplotlib's errors are of many kinds; the JSON and markdown are written
+      raise ValueError(f"{out_dir / f'{suite}.png'}: the plot failed ({type(error).__name__}: {error}); "
+                       f"{path} and its markdown are written") from None
+  return results
+
+
+#: This process's bench session: step-time ratios divide by a reference of the same session.
+SESSION = uuid.uuid4().hex
+
+
+def read_previous(path: Path) -> dict:
+  """The results file a suite resumes (empty if there is none), or an error that names it."""
+  if not path.exists():
+    return {}
+  try:
+    previous = json.loads(path.read_text())
+  except (ValueError, UnicodeDecodeError) as error:
+    raise ValueError(f"{path} is not a results file ({error}; cut short?): delete it to start over, or give another --out") from None
+  if not isinstance(previous, dict) or not isinstance(previous.get("runs", {}), dict):
+    raise ValueError(f"{path} is not a results file of altgrad bench: delete it, or give another --out")
+  return previous
+
+
+def add_ratios(runs: list[Run], records: dict) -> None:
+  """Divides each run's step time by backprop's with the same key, the same optimizer if there,
+  where both were timed in one process; a ratio to a reference timed in another process on the
+  same machine is marked as such, and none is made to one timed elsewhere."""
+  backprop = [r for r in runs if r.rule == "backprop"]
+  for r in runs:
+    same_key = [b for b in backprop if b.reference_key == r.reference_key]
+    run, reference = records[r.name], records[next((b for b in same_key if b.optimizer == r.optimizer), same_key[0]).name]
+    machine = ("platform", "processor", "device")
+    same_machine = all(run.get("environment", {}).get(k) == reference.get("environment", {}).get(k) for k in machine)
+    run["step_time_ratio"] = run["median_step_time"] / reference["median_step_time"] if same_machine else None
+    run["step_time_reference"] = (
+      "this process" if run.get("session") == reference.get("session")
+      else "another process, this machine" if same_machine else "another machine: no ratio"
+    )
