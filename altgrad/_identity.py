@@ -55,7 +55,7 @@ def _text(value: Any) -> str | None:
 def model_signature(model: nnx.Module) -> dict[str, str]:
   """Every module's class and static attributes (sizes, activations, dtypes, initializers) and
   every param's shape and dtype, by path; the model's mode (train or eval) is not part of it."""
-  from altgrad.nn._sites import original_class
+  from altgrad.nn._intercept import original_class
 
   out = {}
   for path, module in nnx.iter_modules(model):

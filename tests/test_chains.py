@@ -14,8 +14,9 @@ from flax import nnx
 from altgrad import losses, nn, rules
 from altgrad._bench import _zoo
 from altgrad.nn._chain import regularized_least_squares, site_inverse
+from altgrad.nn._intercept import make_tappable
 from altgrad.nn._pure import PureModel
-from altgrad.nn._sites import SiteError, make_tappable
+from altgrad.nn._sites import SiteError
 
 CE = losses.softmax_cross_entropy
 

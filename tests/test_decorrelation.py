@@ -84,7 +84,7 @@ def test_a_conv_site_fuses_r_into_its_kernel(altgrads):
     conv = nn.decorrelate(nnx.Conv(2, 3, (3, 3), strides=2, rngs=rngs), 0.1)
   _perturbed(conv)
   x = jax.random.normal(jax.random.key(1), (4, 7, 7, 2))
-  layout = conv.kernel_layout() if altgrads else nn._sites.kernel_layout(conv)
+  layout = conv.kernel_layout() if altgrads else nn._matrix_form.kernel_layout(conv)
   r, kernel, bias = conv.decorrelation[...], conv.kernel[...], conv.bias[...]
 
   def unfused(kernel, x):  # the explicit patch matrix, decorrelated, times the kernel

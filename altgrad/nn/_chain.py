@@ -37,7 +37,9 @@ from jax.extend.core import Literal
 from altgrad import _mesh
 from altgrad._linalg import RidgeSolver
 from altgrad.nn._activations import Activation, get_activation
-from altgrad.nn._sites import SiteError, Tap, describe_site, kernel_layout, linear_map
+from altgrad.nn._intercept import describe_site
+from altgrad.nn._matrix_form import kernel_layout, linear_map
+from altgrad.nn._sites import SiteError, Tap
 
 Array = jax.Array
 

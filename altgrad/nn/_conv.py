@@ -12,7 +12,7 @@ from flax import nnx
 from altgrad.nn._activations import Activation, get_activation
 from altgrad.nn._base import SingleSite, computed_in, describe_shape
 from altgrad.nn._decorrelation import Decorrelating
-from altgrad.nn._sites import KernelLayout, design_rows, patch_layout, stacked_matrix
+from altgrad.nn._matrix_form import KernelLayout, design_rows, patch_layout, stacked_matrix
 
 Array = jax.Array
 

@@ -27,7 +27,9 @@ from flax import nnx
 
 from altgrad import _mesh
 from altgrad.nn._base import check_number, computed_in
-from altgrad.nn._sites import SiteError, describe_site, is_site_module, kernel_layout
+from altgrad.nn._intercept import describe_site, is_site_module
+from altgrad.nn._matrix_form import kernel_layout
+from altgrad.nn._sites import SiteError
 
 Array = jax.Array
 

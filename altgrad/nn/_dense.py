@@ -13,7 +13,7 @@ from altgrad._linalg import RidgeSolver
 from altgrad.nn._activations import Activation, get_activation
 from altgrad.nn._base import SingleSite, computed_in, describe_shape, ridge_solver
 from altgrad.nn._decorrelation import Decorrelating
-from altgrad.nn._sites import DENSE_LAYOUT, KernelLayout, design_rows, stacked_matrix
+from altgrad.nn._matrix_form import DENSE_LAYOUT, KernelLayout, design_rows, stacked_matrix
 
 Array = jax.Array
 

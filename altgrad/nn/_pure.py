@@ -14,18 +14,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from altgrad import _mesh
-from altgrad.nn._sites import (
-  Nested,
-  Reached,
-  SiteError,
-  Tap,
-  collect_nested,
-  linear_map,
-  make_tappable,
-  matrix_form,
-  prepare_nested,
-  tapping,
-)
+from altgrad.nn._intercept import make_tappable
+from altgrad.nn._matrix_form import linear_map, matrix_form
+from altgrad.nn._sites import Nested, Reached, SiteError, Tap, collect_nested, prepare_nested, tapping
 
 Array = jax.Array
 LossFn = Callable[[Array, Array], Array]

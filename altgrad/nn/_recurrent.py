@@ -13,7 +13,8 @@ from altgrad._linalg import RidgeSolver
 from altgrad.nn._activations import Activation, get_activation
 from altgrad.nn._base import Layer, computed_in, describe_shape, ridge_solver
 from altgrad.nn._dense import Dense
-from altgrad.nn._sites import design_rows, site, stacked_matrix
+from altgrad.nn._matrix_form import design_rows, stacked_matrix
+from altgrad.nn._sites import site
 
 Array = jax.Array
 

@@ -26,8 +26,8 @@ from flax import nnx
 from altgrad import _identity, _mesh
 from altgrad.nn import Layer, PureModel
 from altgrad.nn._base import describe_shape, is_concrete
+from altgrad.nn._intercept import describe_site, is_site_module
 from altgrad.nn._pure import ApplyFn, LossFn
-from altgrad.nn._sites import describe_site, is_site_module
 
 Array = jax.Array
 #: ``unpack(batch) -> (inputs, targets)``: how a rule splits the batch it is given.

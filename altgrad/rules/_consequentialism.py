@@ -22,7 +22,7 @@ from flax import nnx
 from altgrad import _mesh
 from altgrad._lapack import single_threaded_lapack
 from altgrad.nn._base import at_step, check_number
-from altgrad.nn._sites import matrix_form
+from altgrad.nn._matrix_form import matrix_form
 from altgrad.rules._common import ApplyFn, Common, LossFn, Rule, UnpackFn, check_choice, check_precision
 
 Array = jax.Array

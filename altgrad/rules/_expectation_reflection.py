@@ -37,7 +37,9 @@ from altgrad._lapack import single_threaded_lapack
 from altgrad.nn import GRU, SimpleRNN
 from altgrad.nn._base import at_step, check_number, is_concrete
 from altgrad.nn._chain import Chain, chain_of, site_inverse
-from altgrad.nn._sites import SiteError, describe_site, is_site_module, kernel_layout, matrix_form
+from altgrad.nn._intercept import describe_site, is_site_module
+from altgrad.nn._matrix_form import kernel_layout, matrix_form
+from altgrad.nn._sites import SiteError
 from altgrad.rules._common import Common, LossFn, Rule, UnpackFn, check_choice, check_precision, not_a_chain
 
 Array = jax.Array

@@ -32,7 +32,9 @@ from altgrad.nn._chain import (
   site_inverse,
   transpose_at,
 )
-from altgrad.nn._sites import SiteError, is_site_module, linear_map
+from altgrad.nn._intercept import is_site_module
+from altgrad.nn._matrix_form import linear_map
+from altgrad.nn._sites import SiteError
 from altgrad.rules._common import (
   Common,
   LossFn,

@@ -1,0 +1,78 @@
+"""Interception of the user's linear layers: a clone of the model whose linear layers' calls are
+sites (generated subclasses of their own classes, cached), and how a site is named."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from flax import nnx
+
+from altgrad.nn._sites import _PATH_ATTRIBUTE, SITE_CLASSES, SiteError, site, site_path
+
+_TAPPED_CLASSES: dict[type, type] = {}
+
+
+def original_class(module: nnx.Module) -> type:
+  """The user's class of a module made tappable (the class itself otherwise)."""
+  cls = type(module)
+  return cls.__mro__[1] if getattr(cls, "_altgrad_tapped", False) else cls
+
+
+def _tapped_class(cls: type) -> type:
+  """A cached subclass of ``cls`` whose calls are sites; identical outside a tapped pass."""
+  if cls not in _TAPPED_CLASSES:
+
+    def __call__(self, inputs, *args, **kwargs):
+      if args or any(v is not None for v in kwargs.values()):  # out_sharding=None is the default
+        raise SiteError(
+          f"{cls.__name__} at {'/'.join(map(str, site_path(self)))} is called with arguments beyond "
+          "its input; altgrad replays a site from its input alone: call it as layer(x)"
+        )
+      call = super(tapped, self).__call__
+      return site(self, lambda delta: (inputs, call(inputs) if delta is None else call(inputs) + delta))
+
+    tapped = type(
+      cls.__name__, (cls,), {"__call__": __call__, "_altgrad_tapped": True, "__module__": cls.__module__}
+    )
+    tapped.__qualname__ = cls.__qualname__
+    _TAPPED_CLASSES[cls] = tapped
+  return _TAPPED_CLASSES[cls]
+
+
+def is_site_module(module: nnx.Module) -> bool:
+  """Whether calls of ``module`` are sites: an NNX linear layer or an altgrad site layer."""
+  return isinstance(module, SITE_CLASSES) or getattr(type(module), "is_altgrad_site", False)
+
+
+def make_tappable(model: nnx.Module) -> nnx.Module:
+  """A clone of ``model`` whose site calls :func:`tapping` can record; ``model`` is untouched."""
+  if not isinstance(model, nnx.Module):
+    raise TypeError(f"altgrad rules take a Flax NNX model (an nnx.Module), got {type(model).__name__}")
+  clone = nnx.clone(model)
+  found = False
+  for path, module in nnx.iter_modules(clone):
+    if not is_site_module(module):
+      continue
+    found = True
+    setattr(module, _PATH_ATTRIBUTE, tuple(path))
+    if isinstance(module, SITE_CLASSES) and not getattr(type(module), "_altgrad_tapped", False):
+      module.__class__ = _tapped_class(type(module))
+  if not found:
+    raise SiteError(
+      f"{type(model).__name__} has no linear layer (nnx.Linear, nnx.LinearGeneral, nnx.Conv, "
+      "nnx.ConvTranspose, nnx.Einsum or an altgrad.nn layer): the rules assign credit at linear layers"
+    )
+  return clone
+
+
+def user_class(module: nnx.Module) -> type:
+  """The user's own class of a module that altgrad made tappable or decorrelated."""
+  cls = original_class(module)
+  return getattr(cls, "_altgrad_decorrelated_base", cls)
+
+
+def describe_site(path: Sequence[Any], module: nnx.Module) -> str:
+  """``path (package.Class)`` of a site module, for error messages."""
+  cls = user_class(module)
+  return f"{'/'.join(map(str, path)) or 'the model'} ({cls.__module__.split('.')[0]}.{cls.__name__})"
