@@ -76,8 +76,7 @@ for name, rule, lr in (("sgd", rules.backprop, 0.05), ("cw-sgd", rules.consequen
     model, optax.chain(rule(model, CE), optax.sgd(lr)), digits, loss_fn=CE, epochs=10, progress=False
   )
   plt.plot(h.epoch, h.test_accuracy, marker="o", label=name)
-plt.xlabel("epoch")
-plt.ylabel("test accuracy")
+plt.gca().set(xlabel="epoch", ylabel="test accuracy")
 plt.legend()
 plt.grid(alpha=0.3)
 plt.show()

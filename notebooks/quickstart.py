@@ -69,8 +69,7 @@ for name, h in histories.items():
 # %%
 for name, h in histories.items():
   plt.plot(h.epoch, h.test_accuracy, marker="o", label=name)
-plt.xlabel("epoch")
-plt.ylabel("test accuracy")
+plt.gca().set(xlabel="epoch", ylabel="test accuracy")
 plt.legend()
 plt.grid(alpha=0.3)
 plt.show()
