@@ -71,6 +71,23 @@ def test_the_readme_results_are_the_bench_output():
   assert block == readme_results(root / "results"), "run: python tools/readme_results.py"
 
 
+def test_every_suite_table_is_its_json():
+  """results/SUITE.md is what the report makes of results/SUITE.json (tables change with the
+  report's code, not by hand)."""
+  import json
+  from pathlib import Path
+
+  from altgrad._bench import SUITES, markdown
+
+  root = Path(__file__).resolve().parent.parent
+  for results in (root / "results", root / "results" / "gpu"):
+    for suite in SUITES:
+      if (results / f"{suite}.json").exists():
+        table = markdown(json.loads((results / f"{suite}.json").read_text()))
+        where = (results / f"{suite}.md").relative_to(root)
+        assert (results / f"{suite}.md").read_text() == table, f"{where}: run python tools/readme_results.py"
+
+
 def test_the_api_reference_has_a_page_entry_for_every_public_class_and_function():
   """docs/ (Sphinx) documents every public rule, layer and training name; losses, data and
   diagnostics are documented whole (automodule with members)."""

@@ -1,6 +1,7 @@
 """The training helper and the command line, end to end on small settings."""
 
 import json
+import re
 
 import chex
 import jax
@@ -146,7 +147,7 @@ def test_bench_writes_json_markdown_and_plot_and_resumes(tmp_path, monkeypatch):
   assert all(abs(v - 1) < 1e-4 for p in runs[suite[0].name]["probes"] for k, v in p.items() if k != "epoch")
   assert json.loads((tmp_path / "tiny.json").read_text())["runs"].keys() == runs.keys()
   table = (tmp_path / "tiny.md").read_text()
-  assert table.count("\n| digits |") == 4 and "(± " in table
+  assert table.count("\n| digits |") == 4 and re.search(r"\| \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\] \|", table)  # 95% CI
   assert (tmp_path / "tiny.png").stat().st_size > 10_000
 
   def fail(run, **kwargs):
@@ -317,3 +318,56 @@ def test_building_a_rule_that_factors_runs_lapack_on_one_thread_in_any_loop(monk
       build(model, losses.softmax_cross_entropy)
       assert {path: n for path, n in threads().items() if path in scipy_libs} == dict.fromkeys(scipy_libs, 1)
       assert {n for path, n in threads().items() if path not in scipy_libs} == {2}
+
+
+def _history(rule, accuracies, seconds, *, seeds=None, optimizer="adam", machine="x86"):
+  """A synthetic bench record: accuracy and training time per epoch."""
+  return {
+    "rule": rule,
+    "optimizer": optimizer,
+    "dataset": "digits",
+    "model": "mlp",
+    "hidden": [8],
+    "batch_size": 32,
+    "seeds": len(seeds) if seeds else 1,
+    "epoch": list(range(1, len(accuracies) + 1)),
+    "test_accuracy": accuracies,
+    "wall_time": seconds,
+    "test_accuracy_seeds": seeds or [accuracies],
+    "environment": {"platform": machine, "processor": machine, "device": "cpu:0"},
+  }
+
+
+def test_time_to_accuracy_is_the_first_epoch_at_backprop_final_accuracy():
+  from altgrad._bench import _report
+
+  backprop = _history("backprop", [0.5, 0.7, 0.8], [2.0, 4.0, 6.0])
+  faster = _history("tp", [0.6, 0.85, 0.9], [1.5, 3.0, 4.5])
+  never = _history("np", [0.3, 0.6, 0.7], [1.0, 2.0, 3.0])
+  records = {"bp": backprop, "tp": faster, "np": never}
+  assert _report.reference_of(faster, records) is backprop
+  assert _report.time_to(faster, 0.8) == (2, 3.0)
+  assert _report.time_to(never, 0.8) is None
+  assert _report.time_to_reference(faster, backprop) == "epoch 2, 3 s, 0.50x"  # 3 s against backprop's 6 s
+  assert _report.time_to_reference(never, backprop) == "not reached (best 0.700 < 0.800)"
+  elsewhere = _history("tp", [0.9], [1.0], machine="arm")
+  assert _report.time_to_reference(elsewhere, backprop) == "epoch 1, 1 s"  # no ratio across machines
+  other_data = dict(faster, dataset="mnist1d")
+  assert _report.reference_of(other_data, records) is None
+
+
+def test_final_accuracy_has_a_t_interval_and_a_welch_test_against_backprop():
+  from altgrad._bench import _report
+
+  interval = _report.confidence_interval(np.array([1.0, 2.0, 3.0]))
+  np.testing.assert_allclose(interval, (2 - 4.3027 / np.sqrt(3), 2 + 4.3027 / np.sqrt(3)), rtol=1e-4)
+  assert _report.confidence_interval(np.array([0.9])) is None
+  # t = -3 / sqrt(2/3) with 4 degrees of freedom (equal variances, so Welch's df is 4)
+  np.testing.assert_allclose(_report.welch(np.array([1.0, 2.0, 3.0]), np.array([4.0, 5.0, 6.0])), 0.02131, rtol=1e-3)
+  base = _history("backprop", [0.8], [1.0], seeds=[[0.80], [0.81], [0.79]])
+  better = _history("cw", [0.9], [1.0], seeds=[[0.90], [0.91], [0.89]])
+  same = _history("cw", [0.8], [1.0], seeds=[[0.82], [0.78], [0.80]])
+  assert _report.versus_reference(better, base).startswith("higher (p = ")
+  assert _report.versus_reference(same, base).startswith("not significant")
+  assert _report.versus_reference(base, base) == "(reference)"
+  assert _report.versus_reference(_history("cw", [0.9], [1.0]), base) == "n/a (one seed)"

@@ -3,12 +3,107 @@
 from __future__ import annotations
 
 import json
+import math
+import warnings
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 
 from altgrad import rules
-from altgrad._bench._suites import PROBE_SIZE, SUITES
+from altgrad._bench._suites import PROBE_SIZE, REFERENCE_FIELDS, SUITES
+
+#: Two-sided significance level of the comparisons with backprop.
+ALPHA = 0.05
+
+
+def _key(record: dict) -> str:
+  return json.dumps([record.get(field) for field in REFERENCE_FIELDS])  # tuples and lists alike
+
+
+def reference_of(record: dict, records: dict) -> dict | None:
+  """The backprop run ``record`` is compared with: the same :data:`REFERENCE_FIELDS`, preferring
+  the same optimizer, then one timed in the same process; ``None`` where the suite has none."""
+  candidates = [r for r in records.values() if r["rule"] == "backprop" and _key(r) == _key(record)]
+  if not candidates:
+    return None
+  rank = lambda r: (r["optimizer"] != record["optimizer"], r.get("session") != record.get("session"))  # noqa: E731
+  return min(candidates, key=rank)
+
+
+def same_machine_as(record: dict, reference: dict) -> bool:
+  """Whether two runs were timed on the same kind of machine (their times can be divided)."""
+  machine = ("platform", "processor", "device")
+  return all(record.get("environment", {}).get(k) == reference.get("environment", {}).get(k) for k in machine)
+
+
+def time_to(record: dict, target: float) -> tuple[int, float] | None:
+  """``(epoch, seconds of training)`` when the run's mean test accuracy first reaches
+  ``target``; ``None`` if it never does."""
+  for epoch, accuracy, seconds in zip(record["epoch"], record["test_accuracy"], record["wall_time"], strict=True):
+    if accuracy >= target:
+      return epoch, seconds
+  return None
+
+
+def time_to_reference(record: dict, reference: dict | None) -> str:
+  """When the run first reaches its backprop reference's final accuracy, and how its training
+  time compares with the reference's own time to that accuracy."""
+  if reference is None:
+    return "-"
+  target = reference["test_accuracy"][-1]
+  reached = time_to(record, target)
+  if reached is None:
+    return f"not reached (best {max(record['test_accuracy']):.3f} < {target:.3f})"
+  epoch, seconds = reached
+  _, own = time_to(reference, target)
+  ratio = f", {seconds / own:.2f}x" if same_machine_as(record, reference) and own > 0 else ""
+  return f"epoch {epoch}, {seconds:.3g} s{ratio}"
+
+
+def final_accuracies(record: dict) -> np.ndarray:
+  """Each seed's final test accuracy."""
+  seeds = record.get("test_accuracy_seeds") or [record["test_accuracy"]]
+  return np.array([curve[-1] for curve in seeds])
+
+
+def confidence_interval(values: np.ndarray) -> tuple[float, float] | None:
+  """The 95% confidence interval of the mean of ``values`` (Student's t); ``None`` for one value."""
+  if len(values) < 2:
+    return None
+  half = stats.t.ppf(1 - ALPHA / 2, len(values) - 1) * np.std(values, ddof=1) / math.sqrt(len(values))
+  return float(np.mean(values) - half), float(np.mean(values) + half)
+
+
+def welch(values: np.ndarray, reference: np.ndarray) -> float | None:
+  """The two-sided p-value of Welch's t-test of equal means (unequal variances); ``None``
+  where it is undefined (fewer than two values on a side, or no spread on either side beyond
+  float rounding)."""
+  if len(values) < 2 or len(reference) < 2 or max(np.std(values), np.std(reference)) < 1e-9:
+    return None
+  with warnings.catch_warnings():  # one side without spread (all seeds at 1.0) is still defined
+    warnings.simplefilter("ignore", RuntimeWarning)
+    return float(stats.ttest_ind(values, reference, equal_var=False).pvalue)
+
+
+def _final(record: dict) -> str:
+  values = final_accuracies(record)
+  interval = confidence_interval(values)
+  text = f"{np.mean(values):.3f}"
+  return text if interval is None else f"{text} [{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
+def versus_reference(record: dict, reference: dict | None) -> str:
+  """The final accuracy against the backprop reference's: higher, lower or not significantly
+  different at :data:`ALPHA`, by Welch's t-test over seeds."""
+  if reference is None or reference is record:
+    return "-" if reference is None else "(reference)"
+  values, base = final_accuracies(record), final_accuracies(reference)
+  p = welch(values, base)
+  if p is None:
+    return "n/a (one seed)" if min(len(values), len(base)) < 2 else "equal"
+  verdict = ("higher" if np.mean(values) > np.mean(base) else "lower") if p < ALPHA else "not significant"
+  return f"{verdict} (p = {p:.2g})"
 
 
 def _data_label(record: dict) -> str:
@@ -90,8 +185,12 @@ def markdown(results: dict) -> str:
     f"jax {env['jax']}, optax {env['optax']}, flax {env['flax']}; {env['device']} ({env['processor']}), {devices}.",
     "Step time is the median over epochs of the mean step time (compilation excluded); the ratio divides it by "
     "backprop's on the same data, model and batch size in the same run. With several seeds (n > 1, trained "
-    "together: vmapped, or in turn in one program) accuracies are means, with the standard deviation of the "
-    "final one. Cosines are "
+    "together: vmapped, or in turn in one program) accuracies are means over seeds; the final one has its 95% "
+    "confidence interval (Student's t over seeds), and 'vs backprop' says whether it differs from the backprop "
+    "reference's (same data, model, batch size and seeds) by Welch's t-test at the 5% level. 'To backprop's "
+    "final' is the first epoch at which the mean accuracy reaches the reference's final accuracy, the training "
+    "time until then (all seeds together, compilation excluded) and its ratio to the reference's own time to "
+    "that accuracy (time to accuracy). Cosines are "
     "per layer, input to output, between the rule's update and the backprop gradient on "
     f"{PROBE_SIZE} training examples, before training -> after the last epoch (mean over seeds). Where a "
     "suite has no backprop run at a rule's batch size, one with Adam (0.001) is added as the timing "
@@ -99,22 +198,23 @@ def markdown(results: dict) -> str:
     "beyond its inputs (data set, params) and outputs: a step's working memory (XLA's memory analysis; runs "
     "recorded before it was measured show -).",
     "",
-    "| data | model | batch | rule | optimizer (lr) | epochs | n | test acc (per epoch) | final test loss "
-    "| cosine to backprop | ms/step | x backprop | step MiB |",
-    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    "| data | model | batch | rule | optimizer (lr) | epochs | n | test acc (per epoch) | final acc (95% CI) "
+    "| vs backprop | to backprop's final | final test loss | cosine to backprop | ms/step | x backprop | step MiB |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
   ]
-  for r in results["runs"].values():
+  records = results["runs"]
+  for r in records.values():
     accs = _accuracies(r)
     seeds = r.get("seeds", 1)
     n = f"{seeds} in turn" if seeds > 1 and not r.get("vectorize", True) else str(seeds)
-    if seeds > 1:
-      accs += f" (± {r['test_accuracy_std'][-1]:.3f})"
+    reference = reference_of(r, records)
     if r.get("restored_epoch") is not None:
       accs += f" (stopped; kept epoch {r['restored_epoch']})"
     lines.append(
       f"| {_data_label(r)} | {r['model']} {'-'.join(map(str, r['hidden'])) or '(no hidden)'} {r['activation']}"
       f"{', ' + r['kernel_init'] if r.get('kernel_init') else ''} "
       f"| {r['batch_size']} | {_rule_label(r)} | {_optimizer_label(r)} | {_epochs(r)} | {n} | {accs} "
+      f"| {_final(r)} | {versus_reference(r, reference)} | {time_to_reference(r, reference)} "
       f"| {r['test_loss'][-1]:.4f} | {_cosines(r)} | {1e3 * r['median_step_time']:.3f} | {_ratio(r)} "
       f"| {_step_memory(r)} |"
     )
@@ -174,22 +274,26 @@ README_MARKERS = (
 )
 
 
+#: The suites whose whole table the README shows; the others it links.
+README_TABLES = ("smoke", "conv")
+
+
 def readme_results(out_dir: str | Path) -> str:
-  """The README's results block: the smoke suite's table and plot, then every other suite's plot
-  and a link to its table, and a link to the perf table, from the files ``altgrad bench`` wrote
-  to ``out_dir``."""
+  """The README's results block, from the files ``altgrad bench`` wrote to ``out_dir``: the
+  tables of :data:`README_TABLES` and a link to every other suite's, each suite's plot, and a
+  link to the perf table."""
   out_dir = Path(out_dir)
-  smoke = json.loads((out_dir / "smoke.json").read_text())
-  table = markdown(smoke).split("\n", 2)[2]  # without the title
-  lines = [README_MARKERS[0], "", table.rstrip(), "", f"![smoke suite]({out_dir.name}/smoke.png)", ""]
+  lines = [README_MARKERS[0], ""]
   for suite in SUITES:
-    if suite != "smoke" and (out_dir / f"{suite}.json").exists():
-      lines += [
-        f"`{suite}`: [table]({out_dir.name}/{suite}.md)",
-        "",
-        f"![{suite} suite]({out_dir.name}/{suite}.png)",
-        "",
-      ]
+    path = out_dir / f"{suite}.json"
+    if not path.exists():
+      continue
+    if suite in README_TABLES:
+      table = markdown(json.loads(path.read_text())).split("\n", 2)[2]  # without the title
+      lines += [f"`{suite}`:", "", table.strip(), ""]
+    else:
+      lines += [f"`{suite}`: [table]({out_dir.name}/{suite}.md)", ""]
+    lines += [f"![{suite} suite]({out_dir.name}/{suite}.png)", ""]
   if (out_dir / "perf.json").exists():
     lines += [f"`perf` (step costs against backprop's): [table]({out_dir.name}/perf.md)", ""]
   return "\n".join([*lines, README_MARKERS[1]])

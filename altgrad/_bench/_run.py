@@ -18,7 +18,7 @@ from altgrad import _distributed, _interrupt, diagnostics, losses, train
 from altgrad import data as data_lib
 from altgrad._bench._controls import BENCH_RULES
 from altgrad._bench._experiment import build_model, loss_for, make_rule, optimizer_for
-from altgrad._bench._report import markdown, plot
+from altgrad._bench._report import markdown, plot, reference_of, same_machine_as
 from altgrad._bench._suites import PROBE_SIZE, SUITES, Run
 
 
@@ -161,7 +161,7 @@ def run_suite(
   except KeyboardInterrupt:
     _interrupt.keep(f"{len(results['runs'])} finished run(s) in {path}; the same command resumes")
     raise
-  add_ratios(runs, results["runs"])
+  add_ratios(results["runs"])
   if primary:
     path.write_text(json.dumps(results, indent=1))
     (out_dir / f"{suite}.md").write_text(markdown(results))
@@ -190,16 +190,15 @@ def read_previous(path: Path) -> dict:
   return previous
 
 
-def add_ratios(runs: list[Run], records: dict) -> None:
-  """Divides each run's step time by backprop's with the same key, the same optimizer if there,
-  where both were timed in one process; a ratio to a reference timed in another process on the
-  same machine is marked as such, and none is made to one timed elsewhere."""
-  backprop = [r for r in runs if r.rule == "backprop"]
-  for r in runs:
-    same_key = [b for b in backprop if b.reference_key == r.reference_key]
-    run, reference = records[r.name], records[next((b for b in same_key if b.optimizer == r.optimizer), same_key[0]).name]
-    machine = ("platform", "processor", "device")
-    same_machine = all(run.get("environment", {}).get(k) == reference.get("environment", {}).get(k) for k in machine)
+def add_ratios(records: dict) -> None:
+  """Divides each run's step time by its backprop reference's (:func:`reference_of`) where both
+  were timed in one process; a ratio to a reference timed in another process on the same machine
+  is marked as such, and none is made to one timed elsewhere."""
+  for run in records.values():
+    reference = reference_of(run, records)
+    if reference is None:
+      continue
+    same_machine = same_machine_as(run, reference)
     run["step_time_ratio"] = run["median_step_time"] / reference["median_step_time"] if same_machine else None
     run["step_time_reference"] = (
       "this process" if run.get("session") == reference.get("session")

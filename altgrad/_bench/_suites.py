@@ -11,6 +11,21 @@ from altgrad import rules
 #: How many training examples the per-layer cosine to backprop is measured on.
 PROBE_SIZE = 256
 
+#: What makes two runs comparable (one is the other's backprop reference): the same data, model,
+#: batch size, decorrelation and number of seeds.
+REFERENCE_FIELDS = (
+  "dataset",
+  "dataset_options",
+  "model",
+  "hidden",
+  "activation",
+  "batch_size",
+  "decorrelation_lr",
+  "decorrelation_sample",
+  "kernel_init",
+  "seeds",
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class Run:
@@ -65,19 +80,8 @@ class Run:
 
   @property
   def reference_key(self) -> tuple:
-    """Runs with the same key are timed against the same backprop run."""
-    return (
-      self.dataset,
-      self.dataset_options,
-      self.model,
-      self.hidden,
-      self.activation,
-      self.batch_size,
-      self.decorrelation_lr,
-      self.decorrelation_sample,
-      self.kernel_init,
-      self.seeds,
-    )
+    """Runs with the same key are compared with the same backprop run (:data:`REFERENCE_FIELDS`)."""
+    return tuple(getattr(self, field) for field in REFERENCE_FIELDS)
 
 
 def _cw_suite(epochs: int) -> list[Run]:
