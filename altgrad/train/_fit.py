@@ -118,7 +118,9 @@ def fit_seeds(
   for a rule that does not vmap well. Known case: on XLA's CPU backend (jaxlib 0.10.2) the
   vmapped update of multilayer :func:`~altgrad.rules.expectation_reflection` with hidden layers
   of 128 units or more, each run with its own batch, never finishes (it runs with XLA's
-  optimizations off, and under ``lax.map``).
+  optimizations off, and under ``lax.map``); nor, on jaxlib 0.10.1's CPU backend, the vmapped
+  update of :func:`~altgrad.rules.consequentialism` on the bench's conv net (the ``conv`` suite
+  runs it under ``lax.map``; on a GPU it runs vmapped).
   Returns ``(model, history)`` per seed; the other arguments are :func:`fit`'s.
   """
   seeds = list(seeds)
