@@ -1,4 +1,11 @@
-"""Ridge solves shared by layer inverses and the rules: a Cholesky factor of the smaller side."""
+"""Cholesky factors and solves for the rules, and the ridge solver of the layer inverses.
+
+:func:`cholesky` and :func:`cho_solve` take the LAPACK (or vendor) routine on small matrices
+and, from a size measured per backend on (:data:`BLOCKING`), a blocked form whose bulk is
+matrix products: on a GPU it beats the vendor's routine by a little from a few hundred rows. On
+a CPU jaxlib's LAPACK calls run on one thread (``altgrad._lapack``); the blocked form runs on all
+of XLA's, and is faster alone, but not inside a rule's step (see :data:`BLOCKING`).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,98 @@ import jax.numpy as jnp
 from jax import lax
 
 Array = jax.Array
+
+class Blocking(NamedTuple):
+  """Where the blocked forms beat a backend's own routine, and their diagonal block."""
+
+  start: int  # the matrix rows from which they are used
+  block: int  # rows of a diagonal block, up to 1024 rows
+  large_block: int  # rows of a diagonal block beyond
+
+
+#: Per backend, measured (``tools/blocked_cholesky.py``: results/blocked_cholesky.md and
+#: results/gpu/blocked_cholesky.md); a backend absent here uses its own routine. Not the CPU: the
+#: blocked forms are faster there alone but not in CW's step, where the one-thread LAPACK calls
+#: overlap the other layers' products on XLA's other threads, and they compile slower.
+BLOCKING: dict[str, Blocking] = {"gpu": Blocking(384, 256, 256)}
+
+
+#: The blocks where a backend has no entry (the CPU's best alone: results/blocked_cholesky.md).
+DEFAULT_BLOCKING = Blocking(512, 128, 256)
+
+
+def _blocking() -> Blocking | None:
+  return BLOCKING.get(jax.default_backend())
+
+
+def block_for(n: int) -> int:
+  """The diagonal block's rows for an ``n``-row matrix on the default backend."""
+  blocking = _blocking() or DEFAULT_BLOCKING
+  return blocking.block if n <= 1024 else blocking.large_block
+
+
+def _blocks(n: int, block: int) -> list[tuple[int, int]]:
+  return [(start, min(start + block, n)) for start in range(0, n, block)]
+
+
+def _inverse_lower(factor: Array) -> Array:
+  """``L^-1`` of a small lower-triangular block."""
+  eye = jnp.eye(factor.shape[-1], dtype=factor.dtype)
+  return lax.linalg.triangular_solve(factor, eye, left_side=True, lower=True)
+
+
+def blocked_cholesky(matrix: Array, block: int | None = None) -> Array:
+  """The lower Cholesky factor of an SPD ``matrix``, right-looking by blocks: per diagonal block
+  one small factor and its inverse, then the panel below as a product with that inverse and the
+  trailing matrix updated by one product (the bulk of the work)."""
+  rest, columns = matrix, []
+  for start, stop in _blocks(matrix.shape[-1], block or block_for(matrix.shape[-1])):
+    size = stop - start
+    diagonal = lax.linalg.cholesky(rest[:size, :size])
+    panel = rest[size:, :size] @ _inverse_lower(diagonal).T
+    columns.append(jnp.concatenate([jnp.zeros((start, size), matrix.dtype), diagonal, panel]))
+    rest = rest[size:, size:] - panel @ panel.T
+  return jnp.concatenate(columns, axis=1)
+
+
+def blocked_solve_lower(factor: Array, rhs: Array, *, transpose: bool = False, block: int | None = None) -> Array:
+  """``L^-1 rhs`` (``L^-T rhs`` with ``transpose``) for a lower-triangular ``factor``, by blocks
+  of rows: each is the inverse of its diagonal block times its rows of ``rhs`` less one product
+  with the rows already solved (those above; below with ``transpose``)."""
+  n = factor.shape[-1]
+  blocks = _blocks(n, block or block_for(n))
+  solved = rhs[:0]
+  for start, stop in blocks[::-1] if transpose else blocks:
+    inverse = _inverse_lower(factor[start:stop, start:stop])
+    if transpose:
+      left = rhs[start:stop] - factor[stop:, start:stop].T @ solved
+      solved = jnp.concatenate([inverse.T @ left, solved])
+    else:
+      left = rhs[start:stop] - factor[start:stop, :start] @ solved
+      solved = jnp.concatenate([solved, inverse @ left])
+  return solved
+
+
+def cholesky(matrix: Array) -> Array:
+  """The lower Cholesky factor of an SPD ``matrix`` (NaN where it is not: never raises)."""
+  return blocked_cholesky(matrix) if _blocked(matrix.shape[-1]) else jnp.linalg.cholesky(matrix)
+
+
+def _blocked(n: int) -> bool:
+  blocking = _blocking()
+  return blocking is not None and n >= blocking.start
+
+
+def solve_lower(factor: Array, rhs: Array, *, transpose: bool = False) -> Array:
+  """``L^-1 rhs`` (``L^-T rhs`` with ``transpose``) for a lower-triangular ``factor``."""
+  if _blocked(factor.shape[-1]):
+    return blocked_solve_lower(factor, rhs, transpose=transpose)
+  return lax.linalg.triangular_solve(factor, rhs, left_side=True, lower=True, transpose_a=transpose)
+
+
+def cho_solve(factor: Array, rhs: Array) -> Array:
+  """``(L L^T)^-1 rhs`` for the lower factor ``L`` of :func:`cholesky`."""
+  return solve_lower(factor, solve_lower(factor, rhs), transpose=True)
 
 
 class RidgeSolver(NamedTuple):
@@ -37,9 +136,9 @@ class RidgeSolver(NamedTuple):
     n_in, n_out = kernel.shape
     gram = kernel @ kernel.T if n_in <= n_out else kernel.T @ kernel
     eye = jnp.eye(gram.shape[0], dtype=gram.dtype)
-    cholesky = jnp.linalg.cholesky(gram + reg * eye)
-    inverse = lax.linalg.triangular_solve(cholesky, eye, left_side=True, lower=True)
-    solver = cls(kernel, cholesky, inverse)
+    factor = cholesky(gram + reg * eye)
+    inverse = solve_lower(factor, eye)
+    solver = cls(kernel, factor, inverse)
     return solver._replace(projection=solver(jnp.eye(n_out, dtype=kernel.dtype))) if explicit else solver
 
   @property

@@ -15,11 +15,10 @@ from typing import Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
-import jax.scipy.linalg as jsl
 import optax
 from flax import nnx
 
-from altgrad import _mesh
+from altgrad import _linalg, _mesh
 from altgrad._lapack import single_threaded_lapack
 from altgrad.nn._base import at_step, check_number
 from altgrad.nn._matrix_form import matrix_form
@@ -35,8 +34,8 @@ EPS_MODES = get_args(EpsMode)
 
 def _solve_spd(matrix: Array, rhs: Array, eps: Array) -> Array:
   """``(matrix + eps I)^-1 rhs`` by Cholesky (``matrix`` is a Gram matrix, so this is SPD)."""
-  factor = jnp.linalg.cholesky(matrix + eps * jnp.eye(matrix.shape[0], dtype=matrix.dtype))
-  return jsl.cho_solve((factor, True), rhs)
+  factor = _linalg.cholesky(matrix + eps * jnp.eye(matrix.shape[0], dtype=matrix.dtype))
+  return _linalg.cho_solve(factor, rhs)
 
 
 def emend(

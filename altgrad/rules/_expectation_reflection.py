@@ -27,12 +27,11 @@ from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
-import jax.scipy.linalg as jsl
 import numpy as np
 import optax
 from flax import nnx
 
-from altgrad import _mesh
+from altgrad import _linalg, _mesh
 from altgrad._lapack import single_threaded_lapack
 from altgrad.nn import GRU, SimpleRNN
 from altgrad.nn._base import at_step, check_number, is_concrete
@@ -171,7 +170,7 @@ class InputFactor(NamedTuple):
     mean = inputs / count
     covariance = outer / count - jnp.outer(mean, mean)
     eye = jnp.eye(covariance.shape[0], dtype=covariance.dtype)
-    return cls(mean, jnp.linalg.cholesky(covariance + reg * eye))
+    return cls(mean, _linalg.cholesky(covariance + reg * eye))
 
   def solve(
     self, count: Array, targets: Array, cross: Array, *, center_outputs: bool = False
@@ -179,7 +178,7 @@ class InputFactor(NamedTuple):
     """``kernel = (C + reg I)^-1 Cov(x, h*)`` and ``bias = mean(h*) - mean(x) kernel`` from the
     sums of ``h*`` and of ``x h*^T``. ``center_outputs`` fixes the softmax gauge."""
     mean_t = targets / count
-    kernel = jsl.cho_solve((self.cholesky, True), cross / count - jnp.outer(self.mean, mean_t))
+    kernel = _linalg.cho_solve(self.cholesky, cross / count - jnp.outer(self.mean, mean_t))
     bias = mean_t - self.mean @ kernel
     if center_outputs:
       kernel = kernel - jnp.mean(kernel, axis=1, keepdims=True)
