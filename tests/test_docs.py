@@ -77,7 +77,7 @@ def test_every_suite_table_is_its_json():
   import json
   from pathlib import Path
 
-  from altgrad._bench import SUITES, markdown
+  from altgrad._bench import SUITES, _perf, markdown
 
   root = Path(__file__).resolve().parent.parent
   for results in (root / "results", root / "results" / "gpu"):
@@ -86,6 +86,9 @@ def test_every_suite_table_is_its_json():
         table = markdown(json.loads((results / f"{suite}.json").read_text()))
         where = (results / f"{suite}.md").relative_to(root)
         assert (results / f"{suite}.md").read_text() == table, f"{where}: run python tools/readme_results.py"
+    if (results / "perf.json").exists():
+      table = _perf.markdown(json.loads((results / "perf.json").read_text()))
+      assert (results / "perf.md").read_text() == table, f"{results / 'perf.md'}: run python tools/readme_results.py"
 
 
 def test_the_api_reference_has_a_page_entry_for_every_public_class_and_function():
