@@ -11,7 +11,7 @@ ordinary NNX models among them.
 """
 
 from altgrad._bench._controls import BENCH_RULES, plain_gradient, scaled_backprop
-from altgrad._bench._report import README_MARKERS, markdown, plot, readme_results
+from altgrad._bench._report import README_MARKERS, markdown, plot, readme_results, tables
 from altgrad._bench._run import environment, execute, run_suite, summarize
 from altgrad._bench._suites import SUITES, Run
 
@@ -29,4 +29,5 @@ __all__ = [
   "run_suite",
   "scaled_backprop",
   "summarize",
+  "tables",
 ]

@@ -274,6 +274,19 @@ README_MARKERS = (
 )
 
 
+def tables(results: str | Path) -> dict[Path, str]:
+  """Every table under ``results`` and ``results/gpu`` as its JSON makes it: ``SUITE.md`` of
+  each suite's ``SUITE.json``, and ``perf.md`` of ``perf.json``."""
+  from altgrad._bench import _perf  # imported here: _perf runs suites, which write reports
+
+  found = {}
+  for folder in (Path(results), Path(results) / "gpu"):
+    for suite, render in [*((suite, markdown) for suite in SUITES), ("perf", _perf.markdown)]:
+      if (folder / f"{suite}.json").exists():
+        found[folder / f"{suite}.md"] = render(json.loads((folder / f"{suite}.json").read_text()))
+  return found
+
+
 #: The suites whose whole table the README shows; the others it links.
 README_TABLES = ("smoke", "conv")
 
