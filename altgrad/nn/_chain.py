@@ -267,11 +267,10 @@ def regularized_least_squares(
   *,
   coupled: bool,
   iterations: int = CG_ITERATIONS,
-  start: Array | None = None,
 ) -> Array:
   """``(J^T J + reg I)^-1 J^T d`` for a linear ``J`` given as ``forward`` and ``transpose``, by
-  conjugate gradients (from ``start``, or zero) on every example at once: each example's own
-  system unless ``coupled`` (a map that mixes examples), then one system over the whole batch."""
+  conjugate gradients from zero on every example at once: each example's own system unless
+  ``coupled`` (a map that mixes examples), then one system over the whole batch."""
   rhs = transpose(d)
   normal = lambda p: transpose(forward(p)) + reg * p  # noqa: E731
 
@@ -280,8 +279,7 @@ def regularized_least_squares(
       return _mesh.batch_sum(jnp.sum(a * b))
     return jnp.sum(a * b, axis=tuple(range(1, a.ndim)), keepdims=True)
 
-  x = jnp.zeros_like(rhs) if start is None else start
-  r = rhs - normal(x)
+  x, r = jnp.zeros_like(rhs), rhs  # the residual of x = 0 is the right side
   bound = (CG_TOLERANCE**2) * dot(rhs, rhs)
 
   def step(carry):

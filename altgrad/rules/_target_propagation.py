@@ -245,8 +245,8 @@ def _recurrent_step(view: PureModel, params, x, targets, loss, settings: _Settin
 
   _, pull_back, taps = jax.vjp(forward, view.zero_perturbations(params, x), has_aux=True)
   mean, top_error = jax.value_and_grad(lambda z: _mean_loss(loss, top.activation(z), targets))(taps[-1].preact)
-  _, input_vjp = jax.vjp(top.linear, taps[-1].inputs)
-  local = _per_step(-settings.lr_target * input_vjp(top_error)[0], taps[0].preact.shape[1])
+  first = -settings.lr_target * transpose_at(top.linear, taps[-1].inputs)(top_error)
+  local = _per_step(first, taps[0].preact.shape[1])
   displacement, clipped = _rnn_displacements(cell, taps[0], local, settings.mode, settings.reg, settings.max_rms)
   own = -displacement * cell.activation.derivative(taps[0].preact)
   if settings.update == "through_time":
@@ -271,8 +271,8 @@ def _step(view: PureModel, params, x, targets, loss, settings: _Settings):
   chain = chain_of(view, params, x, taps, "target_propagation")
   nothing = tuple(jnp.zeros_like(z) for z in preacts)
   top_error = pull_back((jnp.ones_like(mean), nothing))[0][-1]  # dL/dz at the last site (the rest is dead code)
-  _, input_vjp = jax.vjp(lambda h: linear_map(chain.modules[-1], h), taps[-1].inputs)
-  first = -settings.lr_target * input_vjp(top_error)[0]  # displacement of the last site's input
+  to_inputs = transpose_at(lambda h: linear_map(chain.modules[-1], h), taps[-1].inputs)
+  first = -settings.lr_target * to_inputs(top_error)  # displacement of the last site's input
   displacements, clipped = _chain_displacements(chain, first, settings)
   local = [-link.vjp(tap.preact, d) for link, tap, d in zip(chain.links, taps[:-1], displacements, strict=True)]
   if settings.update == "through_time":
