@@ -254,6 +254,40 @@ def test_default_noise_is_standard_normal_with_independent_halves():
   assert gaussian(jax.random.key(0, impl="rbg"), (3,), jnp.bfloat16).dtype == jnp.bfloat16
 
 
+@pytest.mark.parametrize("shape", [(7,), (5, 13), (4, 3, 10)])
+def test_default_noise_loop_assembles_one_hash_per_pair_of_numbers(shape):
+  """The loop's chunks give what one draw gives: the hash of counter ``i`` (row-major over the
+  array's rows and half its last axis) fills entry ``i`` of the first half and of the second."""
+  from jax.extend.random import threefry2x32_p
+
+  from altgrad.rules._noise import _standard_normal, gaussian
+
+  *lead, width = shape
+  half = (width + 1) // 2
+  counters = jnp.arange(int(np.prod(lead)) * half, dtype=jnp.uint32).reshape(*lead, half)
+  key = jax.random.key(3)
+  words = threefry2x32_p.bind(*jax.random.key_data(key), counters, jnp.zeros_like(counters))
+  expected = _standard_normal(jnp.concatenate(words, axis=-1)[..., :width])
+  np.testing.assert_array_equal(np.asarray(gaussian(key, shape, jnp.float32)), np.asarray(expected))
+
+
+def test_default_noise_is_computed_once_however_many_readers():
+  """XLA fuses the inverse CDF into every reader of the noise unless it is stored (it was
+  compiled and evaluated 8 to 69 times per step: results/noise_once.md): the compiled step
+  holds it as often as a lone draw does, once per word of the hash."""
+  from altgrad._bench._perf import inverse_cdf_copies
+  from altgrad.rules._noise import gaussian
+
+  model = nn.MLP((4, 8, 8, 8, 3), rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  tx = rules.node_perturbation(model, CE, samples=2)
+  batch = (jnp.ones((5, 4)), jnp.zeros((5,), jnp.int32))
+  step = jax.jit(lambda p, s, b: tx.update(None, s, p, batch=b)).lower(params, tx.init(params), batch).compile()
+  lone = jax.jit(gaussian, static_argnums=(1, 2)).lower(jax.random.key(0), (10, 27), jnp.float32).compile()
+  assert inverse_cdf_copies(lone.as_text()) == 2
+  assert inverse_cdf_copies(step.as_text()) == 2
+
+
 def _count_primitives(jaxpr, names: set[str]) -> int:
   count = 0
   for eqn in jaxpr.eqns:

@@ -11,6 +11,7 @@ run. Each is divided by the backprop case's at the same shape.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -118,6 +119,14 @@ def largest_constant(hlo: str) -> int:
   compile time (a large Gram matrix can take minutes)."""
   shapes = re.findall(r"=\s*\w+\[([\d,]*)\](?:\{[\d,]*\})?\s+constant\(", hlo)
   return max((math.prod(int(d) for d in shape.split(",") if d) for shape in shapes), default=0)
+
+
+def inverse_cdf_copies(hlo: str) -> int:
+  """Copies of ``erf_inv``'s polynomial in compiled HLO text: the fewest occurrences of any
+  coefficient a lone ``erf_inv`` holds once (each fused reader of unstored noise holds one)."""
+  lone = jax.jit(jax.lax.erf_inv).lower(jnp.ones(8)).compile().as_text()
+  found = collections.Counter(re.findall(r"constant\((-?\d+\.\d{4,}[e\d+-]*)\)", lone))
+  return min(hlo.count(f"constant({c})") for c, n in found.items() if n == 1)
 
 
 def matmul_rate(size: int = 2048, repeats: int = 5) -> float:

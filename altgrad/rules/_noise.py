@@ -60,27 +60,47 @@ def threefry2x32(key: tuple[Array, Array], counters: tuple[Array, Array]) -> tup
 
 
 def gaussian(key: Array, shape: tuple[int, ...], dtype: Any) -> Array:
-  """Standard normal noise, as ``jax.random.normal`` draws it but with half the hashing.
+  """Standard normal noise, as ``jax.random.normal`` draws it but with half the hashing, each
+  number computed once.
 
   ``jax.random.normal`` (partitionable threefry, JAX's default) hashes a counter per number and
   keeps one of the two words each hash yields; on CPU that costs about as much as one layer's
   matmul at node-perturbation shapes. Here each hash of a counter ``(i, 0)`` gives two numbers:
   its two words fill the two halves of the last axis. Counters are iotas of the array's own
-  shape, so the noise of a batch sharded over devices is drawn where it lives. Keys of other
+  shape, so the noise of a batch sharded over devices is drawn where it lives. The numbers are
+  made in a loop over two chunks of columns: XLA fuses nothing across a loop, so the noise is
+  stored once, where otherwise the inverse CDF (some 180 operations a number) is fused, compiled
+  and evaluated again in every reader of the noise (results/noise_once.md). Keys of other
   implementations (``rbg``) use ``jax.random.normal``.
   """
   if str(jax.random.key_impl(key)) != "threefry2x32" or not shape or 0 in shape:
     return jax.random.normal(key, shape, dtype)
   *lead, width = shape
-  half = (shape[-1] + 1) // 2
+  half = (width + 1) // 2
+  chunk = -(-half // _CHUNKS)
   strides = np.cumprod([1, half, *lead[::-1]])[:-1][::-1]
   counters = sum(
-    jax.lax.broadcasted_iota(jnp.uint32, (*lead, half), axis) * jnp.uint32(stride)
+    jax.lax.broadcasted_iota(jnp.uint32, (*lead, chunk), axis) * jnp.uint32(stride)
     for axis, stride in enumerate(strides)
   )
-  k0, k1 = jax.random.key_data(key)
-  words = jnp.concatenate(threefry2x32((k0, k1), (counters, jnp.zeros_like(counters))), axis=-1)[..., :width]
-  # 23 random mantissa bits -> [1, 2) -> (-1, 1) (never -1, where erf_inv is infinite)
+  key_words = tuple(jax.random.key_data(key))
+
+  def draw(_, start):
+    words = threefry2x32(key_words, (counters + start, jnp.zeros_like(counters)))
+    return None, tuple(_standard_normal(w) for w in words)
+
+  _, halves = jax.lax.scan(draw, None, np.arange(_CHUNKS, dtype=np.uint32) * np.uint32(chunk))
+  joined = [jnp.moveaxis(h, 0, -2).reshape(*lead, _CHUNKS * chunk)[..., :half] for h in halves]
+  return jnp.concatenate(joined, axis=-1)[..., :width].astype(dtype)
+
+
+#: Column chunks of :func:`gaussian`'s loop: two, since XLA removes a loop of one trip.
+_CHUNKS = 2
+
+
+def _standard_normal(words: Array) -> Array:
+  """A standard normal number from each word's 23 high bits: ``[1, 2)`` -> ``(-1, 1)`` (never
+  -1, where ``erf_inv`` is infinite) -> the inverse CDF."""
   unit = jax.lax.bitcast_convert_type((words >> 9) | jnp.uint32(0x3F800000), jnp.float32)
   low = np.nextafter(np.float32(-1), np.float32(0))
-  return (np.sqrt(2, dtype=np.float32) * jax.lax.erf_inv(jnp.maximum(low, 2 * unit - 3))).astype(dtype)
+  return np.sqrt(2, dtype=np.float32) * jax.lax.erf_inv(jnp.maximum(low, 2 * unit - 3))
