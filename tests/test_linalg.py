@@ -84,3 +84,40 @@ def test_the_rules_take_the_blocked_forms_from_the_measured_size_and_agree_with_
   for got, expected in zip(jax.tree.leaves(update()), jax.tree.leaves(lapack), strict=True):
     np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-5)
   assert optax.tree.norm(update()) > 0
+
+
+@pytest.mark.parametrize("rows", [7, 64, 257])
+def test_gram_from_its_lower_blocks_is_the_product_under_jit_and_vmap(rows, monkeypatch):
+  """Halving the rows down to 16 (forced on): the Gram matrix to float32 rounding, from more
+  than one product where there are 32 rows or more."""
+  monkeypatch.setitem(_linalg.GRAM_HALF_ROWS, jax.default_backend(), 16)
+  x = np.random.default_rng(rows).standard_normal((rows, 33)).astype(np.float32)
+  expected = x.astype(np.float64) @ x.T.astype(np.float64)
+  got = jax.jit(_linalg.gram)(x)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(jax.vmap(_linalg.gram)(jnp.stack([x, 2 * x]))[1], 4 * expected, rtol=1e-5, atol=1e-3)
+  products = str(jax.make_jaxpr(_linalg.gram)(x)).count("dot_general")
+  assert products == 1 if rows < 32 else products > 1
+
+
+def test_cw_and_the_ridge_solver_agree_with_the_gram_halved(monkeypatch):
+  """CW's dual (96 x 96) and primal (21 x 21, 41 x 41) Grams and a ridge solver's, halved down
+  to 8 rows: the same updates to float32 rounding."""
+  model = nn.MLP((20, 40, 5), rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  rng = np.random.default_rng(4)
+  batch = (jnp.asarray(rng.standard_normal((96, 20)), jnp.float32), jnp.asarray(rng.integers(0, 5, 96)))
+  kernel, z = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in ((64, 80), (7, 80)))
+
+  def outcomes():
+    cw = {}
+    for form in ("dual", "primal"):
+      tx = rules.consequentialism(model, losses.softmax_cross_entropy, form=form)
+      cw[form] = tx.update(None, tx.init(params), params, batch=batch)[0]
+    return cw, _linalg.RidgeSolver.create(kernel, 0.5)(z)
+
+  monkeypatch.delitem(_linalg.GRAM_HALF_ROWS, jax.default_backend(), raising=False)
+  plain = outcomes()
+  monkeypatch.setitem(_linalg.GRAM_HALF_ROWS, jax.default_backend(), 8)
+  for got, expected in zip(jax.tree.leaves(outcomes()), jax.tree.leaves(plain), strict=True):
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-5)

@@ -257,7 +257,9 @@ def test_default_noise_is_standard_normal_with_independent_halves():
 @pytest.mark.parametrize("shape", [(7,), (5, 13), (4, 3, 10)])
 def test_default_noise_loop_assembles_one_hash_per_pair_of_numbers(shape):
   """The loop's chunks give what one draw gives: the hash of counter ``i`` (row-major over the
-  array's rows and half its last axis) fills entry ``i`` of the first half and of the second."""
+  array's rows and half its last axis) fills entry ``i`` of the first half and of the second
+  (to a float32 rounding: XLA may contract the inverse CDF's products differently in another
+  kernel)."""
   from jax.extend.random import threefry2x32_p
 
   from altgrad.rules._noise import _standard_normal, gaussian
@@ -268,13 +270,14 @@ def test_default_noise_loop_assembles_one_hash_per_pair_of_numbers(shape):
   key = jax.random.key(3)
   words = threefry2x32_p.bind(*jax.random.key_data(key), counters, jnp.zeros_like(counters))
   expected = _standard_normal(jnp.concatenate(words, axis=-1)[..., :width])
-  np.testing.assert_array_equal(np.asarray(gaussian(key, shape, jnp.float32)), np.asarray(expected))
+  np.testing.assert_allclose(np.asarray(gaussian(key, shape, jnp.float32)), np.asarray(expected), rtol=1e-6)
 
 
 def test_default_noise_is_computed_once_however_many_readers():
   """XLA fuses the inverse CDF into every reader of the noise unless it is stored (it was
   compiled and evaluated 8 to 69 times per step: results/noise_once.md): the compiled step
-  holds it as often as a lone draw does, once per word of the hash."""
+  holds it as often as a lone draw does, and the draw holds the hash's 20 rounds (an ``xor``
+  each) once, not once per word."""
   from altgrad._bench._perf import inverse_cdf_copies
   from altgrad.rules._noise import gaussian
 
@@ -284,8 +287,8 @@ def test_default_noise_is_computed_once_however_many_readers():
   batch = (jnp.ones((5, 4)), jnp.zeros((5,), jnp.int32))
   step = jax.jit(lambda p, s, b: tx.update(None, s, p, batch=b)).lower(params, tx.init(params), batch).compile()
   lone = jax.jit(gaussian, static_argnums=(1, 2)).lower(jax.random.key(0), (10, 27), jnp.float32).compile()
-  assert inverse_cdf_copies(lone.as_text()) == 2
-  assert inverse_cdf_copies(step.as_text()) == 2
+  assert 1 <= inverse_cdf_copies(lone.as_text()) == inverse_cdf_copies(step.as_text())
+  assert 20 <= lone.as_text().count(" xor(") < 40
 
 
 def _count_primitives(jaxpr, names: set[str]) -> int:

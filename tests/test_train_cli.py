@@ -182,6 +182,29 @@ def test_perf_times_steps_against_backprop_and_writes_json_and_markdown(tmp_path
   assert (tmp_path / "perf.md").read_text().count(f"\n| {shape.name} |") == 3
 
 
+def test_perf_counts_the_lapack_calls_xla_leaves_out():
+  """A Cholesky factor of n rows is n^3/3 FLOPs and a triangular solve for m right sides n^2 m,
+  per matrix of a batch, a scan's body times its length and a cond's dearest branch."""
+  from altgrad._bench import _perf
+
+  spd = jnp.eye(6) * 2.0
+
+  def solves(a, b):
+    factor = jax.lax.linalg.cholesky(a)
+    return jax.lax.linalg.triangular_solve(factor, b, left_side=True, lower=True)
+
+  def step(a, b):
+    looped = jax.lax.scan(lambda c, _: (c, solves(a, b)), 0.0, None, length=3)[1]
+    chosen = jax.lax.cond(a[0, 0] > 0, lambda: solves(a, b), lambda: b)
+    return looped, chosen, jax.vmap(jax.lax.linalg.cholesky)(jnp.stack([a, a]))
+
+  once = 6**3 / 3 + 6**2 * 4
+  jaxpr = jax.make_jaxpr(step)(spd, jnp.ones((6, 4))).jaxpr
+  assert _perf.library_flops(jaxpr) == pytest.approx(3 * once + once + 2 * 6**3 / 3)
+  right = jax.make_jaxpr(lambda a, b: jax.lax.linalg.triangular_solve(a, b, left_side=False))(spd, jnp.ones((5, 6)))
+  assert _perf.library_flops(right.jaxpr) == pytest.approx(6**2 * 5)
+
+
 def test_scaled_backprop_is_backprop_with_the_hidden_layers_scaled():
   model = nn.SimpleRNN(3, 8, 2, rngs=nnx.Rngs(0))
   params = nnx.state(model, nnx.Param)

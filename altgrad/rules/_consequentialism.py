@@ -76,9 +76,9 @@ def emend(
   side = form if form != "auto" else ("dual" if count < rows.shape[1] else "primal")
   if side == "dual":
     rows, errors = _mesh.gather_rows(rows), _mesh.gather_rows(errors)
-    update = rows.T @ _solve_spd(rows @ rows.T, errors, ridge)
+    update = rows.T @ _solve_spd(_linalg.gram(rows), errors, ridge)
   else:
-    update = _solve_spd(_mesh.batch_sum(rows.T @ rows), _mesh.batch_sum(rows.T @ errors), ridge)
+    update = _solve_spd(_mesh.batch_sum(_linalg.gram(rows.T)), _mesh.batch_sum(rows.T @ errors), ridge)
   return update.astype(dtype)
 
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from altgrad import _linalg
 from altgrad.rules._common import check_choice
 from altgrad.rules._expectation_reflection import (
   EXPECTATIONS,
@@ -39,7 +40,7 @@ def _fit(x, s, kernel, reg, *, max_iter, expectation, multiclass, keep_best, per
   within rounding does not count, see :func:`rises`): of each output on its own (``per_class``,
   one-vs-rest), or of their mean (``joint``)."""
   count = jnp.asarray(x.shape[0], x.dtype)
-  factor = InputFactor.of(count, jnp.sum(x, axis=0), x.T @ x, reg)  # the inputs never change
+  factor = InputFactor.of(count, jnp.sum(x, axis=0), _linalg.gram(x.T), reg)  # the inputs never change
   bias = jnp.zeros(kernel.shape[1], x.dtype)
 
   def costs(kernel, bias):

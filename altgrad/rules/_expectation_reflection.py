@@ -150,7 +150,7 @@ class Moments(NamedTuple):
     return cls(
       jnp.asarray(x.shape[0], x.dtype),
       jnp.sum(x, axis=0),
-      x.T @ x,
+      _linalg.gram(x.T),
       jnp.sum(target, axis=0),
       x.T @ target,
       jnp.sum(discrepancy),

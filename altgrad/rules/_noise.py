@@ -66,11 +66,13 @@ def gaussian(key: Array, shape: tuple[int, ...], dtype: Any) -> Array:
   ``jax.random.normal`` (partitionable threefry, JAX's default) hashes a counter per number and
   keeps one of the two words each hash yields; on CPU that costs about as much as one layer's
   matmul at node-perturbation shapes. Here each hash of a counter ``(i, 0)`` gives two numbers:
-  its two words fill the two halves of the last axis. Counters are iotas of the array's own
-  shape, so the noise of a batch sharded over devices is drawn where it lives. The numbers are
-  made in a loop over two chunks of columns: XLA fuses nothing across a loop, so the noise is
-  stored once, where otherwise the inverse CDF (some 180 operations a number) is fused, compiled
-  and evaluated again in every reader of the noise (results/noise_once.md). Keys of other
+  its two words fill the two halves of the last axis, and they leave the hash as the real and
+  imaginary parts of one complex number, so that XLA (whose fused loops compute each output
+  element on its own) hashes each counter once. Counters are iotas of the array's own shape, so
+  the noise of a batch sharded over devices is drawn where it lives. The numbers are made in a
+  loop over two chunks of columns: XLA fuses nothing across a loop, so the noise is stored once,
+  where otherwise the inverse CDF (some 180 operations a number) is fused, compiled and
+  evaluated again in every reader of the noise (results/noise_once.md). Keys of other
   implementations (``rbg``) use ``jax.random.normal``.
   """
   if str(jax.random.key_impl(key)) != "threefry2x32" or not shape or 0 in shape:
@@ -85,13 +87,14 @@ def gaussian(key: Array, shape: tuple[int, ...], dtype: Any) -> Array:
   )
   key_words = tuple(jax.random.key_data(key))
 
-  def draw(_, start):
-    words = threefry2x32(key_words, (counters + start, jnp.zeros_like(counters)))
-    return None, tuple(_standard_normal(w) for w in words)
+  def draw(index, pairs):
+    first, second = threefry2x32(key_words, (counters + (index * chunk).astype(jnp.uint32), jnp.zeros_like(counters)))
+    chunk_pairs = jax.lax.complex(_standard_normal(first), _standard_normal(second))
+    return jax.lax.dynamic_update_index_in_dim(pairs, chunk_pairs, index, axis=len(lead))
 
-  _, halves = jax.lax.scan(draw, None, np.arange(_CHUNKS, dtype=np.uint32) * np.uint32(chunk))
-  joined = [jnp.moveaxis(h, 0, -2).reshape(*lead, _CHUNKS * chunk)[..., :half] for h in halves]
-  return jnp.concatenate(joined, axis=-1)[..., :width].astype(dtype)
+  pairs = jax.lax.fori_loop(0, _CHUNKS, draw, jnp.zeros((*lead, _CHUNKS, chunk), jnp.complex64))
+  pairs = pairs.reshape(*lead, _CHUNKS * chunk)[..., :half]
+  return jnp.concatenate([pairs.real, pairs.imag], axis=-1)[..., :width].astype(dtype)
 
 
 #: Column chunks of :func:`gaussian`'s loop: two, since XLA removes a loop of one trip.
