@@ -113,13 +113,14 @@ def cho_solve(factor: Array, rhs: Array) -> Array:
 #: Per backend, the fewest rows each half keeps where :func:`gram` halves a Gram matrix's rows
 #: (measured: ``tools/symmetric_gram.py``, results/symmetric_gram.md); a backend absent here takes
 #: the one product (the GPU: not measured).
-GRAM_HALF_ROWS: dict[str, int] = {"cpu": 128}
+GRAM_HALF_ROWS: dict[str, int] = {"cpu": 256}
 
 
 def gram(rows: Array) -> Array:
   """``rows @ rows.T``: where :data:`GRAM_HALF_ROWS` says, from the products of its diagonal and
   lower blocks only (the upper blocks are their transposes), halving the rows while each half
-  keeps that many: 5/8 of the one product's FLOPs at 1000 rows."""
+  keeps that many: 3/4 of the one product's FLOPs at 1000 rows on the CPU (halving
+  further is faster alone by a few percent, and compiles CW's step 1.6x slower)."""
   smallest = GRAM_HALF_ROWS.get(jax.default_backend())
   n = rows.shape[-2]
   if smallest is None or n < 2 * smallest:

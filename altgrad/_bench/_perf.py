@@ -177,13 +177,8 @@ class _Compiled:
       return optax.apply_updates(params, updates), state
 
     self.args = (params, tx.init(params), x, y)
-    start = time.perf_counter()
-    traced = jax.jit(step).trace(*self.args)
-    lowered = traced.lower()
-    self.trace_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    self.step = lowered.compile()
-    self.compile_seconds = time.perf_counter() - start
+    self._step_fn, self.trace_times, self.compile_times = step, [], []
+    traced = self.compile()
     cost = self.step.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost  # one dict per device in older JAX
     self.flops = float((cost or {}).get("flops", float("nan")))
@@ -199,6 +194,26 @@ class _Compiled:
     self.largest_constant = largest_constant(self.step.as_text())
     self.times: list[float] = []
 
+  def compile(self) -> jax.stages.Traced:
+    """Traces, lowers and compiles the step afresh (a new function, so no cache answers), and
+    records the seconds of the trace and lowering and of XLA's compile."""
+    start = time.perf_counter()
+    traced = jax.jit(lambda *args: self._step_fn(*args)).trace(*self.args)
+    lowered = traced.lower()
+    middle = time.perf_counter()
+    self.step = lowered.compile()
+    self.trace_times.append(middle - start)
+    self.compile_times.append(time.perf_counter() - middle)
+    return traced
+
+  @property
+  def trace_seconds(self) -> float:
+    return float(np.median(self.trace_times))
+
+  @property
+  def compile_seconds(self) -> float:
+    return float(np.median(self.compile_times))
+
   def time(self, steps: int) -> None:
     """Runs ``steps`` steps from the same inputs; records the mean time of one."""
     start = time.perf_counter()
@@ -208,8 +223,12 @@ class _Compiled:
     self.times.append((time.perf_counter() - start) / steps)
 
 
-def measure(found: list[Case], *, rounds: int = 7, round_seconds: float = 0.3, progress: bool = False) -> dict:
-  """Compiles and times every case; records per case, and ratios to the same shape's backprop."""
+def measure(
+  found: list[Case], *, rounds: int = 7, round_seconds: float = 0.3, compiles: int = 3, progress: bool = False
+) -> dict:
+  """Compiles (``compiles`` times, the cases of a shape in turn: one compile's time moves by a
+  fifth between runs) and times every case; records per case (median compile), and ratios to
+  the same shape's backprop."""
   records = {}
   shapes = list(dict.fromkeys(case.shape for case in found))
   from tqdm.auto import tqdm
@@ -217,6 +236,9 @@ def measure(found: list[Case], *, rounds: int = 7, round_seconds: float = 0.3, p
   for shape in tqdm(shapes, desc="bench perf", unit="shape", disable=not progress):
     group = [case for case in found if case.shape == shape]
     compiled = [_Compiled(case) for case in group]
+    for _ in range(compiles - 1):
+      for c in compiled:
+        c.compile()
     for c in compiled:
       c.time(1)  # warm up, then one step to size the rounds
       c.time(1)
@@ -271,7 +293,7 @@ def markdown(results: dict) -> str:
     f"jax {env['jax']}, optax {env['optax']}, flax {env['flax']}; {env['device']} ({env['processor']}); "
     f"float32 matmul roofline {results['matmul_gflop_per_second']:.0f} GFLOP/s (2048^3, measured in this run).",
     "One jitted step (rule, then SGD), the batch passed as an argument; median over rounds in which the cases of "
-    "a shape take turns. Compile = trace + XLA compile. GFLOP is XLA's count of the compiled step plus "
+    "a shape take turns. Compile = trace + XLA compile, the median of several compiles in turn (three by default). GFLOP is XLA's count of the compiled step plus "
     "its LAPACK calls' (Cholesky n^3/3, triangular solve n^2 m, from the traced step: XLA counts nothing of a "
     "library call), peak memory (arguments + outputs + temporaries of the step) XLA's analysis. Ratios divide by backprop's at the "
     "same shape in the same run. Largest constant in any step: "
