@@ -124,35 +124,43 @@ def _chain_displacements(chain: Chain, top: Array, settings: _Settings) -> tuple
   return displacements, clipped
 
 
-def _per_step(first: Array, time: int) -> Array:
-  """The loss's own displacement of every state, ``(batch, time, hidden)``: ``first`` as it is
-  for a readout at every step, else zero but at the last step."""
-  if first.ndim == 3:
-    return first
-  return jnp.zeros((first.shape[0], time, first.shape[-1]), first.dtype).at[:, -1].set(first)
-
-
-def _sweep_back(carry_back, local: Array, steps: Any, max_rms) -> tuple[Array, Array]:
+def _sweep_back(carry_back, first: Array, steps: Any, max_rms, error_back=None, preacts=None):
   """Displacements of ``h_1..h_T`` (batch, time, hidden) in one reverse scan over the steps
   ``t = T..2``: ``carry_back(d_t, step_inputs)`` takes ``d_t`` to ``h_{t-1}``, the guard acts
-  there, and the loss's own displacement ``local`` of ``h_{t-1}`` adds. ``steps`` are the
-  steps' inputs, time-major; also returns how many displacements the guard changed."""
+  there, and the loss's own displacement of ``h_{t-1}`` adds. ``first`` is the loss's
+  displacement of ``h_T`` (batch, hidden), or of every state for a readout at every step
+  (batch, time, hidden). ``steps`` are the steps' inputs, time-major. Returns the displacements,
+  how many of them the guard changed and, given ``error_back``, the through-time errors of the
+  surrogate at the pre-activations ``preacts`` (batch, time, hidden),
+  ``e_t = error_back(e_{t+1}, d_t, z_t)`` from ``e_{T+1} = 0``, carried in the same scan (one
+  backward sweep over time, not two), else None."""
+  through_time = error_back is not None
 
-  def step(d, inputs):
-    step_inputs, own_before = inputs
+  def step(carry, inputs):
+    d, error_above = carry
+    step_inputs, own_before, preact = inputs
+    error = error_back(error_above, d, preact) if through_time else None
     below, count = _guard(carry_back(d, step_inputs), max_rms)
-    below = below + own_before
-    return below, (below, count)
+    below = below if own_before is None else below + own_before
+    return (below, error), (below, count, error)
 
-  top = local[:, -1]
-  own = jnp.swapaxes(local[:, :-1], 0, 1)
-  _, (lower, counts) = jax.lax.scan(step, top, (steps, own), reverse=True)
-  return jnp.concatenate([jnp.swapaxes(lower, 0, 1), top[:, None]], axis=1), jnp.sum(counts)
+  top, own = (first[:, -1], jnp.swapaxes(first[:, :-1], 0, 1)) if first.ndim == 3 else (first, None)
+  later = jnp.swapaxes(preacts[:, 1:], 0, 1) if through_time else None
+  start = (top, jnp.zeros_like(top) if through_time else None)
+  (first, second_error), (lower, counts, errors) = jax.lax.scan(step, start, (steps, own, later), reverse=True)
+  displacements = jnp.concatenate([jnp.swapaxes(lower, 0, 1), top[:, None]], axis=1)
+  if not through_time:
+    return displacements, jnp.sum(counts), None
+  first_error = error_back(second_error, first, preacts[:, 0])
+  return displacements, jnp.sum(counts), jnp.concatenate([first_error[:, None], jnp.swapaxes(errors, 0, 1)], axis=1)
 
 
-def _rnn_displacements(cell, tap, local: Array, mode: Mode, reg, max_rms) -> tuple[Array, Array]:
+def _rnn_displacements(cell, tap, first: Array, settings: _Settings) -> tuple[Array, Array, Array | None]:
   """A SimpleRNN's displacements by the cell's inverse (regularized normal matrix factored
-  once), and how many the guard changed: see :func:`_sweep_back`."""
+  once), how many the guard changed and, for ``update="through_time"``, the surrogate's errors
+  at the pre-activations back-propagated through time, ``e_t = a'(z_t) (e_{t+1} W^T - d_t)``,
+  in the same sweep: see :func:`_sweep_back`."""
+  mode, reg, max_rms = settings.mode, settings.reg, settings.max_rms
   solver = cell.ridge_solver(reg)
   h_prev, x = tap.inputs
   h = cell.activation(tap.preact)
@@ -166,10 +174,21 @@ def _rnn_displacements(cell, tap, local: Array, mode: Mode, reg, max_rms) -> tup
       return cell.inverse(h_t + d, x_t, solver=solver) - cell.inverse(h_t, x_t, solver=solver)
     return cell.inverse(h_t + d, x_t, solver=solver) - h_before
 
-  return _sweep_back(carry_back, local, (time_major(h), time_major(x), time_major(h_prev)), max_rms)
+  kernel = cell.recurrent_kernel_value()
+
+  def error_back(error_above, d, preact):
+    return cell.activation.derivative(preact) * (error_above @ kernel.T - d)
+
+  through_time = settings.update == "through_time"
+  steps = (  # what the mode's inverse reads
+    time_major(h),
+    None if mode == "linearized" else time_major(x),
+    time_major(h_prev) if mode == "exact" else None,
+  )
+  return _sweep_back(carry_back, first, steps, max_rms, error_back if through_time else None, tap.preact)
 
 
-def _gru_displacements(cell, h_prev: Array, x: Array, local: Array, reg, max_rms) -> tuple[Array, Array]:
+def _gru_displacements(cell, h_prev: Array, x: Array, first: Array, reg, max_rms) -> tuple[Array, Array]:
   """A GRU's displacements by the cell's per-gate inverse (gates of every step computed
   beforehand, in parallel), and how many the guard changed: see :func:`_sweep_back`."""
   solvers = cell.ridge_solvers(reg)
@@ -180,7 +199,8 @@ def _gru_displacements(cell, h_prev: Array, x: Array, local: Array, reg, max_rms
     h_before, step_gates = step_inputs
     return cell.inverse_linearized(d, h_before, step_gates, solvers)
 
-  return _sweep_back(carry_back, local, steps, max_rms)
+  displacements, clipped, _ = _sweep_back(carry_back, first, steps, max_rms)
+  return displacements, clipped
 
 
 def _mean_loss(loss, outputs, targets) -> Array:
@@ -200,8 +220,8 @@ def _gru_step(view: PureModel, params, x, targets, loss, settings: _Settings):
 
   top = h if bound.sequence_output else h[:, -1]
   mean, (readout_update, top_grad) = jax.value_and_grad(mean_loss, argnums=(0, 1))(params, top)
-  local = _per_step(-settings.lr_target * top_grad, h.shape[1])
-  displacement, clipped = _gru_displacements(bound.cell, h_prev, x, local, settings.reg, settings.max_rms)
+  first = -settings.lr_target * top_grad
+  displacement, clipped = _gru_displacements(bound.cell, h_prev, x, first, settings.reg, settings.max_rms)
   if settings.update == "through_time":  # the surrogate holds h_{t-1} only through h: no cotangent there
     (cell_update,) = pull_back_states((jnp.zeros_like(h_prev), -displacement))
   else:
@@ -236,21 +256,15 @@ def _check_model(model: nnx.Module, mode: Mode) -> int:
 
 
 def _recurrent_step(view: PureModel, params, x, targets, loss, settings: _Settings):
-  """:func:`_step` for a SimpleRNN: displacements carried back in time by the cell's inverse."""
+  """:func:`_step` for a SimpleRNN: displacements carried back in time by the cell's inverse,
+  and with them, through time, the surrogate's errors."""
   cell, top = view.bind(params).sites()
-
-  def forward(perturbations):
-    taps = view.tapped(params, x, perturbations).taps
-    return tuple(t.preact for t in taps), taps
-
-  _, pull_back, taps = jax.vjp(forward, view.zero_perturbations(params, x), has_aux=True)
+  taps = view.tapped(params, x).taps
   mean, top_error = jax.value_and_grad(lambda z: _mean_loss(loss, top.activation(z), targets))(taps[-1].preact)
   first = -settings.lr_target * transpose_at(top.linear, taps[-1].inputs)(top_error)
-  local = _per_step(first, taps[0].preact.shape[1])
-  displacement, clipped = _rnn_displacements(cell, taps[0], local, settings.mode, settings.reg, settings.max_rms)
-  own = -displacement * cell.activation.derivative(taps[0].preact)
-  if settings.update == "through_time":
-    own = pull_back((own, jnp.zeros_like(top_error)))[0][0]
+  displacement, clipped, own = _rnn_displacements(cell, taps[0], first, settings)
+  if own is None:  # the local update: each step's error at its stored input
+    own = -displacement * cell.activation.derivative(taps[0].preact)
   return view.updates_from_errors(params, taps, (own, top_error)), [displacement], clipped, taps, mean
 
 
