@@ -90,7 +90,11 @@ def blocked_solve_lower(factor: Array, rhs: Array, *, transpose: bool = False, b
 
 def cholesky(matrix: Array) -> Array:
   """The lower Cholesky factor of an SPD ``matrix`` (NaN where it is not: never raises)."""
-  return blocked_cholesky(matrix) if _blocked(matrix.shape[-1]) else jnp.linalg.cholesky(matrix)
+  if _blocked(matrix.shape[-1]):
+    return blocked_cholesky(matrix)
+  # ``matrix`` is symmetric, so it is its own transpose, which XLA passes to LAPACK (column-major)
+  # without a copy; LAPACK reads one triangle, so nothing is symmetrized either (a copy per call).
+  return lax.linalg.cholesky(jnp.swapaxes(matrix, -1, -2), symmetrize_input=False)
 
 
 def _blocked(n: int) -> bool:
@@ -107,7 +111,13 @@ def solve_lower(factor: Array, rhs: Array, *, transpose: bool = False) -> Array:
 
 def cho_solve(factor: Array, rhs: Array) -> Array:
   """``(L L^T)^-1 rhs`` for the lower factor ``L`` of :func:`cholesky`."""
-  return solve_lower(factor, solve_lower(factor, rhs), transpose=True)
+  if _blocked(factor.shape[-1]):
+    return blocked_solve_lower(factor, blocked_solve_lower(factor, rhs), transpose=True)
+  # As ``rhs^T L^-T L^-1``, transposed: LAPACK reads and writes column-major matrices, and
+  # ``rhs^T`` in column-major order is ``rhs`` as XLA stores it, so neither is copied.
+  transposed = jnp.swapaxes(rhs, -1, -2)
+  right = lax.linalg.triangular_solve(factor, transposed, left_side=False, lower=True, transpose_a=True)
+  return jnp.swapaxes(lax.linalg.triangular_solve(factor, right, left_side=False, lower=True), -1, -2)
 
 
 #: Per backend, the fewest rows each half keeps where :func:`gram` halves a Gram matrix's rows

@@ -43,6 +43,17 @@ def test_blocked_cholesky_and_solves_are_as_accurate_as_lapack(rows, rank, ridge
   )
   lapack_error = _error(jax.scipy.linalg.cho_solve((lapack, True), b), truth)
   assert _error(solve(blocked), truth) <= 2 * lapack_error + 1e-6
+  # the library path (LAPACK, the right side solved transposed so that nothing is copied)
+  assert _error(_linalg.cho_solve(_linalg.cholesky(matrix), b), truth) <= 2 * lapack_error + 1e-6
+
+
+def test_the_library_factor_and_solve_are_lapacks_under_jit_and_vmap():
+  matrices = jnp.stack([jnp.asarray(_gram(60, 60, r, seed=r > 0.5), jnp.float32) for r in (0.1, 1.0)])
+  rhs = jnp.asarray(np.random.default_rng(4).standard_normal((2, 60, 7)), jnp.float32)
+  factors = jax.jit(jax.vmap(_linalg.cholesky))(matrices)
+  np.testing.assert_allclose(factors, jnp.linalg.cholesky(matrices), rtol=1e-5, atol=1e-5)
+  expected = jax.vmap(lambda f, b: jax.scipy.linalg.cho_solve((f, True), b))(factors, rhs)
+  np.testing.assert_allclose(jax.jit(jax.vmap(_linalg.cho_solve))(factors, rhs), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_blocked_triangular_solves_match_lapack_and_vmap():
@@ -61,6 +72,7 @@ def test_a_matrix_that_is_not_positive_definite_gives_nan_as_lapack_does():
   matrix = jnp.asarray(_gram(100, 100, 0.1), jnp.float32).at[70, 70].set(-1e3)
   assert not np.all(np.isfinite(_linalg.blocked_cholesky(matrix, block=32)))
   assert not np.all(np.isfinite(jnp.linalg.cholesky(matrix)))
+  assert not np.all(np.isfinite(_linalg.cholesky(matrix)))
 
 
 def test_the_rules_take_the_blocked_forms_from_the_measured_size_and_agree_with_lapack(monkeypatch):

@@ -65,20 +65,24 @@ def emend(
   dtype = errors.dtype
   compute = jnp.promote_types(dtype, jnp.float32)  # Grams and factors never in half precision
   rows, errors = rows.astype(compute), errors.astype(compute)
-  squared_norms = jnp.sum(rows * rows, axis=1)
   count = _mesh.batch_count(rows.shape[0])  # inside shard_map, the rows of every device
-  if eps_mode == "relative":
-    ridge = eps * _mesh.batch_sum(jnp.sum(squared_norms)) / count
-  else:
-    ridge = jnp.asarray(eps, compute)
+
+  def ridge(trace):  # trace: tr(X X^T), the sum of the squared row norms over every device
+    return eps * trace / count if eps_mode == "relative" else jnp.asarray(eps, compute)
+
   if diag:
-    return _mesh.batch_sum(rows.T @ (errors / (ridge + squared_norms)[:, None])).astype(dtype)
+    squared_norms = jnp.sum(rows * rows, axis=1)
+    scale = ridge(_mesh.batch_sum(jnp.sum(squared_norms))) + squared_norms
+    return _mesh.batch_sum(rows.T @ (errors / scale[:, None])).astype(dtype)
   side = form if form != "auto" else ("dual" if count < rows.shape[1] else "primal")
+  # the ridge's trace read off the Gram's diagonal: tr(X X^T) = tr(X^T X), no pass over X
   if side == "dual":
     rows, errors = _mesh.gather_rows(rows), _mesh.gather_rows(errors)
-    update = rows.T @ _solve_spd(_linalg.gram(rows), errors, ridge)
+    gram = _linalg.gram(rows)
+    update = rows.T @ _solve_spd(gram, errors, ridge(jnp.sum(jnp.diagonal(gram))))
   else:
-    update = _solve_spd(_mesh.batch_sum(_linalg.gram(rows.T)), _mesh.batch_sum(rows.T @ errors), ridge)
+    gram = _mesh.batch_sum(_linalg.gram(rows.T))
+    update = _solve_spd(gram, _mesh.batch_sum(rows.T @ errors), ridge(jnp.sum(jnp.diagonal(gram))))
   return update.astype(dtype)
 
 
