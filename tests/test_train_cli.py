@@ -200,9 +200,36 @@ def test_perf_counts_the_lapack_calls_xla_leaves_out():
 
   once = 6**3 / 3 + 6**2 * 4
   jaxpr = jax.make_jaxpr(step)(spd, jnp.ones((6, 4))).jaxpr
-  assert _perf.library_flops(jaxpr) == pytest.approx(3 * once + once + 2 * 6**3 / 3)
+  assert _perf.uncounted_flops(jaxpr).library == pytest.approx(3 * once + once + 2 * 6**3 / 3)
   right = jax.make_jaxpr(lambda a, b: jax.lax.linalg.triangular_solve(a, b, left_side=False))(spd, jnp.ones((5, 6)))
-  assert _perf.library_flops(right.jaxpr) == pytest.approx(6**2 * 5)
+  assert _perf.uncounted_flops(right.jaxpr).library == pytest.approx(6**2 * 5)
+
+
+def test_perf_counts_every_trip_of_a_loop():
+  """XLA counts a loop's body once (or its unrolled copies): its count of a scanned recurrence
+  plus the products of the other trips is its count of the same recurrence written out."""
+  from altgrad._bench import _perf
+
+  def xla_flops(lowered):
+    cost = lowered.compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+  def written_out(w, h, trips):
+    for _ in range(trips):
+      h = jnp.tanh(h @ w)
+    return h
+
+  def scanned(w, h, trips, unroll):
+    return jax.lax.scan(lambda c, _: (jnp.tanh(c @ w), None), h, None, length=trips, unroll=unroll)[0]
+
+  def nested(w, h):
+    return jax.lax.scan(lambda c, _: (scanned(w, c, 6, 1), None), h, None, length=3)[0]
+
+  w, h = jnp.ones((8, 8)), jnp.ones((4, 8))
+  for step, args, trips in ((scanned, (6, 1), 6), (scanned, (6, 2), 6), (scanned, (6, True), 6), (nested, (), 18)):
+    traced = jax.jit(step, static_argnums=(2, 3)[: len(args)]).trace(w, h, *args)
+    total = xla_flops(traced.lower()) + _perf.uncounted_flops(traced.jaxpr.jaxpr).loops
+    assert total == pytest.approx(xla_flops(jax.jit(written_out, static_argnums=2).lower(w, h, trips)), rel=1e-2)
 
 
 def test_scaled_backprop_is_backprop_with_the_hidden_layers_scaled():

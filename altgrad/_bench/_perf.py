@@ -19,7 +19,7 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.extend
@@ -130,24 +130,53 @@ def inverse_cdf_copies(hlo: str) -> int:
   return min(hlo.count(f"constant({c})") for c, n in found.items() if n == 1)
 
 
-def library_flops(jaxpr: jax.extend.core.Jaxpr) -> float:
-  """FLOPs of the LAPACK calls in a step, which XLA's count of a compiled step leaves out: a
-  Cholesky factor of ``n`` rows ``n^3 / 3``, a triangular solve of ``n`` rows for ``m`` right
-  sides ``n^2 m``, per matrix of a batch (a scan's body times its length, a cond's dearest branch)."""
-  total = 0.0
+class UncountedFlops(NamedTuple):
+  """FLOPs of a step that XLA's cost analysis leaves out, read from the traced step."""
+
+  library: float  # LAPACK calls: XLA counts nothing of a library call
+  loops: float  # a loop's products after its first trip: XLA counts a loop's body once
+
+
+def _dot_flops(eqn) -> float:
+  (_, rhs_contracting), (_, rhs_batch) = eqn.params["dimension_numbers"]
+  lhs, rhs = (v.aval.shape for v in eqn.invars)
+  kept = [size for axis, size in enumerate(rhs) if axis not in (*rhs_contracting, *rhs_batch)]
+  return 2.0 * math.prod(lhs) * math.prod(kept)
+
+
+def _library_call_flops(eqn) -> float:
+  """A Cholesky factor of ``n`` rows ``n^3 / 3``, a triangular solve of ``n`` rows for ``m``
+  right sides ``n^2 m``, per matrix of a batch; 0 for any other operation."""
+  shapes = [v.aval.shape for v in eqn.invars]
+  if eqn.primitive.name == "cholesky":
+    return math.prod(shapes[0][:-2]) * shapes[0][-1] ** 3 / 3
+  if eqn.primitive.name == "triangular_solve":
+    rhs = shapes[1]
+    return math.prod(rhs[:-2]) * shapes[0][-1] ** 2 * rhs[-1 if eqn.params["left_side"] else -2]
+  return 0.0
+
+
+def uncounted_flops(jaxpr: jax.extend.core.Jaxpr, trips: int = 1, counted: int = 1) -> UncountedFlops:
+  """What XLA's count of a compiled step leaves out: every LAPACK call's FLOPs, and the matrix
+  products of a scan's trips but those XLA counts (its body once, or the unrolled copies of it).
+  ``trips`` and ``counted`` are the enclosing scans' true and counted trips; a cond counts its
+  dearest branch, a ``while_loop`` of unknown length its body once (as XLA does)."""
+  library = loops = 0.0
   for eqn in jaxpr.eqns:
-    shapes = [v.aval.shape for v in eqn.invars]
-    if eqn.primitive.name == "cholesky":
-      total += math.prod(shapes[0][:-2]) * shapes[0][-1] ** 3 / 3
-    elif eqn.primitive.name == "triangular_solve":
-      rhs = shapes[1]
-      total += math.prod(rhs[:-2]) * shapes[0][-1] ** 2 * rhs[-1 if eqn.params["left_side"] else -2]
-    times = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+    library += trips * _library_call_flops(eqn)
+    if eqn.primitive.name == "dot_general":
+      loops += (trips - counted) * _dot_flops(eqn)
+    inner = (trips, counted)
+    if eqn.primitive.name == "scan":
+      length, unroll = eqn.params["length"], eqn.params.get("unroll", 1)
+      inner = (trips * length, counted * (length if unroll is True else max(1, min(int(unroll), length))))
     for value in eqn.params.values():
-      inner = [getattr(v, "jaxpr", v) for v in (value if isinstance(value, (list, tuple)) else [value])]
-      costs = [library_flops(j) for j in inner if isinstance(j, jax.extend.core.Jaxpr)]
-      total += times * max(costs, default=0.0)
-  return total
+      bodies = [getattr(v, "jaxpr", v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+      costs = [uncounted_flops(j, *inner) for j in bodies if isinstance(j, jax.extend.core.Jaxpr)]
+      if costs:
+        library += max(c.library for c in costs)
+        loops += max(c.loops for c in costs)
+  return UncountedFlops(library, loops)
 
 
 def matmul_rate(size: int = 2048, repeats: int = 5) -> float:
@@ -182,7 +211,7 @@ class _Compiled:
     cost = self.step.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost  # one dict per device in older JAX
     self.flops = float((cost or {}).get("flops", float("nan")))
-    self.library_flops = library_flops(traced.jaxpr.jaxpr)
+    self.uncounted = uncounted_flops(traced.jaxpr.jaxpr)
     memory = self.step.memory_analysis()
     # XLA:CPU's peak_memory_in_bytes is the same for every rule at a shape, so: all buffers
     self.peak_bytes = (
@@ -260,9 +289,10 @@ def measure(
         "compile_seconds": c.compile_seconds,
         "compile_ratio": (c.trace_seconds + c.compile_seconds)
         / (reference.trace_seconds + reference.compile_seconds),
-        "gflop": (c.flops + c.library_flops) / 1e9,
-        "library_gflop": c.library_flops / 1e9,
-        "gflop_per_second": (c.flops + c.library_flops) / seconds / 1e9,
+        "gflop": (c.flops + sum(c.uncounted)) / 1e9,
+        "library_gflop": c.uncounted.library / 1e9,
+        "loop_gflop": c.uncounted.loops / 1e9,
+        "gflop_per_second": (c.flops + sum(c.uncounted)) / seconds / 1e9,
         "peak_mib": c.peak_bytes / 2**20,
         "largest_constant": c.largest_constant,
         "memory_ratio": c.peak_bytes / reference.peak_bytes,
@@ -287,6 +317,7 @@ def run(out_dir: str | Path, *, found: list[Case] | None = None, progress: bool 
 
 def markdown(results: dict) -> str:
   env = results["environment"]
+  loops_counted = all("loop_gflop" in r for r in results["cases"].values())
   lines = [
     "# altgrad bench: perf",
     "",
@@ -294,8 +325,9 @@ def markdown(results: dict) -> str:
     f"float32 matmul roofline {results['matmul_gflop_per_second']:.0f} GFLOP/s (2048^3, measured in this run).",
     "One jitted step (rule, then SGD), the batch passed as an argument; median over rounds in which the cases of "
     "a shape take turns. Compile = trace + XLA compile, the median of several compiles in turn (three by default). GFLOP is XLA's count of the compiled step plus "
-    "its LAPACK calls' (Cholesky n^3/3, triangular solve n^2 m, from the traced step: XLA counts nothing of a "
-    "library call), peak memory (arguments + outputs + temporaries of the step) XLA's analysis. Ratios divide by backprop's at the "
+    "what it leaves out, read from the traced step: its LAPACK calls' (Cholesky n^3/3, triangular solve n^2 m: XLA "
+    "counts nothing of a library call) and a scan's matrix products after its first trip (XLA counts a loop's body "
+    f"once{'' if loops_counted else '; not in this run, which predates that count'}); peak memory (arguments + outputs + temporaries of the step) XLA's analysis. Ratios divide by backprop's at the "
     "same shape in the same run. Largest constant in any step: "
     f"{max((r.get('largest_constant', 0) for r in results['cases'].values()), default=0)} elements (data "
     "closed over instead of passed would show here). The FLOP floor is the step's GFLOP over backprop's at "
