@@ -147,12 +147,12 @@ def _sweep_back(carry_back, first: Array, steps: Any, max_rms, error_back=None, 
   top, own = (first[:, -1], jnp.swapaxes(first[:, :-1], 0, 1)) if first.ndim == 3 else (first, None)
   later = jnp.swapaxes(preacts[:, 1:], 0, 1) if through_time else None
   start = (top, jnp.zeros_like(top) if through_time else None)
-  (first, second_error), (lower, counts, errors) = jax.lax.scan(step, start, (steps, own, later), reverse=True)
+  (bottom, error_above), (lower, counts, errors) = jax.lax.scan(step, start, (steps, own, later), reverse=True)
   displacements = jnp.concatenate([jnp.swapaxes(lower, 0, 1), top[:, None]], axis=1)
   if not through_time:
     return displacements, jnp.sum(counts), None
-  first_error = error_back(second_error, first, preacts[:, 0])
-  return displacements, jnp.sum(counts), jnp.concatenate([first_error[:, None], jnp.swapaxes(errors, 0, 1)], axis=1)
+  bottom_error = error_back(error_above, bottom, preacts[:, 0])  # e_1, from d_1 and e_2
+  return displacements, jnp.sum(counts), jnp.concatenate([bottom_error[:, None], jnp.swapaxes(errors, 0, 1)], axis=1)
 
 
 def _rnn_displacements(cell, tap, first: Array, settings: _Settings) -> tuple[Array, Array, Array | None]:
