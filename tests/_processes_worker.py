@@ -79,8 +79,9 @@ def train_resumable(ds, epochs, checkpoint_dir):
 
 
 def main():
-  """Modes: ``rules`` (two processes: the checks, then train_rules), ``resume`` (two processes:
-  train_resumable with a checkpoint directory) and ``reference`` (one process: both, uncheckpointed)."""
+  """Modes: ``rules`` (two processes: the checks, then train_rules and train_resumable
+  uncheckpointed), ``resume`` (two processes: train_resumable with a checkpoint directory) and
+  ``reference`` (one process: train_rules)."""
   mode, out, coordinator, num_processes, process_id = sys.argv[1:6]
   if int(num_processes) > 1:
     _distributed.initialize(coordinator, int(num_processes), int(process_id), timeout=60)
@@ -91,11 +92,11 @@ def main():
       train.fit(*build("backprop", 0), ds, loss_fn=CE, epochs=1, batch_size=30, data_parallel=True)
     except ValueError as error:
       print("refused:", error, flush=True)
-    trained = train_rules(ds)
+    trained = train_rules(ds) | train_resumable(ds, int(sys.argv[6]), None)
   elif mode == "resume":
     trained = train_resumable(ds, int(sys.argv[6]), sys.argv[7])
   else:
-    trained = train_rules(ds) | train_resumable(ds, int(sys.argv[6]), None)
+    trained = train_rules(ds)
   if _distributed.is_primary():
     np.savez(out, **trained)
 

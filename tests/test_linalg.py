@@ -26,25 +26,28 @@ def _error(estimate, truth):
 
 @pytest.mark.parametrize(("rows", "rank", "ridge"), CASES)
 def test_blocked_cholesky_and_solves_are_as_accurate_as_lapack(rows, rank, ridge):
-  """Blocks of 64 on 200 rows (uneven last block): the factor reproduces the matrix and the solve
-  is as close to the float64 solution as LAPACK's in float32, within a factor of two."""
-  exact = _gram(rows, rank, ridge)
-  matrix = jnp.asarray(exact, jnp.float32)
-  rhs = np.random.default_rng(1).standard_normal((rows, 5))
-  truth = np.linalg.solve(exact, rhs)
-  blocked = jax.jit(lambda a: _linalg.blocked_cholesky(a, block=64))(matrix)
-  lapack = jnp.linalg.cholesky(matrix)
-  residual = lambda f: float(jnp.linalg.norm(f @ f.T - matrix) / jnp.linalg.norm(matrix))  # noqa: E731
-  assert residual(blocked) <= 2 * residual(lapack) + 1e-7
-  assert np.all(np.triu(np.asarray(blocked), 1) == 0)
-  b = jnp.asarray(rhs, jnp.float32)
-  solve = lambda f: _linalg.blocked_solve_lower(  # noqa: E731
-    f, _linalg.blocked_solve_lower(f, b, block=64), transpose=True, block=64
-  )
-  lapack_error = _error(jax.scipy.linalg.cho_solve((lapack, True), b), truth)
-  assert _error(solve(blocked), truth) <= 2 * lapack_error + 1e-6
-  # the library path (LAPACK, the right side solved transposed so that nothing is copied)
-  assert _error(_linalg.cho_solve(_linalg.cholesky(matrix), b), truth) <= 2 * lapack_error + 1e-6
+  """Blocks of 64 on 200 rows (uneven last block): the factor reproduces the matrix, and the
+  solve is as close to the float64 solution as LAPACK's in float32, within a factor of two in
+  the geometric mean over six matrices (ill conditioned, one matrix's ratio is rounding's draw:
+  0.1-10x either way, and which way moves with the JAX version)."""
+  factor = jax.jit(lambda a: _linalg.blocked_cholesky(a, block=64))
+  ratios = []
+  for seed in range(6):
+    exact = _gram(rows, rank, ridge, seed)
+    matrix = jnp.asarray(exact, jnp.float32)
+    rhs = np.random.default_rng(seed + 1).standard_normal((rows, 5))
+    truth = np.linalg.solve(exact, rhs)
+    blocked, lapack = factor(matrix), jnp.linalg.cholesky(matrix)
+    residuals = [float(jnp.linalg.norm(f @ f.T - matrix) / jnp.linalg.norm(matrix)) for f in (blocked, lapack)]
+    assert residuals[0] <= 2 * residuals[1] + 1e-7
+    assert np.all(np.triu(np.asarray(blocked), 1) == 0)
+    b = jnp.asarray(rhs, jnp.float32)
+    solved = _linalg.blocked_solve_lower(blocked, _linalg.blocked_solve_lower(blocked, b, block=64), transpose=True, block=64)
+    lapack_error = _error(jax.scipy.linalg.cho_solve((lapack, True), b), truth)
+    ratios.append(_error(solved, truth) / lapack_error)
+    # the library path (LAPACK, the right side solved transposed so that nothing is copied)
+    assert _error(_linalg.cho_solve(_linalg.cholesky(matrix), b), truth) <= 1.1 * lapack_error + 1e-7
+  assert np.exp(np.mean(np.log(ratios))) <= 2
 
 
 def test_the_library_factor_and_solve_are_lapacks_under_jit_and_vmap():

@@ -49,8 +49,8 @@ def _finish(children):
 
 @pytest.mark.slow
 def test_two_processes_train_as_one_and_resume_after_a_kill(tmp_path):
-  pair = _launch("rules", tmp_path / "pair.npz")
-  reference = _launch("reference", tmp_path / "one.npz", EPOCHS, processes=1)
+  pair = _launch("rules", tmp_path / "pair.npz", EPOCHS)
+  reference = _launch("reference", tmp_path / "one.npz", processes=1)
   outputs = _finish(pair)
   assert all("one-step updates equal" in o for o in outputs)
   assert all("batch_size 30 must divide by the 4 devices of 2 processes" in o for o in outputs)
@@ -59,7 +59,9 @@ def test_two_processes_train_as_one_and_resume_after_a_kill(tmp_path):
   for name in ("backprop", "consequentialism", "er", "seeds"):
     np.testing.assert_allclose(pair[name], one[name], rtol=1e-4, atol=1e-5, err_msg=name)
 
-  # kill both processes once a checkpoint is written, relaunch: the same params as without a kill
+  # kill both processes once a checkpoint is written, relaunch: the same params as the two processes'
+  # run without a kill (ANP's two- and one-process runs agree step by step: check_one_step_updates;
+  # over three epochs of noisy updates under Adam their float32 rounding parts by about 1e-5)
   checkpoints = tmp_path / "checkpoints"
   killed = _launch("resume", tmp_path / "resumed.npz", EPOCHS, checkpoints)
   deadline = time.monotonic() + TIMEOUT
@@ -70,7 +72,7 @@ def test_two_processes_train_as_one_and_resume_after_a_kill(tmp_path):
     child.kill()
     child.communicate(timeout=TIMEOUT)
   _finish(_launch("resume", tmp_path / "resumed.npz", EPOCHS, checkpoints))
-  np.testing.assert_allclose(np.load(tmp_path / "resumed.npz")["anp"], one["anp"], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.load(tmp_path / "resumed.npz")["anp"], pair["anp"], rtol=1e-6, atol=1e-7)
 
 
 def test_a_missing_coordinator_is_a_clear_error_not_a_hang():
