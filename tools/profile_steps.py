@@ -64,7 +64,7 @@ def instruction_kinds(hlo: str) -> dict[str, str]:
   return kinds
 
 
-def profiled(run, directory: str) -> collections.Counter:
+def profiled(run, directory: str) -> tuple[collections.Counter, collections.Counter]:
   """Summed duration (microseconds) and count of each event ``run()`` records."""
   with jax.profiler.trace(directory, create_perfetto_trace=True):
     run()

@@ -75,15 +75,14 @@ def emend(
     scale = ridge(_mesh.batch_sum(jnp.sum(squared_norms))) + squared_norms
     return _mesh.batch_sum(rows.T @ (errors / scale[:, None])).astype(dtype)
   side = form if form != "auto" else ("dual" if count < rows.shape[1] else "primal")
-  # the ridge's trace read off the Gram's diagonal: tr(X X^T) = tr(X^T X), no pass over X
   if side == "dual":
     rows, errors = _mesh.gather_rows(rows), _mesh.gather_rows(errors)
-    gram = _linalg.gram(rows)
-    update = rows.T @ _solve_spd(gram, errors, ridge(jnp.sum(jnp.diagonal(gram))))
+    gram, rhs = _linalg.gram(rows), errors
   else:
-    gram = _mesh.batch_sum(_linalg.gram(rows.T))
-    update = _solve_spd(gram, _mesh.batch_sum(rows.T @ errors), ridge(jnp.sum(jnp.diagonal(gram))))
-  return update.astype(dtype)
+    gram, rhs = _mesh.batch_sum(_linalg.gram(rows.T)), _mesh.batch_sum(rows.T @ errors)
+  # the ridge's trace read off the Gram's diagonal: tr(X X^T) = tr(X^T X), no pass over X
+  solved = _solve_spd(gram, rhs, ridge(jnp.sum(jnp.diagonal(gram))))
+  return (rows.T @ solved if side == "dual" else solved).astype(dtype)
 
 
 class ConsequentialismState(NamedTuple):
