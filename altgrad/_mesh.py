@@ -86,12 +86,33 @@ def gather_rows(rows: Array) -> Array:
   return jax.lax.all_gather(rows, axes, axis=0, tiled=True) if axes else rows
 
 
+def _explicit_mesh(tree: Any) -> Any:
+  """The mesh with Explicit axes that ``tree``'s arrays are sharded over (their types carry it,
+  with or without ``jax.set_mesh``), or None."""
+  for leaf in jax.tree.leaves(tree):
+    mesh = getattr(getattr(jax.typeof(leaf), "sharding", None), "mesh", None)
+    if mesh is not None and not mesh.empty and AxisType.Explicit in mesh.axis_types:
+      return mesh
+  return None
+
+
 def auto_sharded(fn: Callable[..., Any], like: Any) -> Callable[..., Any]:
   """``fn`` computed in Auto mode over the mesh's Explicit axes, its outputs sharded like ``like``
-  (a tree shaped like them); ``fn`` itself where there are none."""
-  axes = _axes(AxisType.Explicit)
-  if not axes:
-    return fn
-  specs = jax.tree.map(lambda a: jax.typeof(a).sharding.spec, like)
-  return jax.sharding.auto_axes(fn, axes=axes, out_sharding=specs)
+  (a tree shaped like them); ``fn`` itself where there are none. The mesh is the context's
+  (``jax.set_mesh``) or, without one, that of the arrays ``fn`` is called with."""
 
+  def sharded(*args):
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+      mesh = _explicit_mesh(args)
+      if mesh is None:
+        return fn(*args)
+      with jax.sharding.use_abstract_mesh(mesh):
+        return sharded(*args)
+    axes = _axes(AxisType.Explicit)
+    if not axes:
+      return fn(*args)
+    specs = jax.tree.map(lambda a: jax.typeof(a).sharding.spec, like)
+    return jax.sharding.auto_axes(fn, axes=axes, out_sharding=specs)(*args)
+
+  return sharded

@@ -250,8 +250,11 @@ DATA_PARALLEL = textwrap.dedent(
       one = update(tx, params, batch)
       same(one, update(tx, params, sharded), f"{name} on {kind}")
       if kind in ("mlp", "decorrelated") and (kind == "mlp" or name in ("backprop", "er")):
+        on_explicit = jax.device_put(batch, NamedSharding(explicit, P("batch")))
         with jax.set_mesh(explicit):
-          same(one, update(tx, params, jax.device_put(batch, NamedSharding(explicit, P("batch")))), f"{name}, Explicit mesh")
+          same(one, update(tx, params, on_explicit), f"{name}, Explicit mesh")
+        # without jax.set_mesh the rule reads the mesh from the batch's type, as jax.grad needs none
+        same(one, update(tx, params, on_explicit), f"{name}, Explicit mesh without set_mesh")
         if name not in ("np", "inp", "anp"):  # their noise is drawn per device inside shard_map: below
           same(one, in_shard_map(tx, params, batch), f"{name} on {kind} in shard_map")
         if kind == "mlp" and name in ("backprop", "consequentialism"):  # untyped shard_map sums gradients itself
