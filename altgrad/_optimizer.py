@@ -48,8 +48,9 @@ class Optimizer(nnx.Optimizer):
 
 def _restricted(model: nnx.Module, held: Any) -> Any:
   """The model's current values of the variables the rule holds (those it had when the rule was
-  built; one the model created since, e.g. a sown intermediate, is left out)."""
-  own = dict(nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.Param))))
+  built, and the params outside ``wrt``; one the model created since, e.g. a sown intermediate,
+  is left out)."""
+  own = dict(nnx.to_flat_state(nnx.state(model)))
   missing = [path for path, _ in nnx.to_flat_state(held) if path not in own]
   if missing:
     raise ValueError(

@@ -164,7 +164,7 @@ def test_a_layer_without_an_inverse_gets_the_regularized_inverse_of_its_lineariz
   jac = jax.jacobian(lambda v: layer(v.reshape(taps[1].inputs.shape)).ravel())(taps[1].inputs.ravel())
   want = jnp.linalg.solve(jac.T @ jac + 0.5 * jnp.eye(jac.shape[1]), jac.T @ top.ravel()).reshape(low.shape)
   chex.assert_trees_all_close(low, want, rtol=1e-4, atol=1e-6)
-  blocker = "square" if norm else r"custom_jvp_call \(relu\)"  # BatchNorm's variance, or relu
+  blocker = r"norm \(flax.BatchNorm\)" if norm else r"custom_jvp_call \(relu\)"  # the layer, or the function
   with pytest.raises(SiteError, match=rf"between conv2 \(flax.Conv\) and head \(flax.Linear\) lies {blocker}, which has no inverse: use mode='linearized'"):
     rules.target_displacements(model, CE, params, batch, mode="difference")
 

@@ -237,7 +237,7 @@ def test_updates_from_matrices_places_each_matrix_in_its_site(model_kind):
   model = MODELS[model_kind](0)
   pure = nn.PureModel(model)
   params = nnx.state(model, nnx.Param)
-  matrices = {nn._sites.site_path(site): 2.0 * site.matrix() for site in pure.bind(params).sites()}
+  matrices = {(nn._sites.site_path(site), 0): 2.0 * site.matrix() for site in pure.bind(params).sites()}
   doubled = pure.updates_from_matrices(params, matrices)
   chex.assert_trees_all_close(doubled, jax.tree.map(lambda p: 2.0 * p, params))
 

@@ -37,7 +37,7 @@ from jax.extend.core import Literal
 from altgrad import _mesh
 from altgrad._linalg import RidgeSolver
 from altgrad.nn._activations import Activation, get_activation
-from altgrad.nn._intercept import describe_site
+from altgrad.nn._intercept import describe_site, is_site_module, user_class
 from altgrad.nn._matrix_form import kernel_layout, linear_map
 from altgrad.nn._sites import SiteError, Tap
 
@@ -144,7 +144,7 @@ def _read_link(view, params, inputs, taps, index, modules, rule) -> Link:
     )
   needed = _needed(jaxpr)
   eqns = [e for e in jaxpr.eqns if _uses(e, from_z) and any(v in needed for v in e.outvars)]
-  activation, structure, blocker = _classify(eqns, jaxpr.invars[-1])
+  activation, structure, blocker = _classify(eqns, jaxpr.invars[-1], _layers_by_class(modules))
   return Link(lambda z: view.between(params, inputs, index, z), activation, structure, blocker)
 
 
@@ -170,15 +170,30 @@ def _needed(jaxpr) -> set:
   return found
 
 
-def _operation(eqn) -> str:
-  """How an error names a traced operation: ``primitive (function name)`` where it has one."""
+def _layers_by_class(modules: dict) -> dict[str, list[str]]:
+  """The model's modules that are not sites, by class name: where a traced operation comes from."""
+  layers: dict[str, list[str]] = {}
+  for path, module in modules.items():
+    if path and not is_site_module(module):
+      cls = user_class(module)
+      layers.setdefault(cls.__qualname__, []).append(describe_site(path, module))
+  return layers
+
+
+def _operation(eqn, layers: dict[str, list[str]]) -> str:
+  """How an error names a traced operation: the layer of the model it runs in (``norm
+  (flax.LayerNorm)``), found from the frames that traced it, else ``primitive (function name)``."""
+  for frame in eqn.source_info.traceback.frames if eqn.source_info.traceback is not None else ():
+    owner, _, method = frame.function_name.rpartition(".")
+    if method == "__call__" and owner in layers:
+      return " or ".join(layers[owner])
   name, inner = eqn.params.get("name"), eqn.params.get("call_jaxpr")
   if name is None and inner is not None and getattr(inner, "jaxpr", inner).eqns:
     name = getattr(inner, "jaxpr", inner).eqns[0].params.get("name")
   return eqn.primitive.name if name is None else f"{eqn.primitive.name} ({name})"
 
 
-def _classify(eqns, z_var) -> tuple[Activation | None, Callable | None, str | None]:
+def _classify(eqns, z_var, layers: dict[str, list[str]]) -> tuple[Activation | None, Callable | None, str | None]:
   """``(activation, structure, None)`` when ``eqns`` (those that depend on ``z``) are one known
   invertible activation of ``z`` (or none) followed by structural operations, each of the one
   before's output; else ``(None, None, the first other operation)``."""
@@ -192,7 +207,7 @@ def _classify(eqns, z_var) -> tuple[Activation | None, Callable | None, str | No
   tail = eqns[start:]
   for eqn in tail:
     if eqn.primitive.name not in STRUCTURAL or list(eqn.invars) != [current]:
-      return None, None, _operation(eqn)
+      return None, None, _operation(eqn, layers)
     current = eqn.outvars[0]
 
   def structure(w):

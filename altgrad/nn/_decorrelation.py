@@ -27,7 +27,7 @@ from flax import nnx
 
 from altgrad import _mesh
 from altgrad.nn._base import check_number, computed_in
-from altgrad.nn._intercept import describe_site, is_site_module
+from altgrad.nn._intercept import describe_site, site_modules
 from altgrad.nn._matrix_form import kernel_layout
 from altgrad.nn._sites import SiteError
 
@@ -182,8 +182,8 @@ def decorrelate(model: nnx.Module, lr: float, *, sample: float = 1.0, only: Any 
   chosen = nnx.filterlib.to_predicate(only)
   clone = nnx.clone(model)
   converted = 0
-  for path, module in nnx.iter_modules(clone):
-    if not is_site_module(module) or not chosen(path, module):
+  for path, module in site_modules(clone):
+    if not chosen(path, module):
       continue
     if getattr(module, "decorrelation", None) is not None:
       raise SiteError(f"{describe_site(path, module)} is decorrelated already")

@@ -1,5 +1,6 @@
 """Interception of the user's linear layers: a clone of the model whose linear layers' calls are
-sites (generated subclasses of their own classes, cached), and how a site is named."""
+sites (generated subclasses of their own classes, cached), whose recurrences carry their steps'
+taps out, and how a site is named."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 from flax import nnx
 
-from altgrad.nn._sites import _PATH_ATTRIBUTE, SITE_CLASSES, SiteError, site, site_path
+from altgrad.nn._sites import _PATH_ATTRIBUTE, SITE_CLASSES, SiteError, _Delta, _Record, site, site_path
 
 _TAPPED_CLASSES: dict[type, type] = {}
 
@@ -45,6 +46,14 @@ def is_site_module(module: nnx.Module) -> bool:
   return isinstance(module, SITE_CLASSES) or getattr(type(module), "is_altgrad_site", False)
 
 
+def site_modules(model: nnx.Module) -> list[tuple[tuple[Any, ...], nnx.Module]]:
+  """``(path, module)`` of every site module of ``model``, in module order, but those inside
+  another site module: a layer that a site calls within its own call is part of that site
+  (``nnx.LoRA``'s ``base_module``, ``nnx.LoRALinear``'s ``lora``)."""
+  found = [(tuple(path), m) for path, m in nnx.iter_modules(model) if is_site_module(m)]
+  return [(p, m) for p, m in found if not any(len(q) < len(p) and p[: len(q)] == q for q, _ in found)]
+
+
 def make_tappable(model: nnx.Module) -> nnx.Module:
   """A clone of ``model`` whose site calls :func:`tapping` can record; ``model`` is untouched."""
   if not isinstance(model, nnx.Module):
@@ -58,12 +67,23 @@ def make_tappable(model: nnx.Module) -> nnx.Module:
     setattr(module, _PATH_ATTRIBUTE, tuple(path))
     if isinstance(module, SITE_CLASSES) and not getattr(type(module), "_altgrad_tapped", False):
       module.__class__ = _tapped_class(type(module))
+  for _, module in nnx.iter_modules(clone):
+    if isinstance(module, nnx.RNN):
+      _record_steps(module)
   if not found:
     raise SiteError(
       f"{type(model).__name__} has no linear layer (nnx.Linear, nnx.LinearGeneral, nnx.Conv, "
       "nnx.ConvTranspose, nnx.Einsum or an altgrad.nn layer): the rules assign credit at linear layers"
     )
   return clone
+
+
+def _record_steps(rnn: nnx.RNN) -> None:
+  """``nnx.RNN`` scans its cell with the cell's state as the carry (its ``state_axes``), which a
+  tap recorded on a site module inside the scan would change; the taps and perturbations of its
+  sites go along the time axis instead, so they come out one per step."""
+  axes = dict(rnn.state_axes.items())
+  rnn.state_axes = nnx.StateAxes({nnx.Any(_Record, _Delta): 0, **axes})
 
 
 def user_class(module: nnx.Module) -> type:

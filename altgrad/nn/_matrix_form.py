@@ -17,12 +17,18 @@ from altgrad.nn._sites import batch_first
 
 Array = jax.Array
 
-def linear_map(module: nnx.Module, inputs: Any, *, stacked: bool = False) -> Array:
+def linear_map(module: nnx.Module, inputs: Any, *, stacked: bool = False, steps: bool = False) -> Array:
   """The site's pre-activation from recorded ``inputs`` with the module's current params; for a
-  ``stacked`` tap (batch first, then the stack) each layer of the stack on its own inputs."""
+  ``stacked`` tap (batch first, then the stack) each layer of the stack on its own inputs; for a
+  tap of ``steps`` (batch first, then time) every step with the same params, as one batch."""
   if stacked:
     per_layer = nnx.vmap(lambda m, x: linear_map(m, x), in_axes=(0, 0), out_axes=0)
     return batch_first(per_layer(module, batch_first(inputs, True)), True)
+  if steps:
+    leading = jax.tree.leaves(inputs)[0].shape[:2]
+    merged = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), inputs)
+    out = linear_map(module, merged)
+    return out.reshape(*leading, *out.shape[1:])
   if getattr(type(module), "_altgrad_tapped", False):
     return original_class(module).__call__(module, inputs)
   return module.linear(inputs)
@@ -157,3 +163,54 @@ def matrix_form(module: nnx.Module) -> tuple[Callable[[Any], Array], Callable[[]
     return stacked_matrix(layout.to_matrix(module.kernel[...]), None if bias is None else bias[...])
 
   return design, matrix
+
+
+class Part(NamedTuple):
+  """One linear map of a site's params in matrix form, as CW emends it: a change ``dM`` of
+  ``matrix()`` moves the part's output by ``design(x) @ dM``. A part with ``error=None`` adds
+  to the site's output; one below another map (LoRA's down-projection ``x A`` under ``B``) gets
+  ``error(d)`` (``d B^T``) from the site's error ``d``. ``params``: the paths, below the site's
+  module, of the params it holds."""
+
+  design: Callable[[Any], Array]
+  matrix: Callable[[], Array]
+  params: tuple[tuple[str, ...], ...]
+  error: Callable[[Array], Array] | None = None
+
+
+def linear_parts(module: nnx.Module) -> tuple[Part, ...] | None:
+  """The site's params as :class:`Part` s: its :func:`matrix_form`, or for a LoRA layer
+  (``nnx.LoRALinear``, ``nnx.LoRA``) the base layer's matrix form beside the low-rank path's two
+  factors, ``x A`` then ``B``; ``None`` where the site is neither."""
+  own = matrix_form(module)
+  if own is not None:
+    return (Part(*own, (("kernel",), ("bias",))),)
+  cls = user_class(module)
+  if cls is nnx.LoRALinear:
+    return (_dense_part(module), *_lora_parts(module.lora, ("lora",)))
+  if cls is nnx.LoRA:
+    base = () if module.base_module is None else linear_parts(module.base_module)
+    if base is None or any(part.error is not None for part in base):
+      return None
+    prefix = lambda part: part._replace(params=tuple(("base_module", *p) for p in part.params))  # noqa: E731
+    return (*map(prefix, base), *_lora_parts(module, ()))
+  return None
+
+
+def _dense_part(module: nnx.Linear) -> Part:
+  """An ``nnx.Linear`` subclass's own ``x W + b``."""
+  bias = module.bias
+
+  def matrix():
+    return stacked_matrix(module.kernel[...], None if bias is None else bias[...])
+
+  return Part(lambda x: design_rows(DENSE_LAYOUT.features(x), bias is not None), matrix, (("kernel",), ("bias",)))
+
+
+def _lora_parts(lora: nnx.LoRA, prefix: tuple[str, ...]) -> tuple[Part, Part]:
+  """LoRA's low-rank path ``x A B`` as two maps in a row: ``B`` on rows ``x A`` (adding to the
+  site's output) and ``A`` on rows ``x``, whose error is the site's through ``B``, ``d B^T``."""
+  rows = DENSE_LAYOUT.features
+  down = lambda x: rows(x) @ lora.lora_a[...]  # noqa: E731
+  up = Part(down, lambda: lora.lora_b[...], ((*prefix, "lora_b"),))
+  return up, Part(rows, lambda: lora.lora_a[...], ((*prefix, "lora_a"),), lambda d: d @ lora.lora_b[...].T)

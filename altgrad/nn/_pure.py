@@ -15,7 +15,7 @@ from flax import nnx
 
 from altgrad import _mesh
 from altgrad.nn._intercept import make_tappable
-from altgrad.nn._matrix_form import linear_map, matrix_form
+from altgrad.nn._matrix_form import linear_map, linear_parts
 from altgrad.nn._sites import Nested, Reached, SiteError, Tap, collect_nested, prepare_nested, tapping
 
 Array = jax.Array
@@ -72,6 +72,16 @@ def _float32_compute(model: nnx.Module) -> None:
       module.dtype = jnp.float32
 
 
+def _is_variable(value: Any) -> bool:
+  return isinstance(value, nnx.Variable)
+
+
+def given_paths(params: Any) -> frozenset[Path]:
+  """The module paths of the params in ``params`` (``("layers", 0, "kernel")``)."""
+  leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_variable)[0]
+  return frozenset(param_path(k) for k, _ in leaves)
+
+
 class PureModel:
   """A model's structure, fixed at construction, applied to ``params`` given at each call.
 
@@ -99,12 +109,28 @@ class PureModel:
       _float32_compute(tappable)
     self.apply = apply
     self.call_key: Array | None = None  # the step's key of call-time rngs (see at)
-    self.graphdef, _, self.variables = nnx.split(_in_mode(tappable, _TRAIN_MODE), nnx.Param, ...)
+    self.graphdef, self._params, self.variables = nnx.split(_in_mode(tappable, _TRAIN_MODE), nnx.Param, ...)
     self.eval_graphdef = nnx.split(_in_mode(tappable, _EVAL_MODE), nnx.Param, ...)[0]
     #: Whether a layer mixes the examples of a batch (BatchNorm in training mode): per-example
     #: credit from loss differences is then biased.
     self.batch_coupled = any(isinstance(m, nnx.BatchNorm) for _, m in nnx.iter_modules(tappable))
     self._layouts: dict[Any, tuple[Tap, ...]] = {}  # shared by the copies `at` makes
+
+  def variables_for(self, params: Any) -> Any:
+    """The variables a rule given ``params`` carries: the model's other variables and, when
+    ``params`` is part of the model's params (NNX's ``wrt=`` freezing the rest), the params
+    not given, at their values when the rule was built (``altgrad.Optimizer`` refreshes them
+    from the model at every step). A tree that is not part of the model's params is an error."""
+    given = given_paths(params)
+    own = dict(nnx.to_flat_state(self._params))
+    stray = sorted("/".join(map(str, p)) for p in given - set(own))
+    if stray or not given:
+      raise ValueError(
+        f"params must be the model's nnx.Param state or a part of it (nnx.state(model, nnx.Param), or "
+        f"the wrt= filter's part); {'got none' if not given else 'the model has no ' + ', '.join(stray[:3])}"
+      )
+    frozen = [(path, value) for path, value in own.items() if path not in given]
+    return nnx.from_flat_state([*nnx.to_flat_state(self.variables), *frozen])
 
   def at(self, variables: Any, call_key: Array | None = None) -> PureModel:
     """The same model with other variables (from a rule's state) and a step's ``call_key``."""
@@ -120,7 +146,7 @@ class PureModel:
   def carried(self, model: nnx.Module) -> Any:
     """The variables of ``model`` after a pass that carry to the next step: those it had when
     the rule was built (what the pass created is left out)."""
-    after = dict(nnx.to_flat_state(nnx.split(model, nnx.Param, ...)[2]))
+    after = dict(nnx.to_flat_state(nnx.state(model)))
     return nnx.from_flat_state([(path, after[path]) for path, _ in nnx.to_flat_state(self.variables)])
 
   def bind(self, params: Any) -> nnx.Module:
@@ -200,27 +226,28 @@ class PureModel:
 
     def replay(p):
       modules = self.modules(p)
-      return tuple(linear_map(modules[tap.path], tap.inputs, stacked=tap.stacked) for tap in taps)
+      return tuple(linear_map(modules[tap.path], tap.inputs, stacked=tap.stacked, steps=tap.steps) for tap in taps)
 
     replayed, vjp = jax.vjp(replay, params)
     (updates,) = vjp(tuple(e.astype(r.dtype) for e, r in zip(errors, replayed, strict=True)))
     return updates
 
-  def updates_from_matrices(self, params: Any, matrices: dict[Path, Array]) -> Any:
-    """The params-shaped update whose site modules (by path) read ``matrices[path]`` through
-    their matrix form; params of other modules get zero.
+  def updates_from_matrices(self, params: Any, matrices: dict[tuple[Path, int], Array]) -> Any:
+    """The params-shaped update that reads ``matrices[path, k]`` through part ``k`` of the site
+    module at ``path`` (``altgrad.nn._matrix_form.linear_parts``: its matrix form, or a LoRA
+    layer's parts); other params get zero.
 
-    The matrix form only stacks and reorders parameters, so the VJP of ``params -> matrices`` is
+    A matrix form only stacks and reorders parameters, so the VJP of ``params -> matrices`` is
     its inverse: this places per-site matrix updates (CW, ER) back into the params tree.
     """
-    paths = tuple(matrices)
+    keys = tuple(matrices)
 
     def as_matrices(p):
       modules = self.modules(p)
-      return tuple(matrix_form(modules[path])[1]() for path in paths)
+      return tuple(linear_parts(modules[path])[k].matrix() for path, k in keys)
 
     current, vjp = jax.vjp(as_matrices, params)
-    (updates,) = vjp(tuple(matrices[path].astype(c.dtype) for path, c in zip(paths, current, strict=True)))
+    (updates,) = vjp(tuple(matrices[key].astype(c.dtype) for key, c in zip(keys, current, strict=True)))
     return updates
 
   def next_variables(self, params: Any, variables: Any, taps: Sequence[Tap]) -> Any:
@@ -237,12 +264,17 @@ class PureModel:
     """The distinct site modules of ``taps``, in the order of their first call."""
     return tuple(dict.fromkeys(tap.path for tap in taps))
 
+  def free_paths(self, params: Any, taps: Sequence[Tap]) -> tuple[Path, ...]:
+    """The paths of the params in ``params`` outside every site module of ``taps``."""
+    sites = self.site_paths(taps)
+    return tuple(sorted((p for p in given_paths(params) if not any(p[: len(s)] == s for s in sites)), key=str))
+
   def free_params(self, params: Any, taps: Sequence[Tap]) -> Any:
     """A params-shaped tree of bools: ``True`` for params outside every site module."""
-    sites = self.site_paths(taps)
+    free = self.free_paths(params, taps)
 
-    def free(key_path, _):
+    def is_free(key_path, _):  # a leaf in a Variable has the Variable's path and one key more
       path = param_path(key_path)
-      return not any(path[: len(s)] == s for s in sites)
+      return any(path[: len(p)] == p for p in free)
 
-    return jax.tree_util.tree_map_with_path(free, params)
+    return jax.tree_util.tree_map_with_path(is_free, params)

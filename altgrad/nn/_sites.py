@@ -1,9 +1,11 @@
 """Sites on any Flax NNX model: where a rule reads and perturbs a network.
 
 A *site* is one call of a linear layer: ``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Conv``,
-``nnx.ConvTranspose``, ``nnx.Einsum`` (and their subclasses, e.g. LoRA), or an ``altgrad.nn``
-layer's linear part. Its input and its output (the pre-activation) are what every rule works
-with. A layer called twice (shared weights) is two sites whose updates add up.
+``nnx.ConvTranspose``, ``nnx.Einsum`` (and their subclasses, e.g. ``nnx.LoRALinear``),
+``nnx.LoRA``, or an ``altgrad.nn`` layer's linear part. Its input and its output (the
+pre-activation) are what every rule works with. A layer called twice (shared weights) is two
+sites whose updates add up; a layer called within another's call (``nnx.LoRA``'s
+``base_module``, ``nnx.LoRALinear``'s ``lora``) is part of that site.
 
 NNX has no method interception, so ``make_tappable`` (``altgrad.nn._intercept``) takes a *clone* of the user's model
 and gives each linear layer of it a generated subclass of its own class (cached, so the graphdef
@@ -41,6 +43,7 @@ SITE_CLASSES: tuple[type[nnx.Module], ...] = (
   nnx.Conv,
   nnx.ConvTranspose,
   nnx.Einsum,
+  nnx.LoRA,
 )
 _PATH_ATTRIBUTE = "altgrad_site_path"
 
@@ -60,6 +63,9 @@ class Tap:
     stacked: (static) that transform ran over a stack of layers (``nnx.scan``, ``nnx.vmap``):
       ``inputs`` and ``preact`` have the stack's axis second, ``(batch, layers, ...)``, and the
       module's params have it first.
+    steps: (static) that transform ran the site at every step of a recurrence (``nnx.RNN``'s
+      scan over time): ``inputs`` and ``preact`` have the time axis second,
+      ``(batch, time, ...)``, and every step uses the same params.
   """
 
   inputs: Any
@@ -67,6 +73,7 @@ class Tap:
   path: Path = dataclasses.field(default=(), metadata={"static": True})
   nested: bool = dataclasses.field(default=False, metadata={"static": True})
   stacked: bool = dataclasses.field(default=False, metadata={"static": True})
+  steps: bool = dataclasses.field(default=False, metadata={"static": True})
 
 
 class SiteError(ValueError):
@@ -85,6 +92,7 @@ class _Pass:
   taps: list[Any] = dataclasses.field(default_factory=list)
   replaced: tuple[int, Array] | None = None
   stop_at: int | None = None
+  inside: bool = False  # a site call is computing: a site called within it is part of it
 
 
 class Reached(Exception):  # noqa: N818  (control flow, not an error)
@@ -100,10 +108,12 @@ class Reached(Exception):  # noqa: N818  (control flow, not an error)
 class Nested:
   """The place of a tap that a site call inside an NNX transform left on its module (as an
   :class:`_Record` Variable, which the transform carries out); ``shape`` is its pre-activation's
-  shape inside the transform."""
+  shape inside the transform, ``param_shapes`` its module's param shapes there (a stack's layer
+  has one axis fewer than the stack; a recurrent step has the same)."""
 
   path: Path
   shape: tuple[int, ...]
+  param_shapes: tuple[tuple[int, ...], ...]
 
 
 class _Record(nnx.Variable):
@@ -172,7 +182,7 @@ def site(module: nnx.Module, compute: Callable[[Array | None], tuple[Any, Array]
   Outside a :func:`tapping` pass this is ``compute(None)[1]``.
   """
   current = getattr(_ACTIVE, "current", None)
-  if current is None:
+  if current is None or current.inside:
     return compute(None)[1]
   nested = _trace_state() != current.trace_state
   if nested and not module._pytree__state.trace_state.is_valid():
@@ -185,8 +195,12 @@ def site(module: nnx.Module, compute: Callable[[Array | None], tuple[Any, Array]
     delta = current.perturbations[index]
   else:
     delta = None
-  with _params_stopped(module) if current.stop_site_params else contextlib.nullcontext():
-    inputs, preact = compute(delta)
+  current.inside = True
+  try:
+    with _params_stopped(module) if current.stop_site_params else contextlib.nullcontext():
+      inputs, preact = compute(delta)
+  finally:
+    current.inside = False
   if index == current.stop_at:
     raise Reached(inputs)
   if current.replaced is not None and current.replaced[0] == index:
@@ -201,8 +215,12 @@ def site(module: nnx.Module, compute: Callable[[Array | None], tuple[Any, Array]
       "one step of an NNX transform; altgrad taps one call per layer there"
     )
   module.altgrad_record = _Record((inputs, preact))
-  current.taps.append(Nested(site_path(module), tuple(preact.shape)))
+  current.taps.append(Nested(site_path(module), tuple(preact.shape), _param_shapes(module)))
   return preact
+
+
+def _param_shapes(module: nnx.Module) -> tuple[tuple[int, ...], ...]:
+  return tuple(tuple(v.shape) for _, v in nnx.iter_graph(module) if isinstance(v, nnx.Param))
 
 
 def _warn_untapped(module: nnx.Module) -> None:
@@ -220,28 +238,33 @@ def _warn_untapped(module: nnx.Module) -> None:
   )
 
 
-def batch_first(value: Any, stacked: bool) -> Any:
-  return jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), value) if stacked else value
+def batch_first(value: Any, swap: bool) -> Any:
+  """``value`` with its first two axes swapped where ``swap``: a transform's axis (a stack of
+  layers, time steps) comes out first and a tap keeps the batch first."""
+  return jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), value) if swap else value
 
 
 def prepare_nested(modules: dict[Path, nnx.Module], layout: Sequence[Any], perturbations: Sequence[Any]) -> None:
   """Sets the perturbations of the site calls that run inside NNX transforms on their modules,
-  stack axis first, before the pass (``layout``: the taps of an earlier pass of the same shapes)."""
+  the transform's axis first, before the pass (``layout``: the taps of an earlier pass of the
+  same shapes)."""
   for tap, delta in zip(layout, perturbations, strict=True):
     if tap.nested and delta is not None:
-      modules[tap.path].altgrad_delta = _Delta(batch_first(delta, tap.stacked))
+      modules[tap.path].altgrad_delta = _Delta(batch_first(delta, tap.stacked or tap.steps))
 
 
 def collect_nested(modules: dict[Path, nnx.Module], taps: Sequence[Any]) -> tuple[Tap, ...]:
   """The taps of a pass, with those left on modules inside NNX transforms collected (batch axis
-  first), and the modules cleared of what the pass set on them."""
+  first), and the modules cleared of what the pass set on them. A tap with an axis more than its
+  call had is a stack's (the module's params have that axis too) or a recurrence's (they do not)."""
   collected = []
   for tap in taps:
     if isinstance(tap, Nested):
       module = modules[tap.path]
       inputs, preact = module.altgrad_record.get_value()
-      stacked = preact.ndim == len(tap.shape) + 1
-      tap = Tap(batch_first(inputs, stacked), batch_first(preact, stacked), tap.path, True, stacked)
+      repeated = preact.ndim == len(tap.shape) + 1
+      stacked = repeated and _param_shapes(module) != tap.param_shapes
+      tap = Tap(batch_first(inputs, repeated), batch_first(preact, repeated), tap.path, True, stacked, repeated and not stacked)
     collected.append(tap)
   for module in modules.values():
     for name in ("altgrad_record", "altgrad_delta"):

@@ -26,7 +26,7 @@ from flax import nnx
 from altgrad import _identity, _mesh
 from altgrad.nn import Layer, PureModel
 from altgrad.nn._base import describe_shape, is_concrete
-from altgrad.nn._intercept import describe_site, is_site_module
+from altgrad.nn._intercept import describe_site, site_modules
 from altgrad.nn._pure import ApplyFn, LossFn
 
 Array = jax.Array
@@ -197,7 +197,7 @@ class Rule:
   def common(self, params: Any) -> Common:
     """The common part of the rule's initial state."""
     key = jax.random.fold_in(self.seed, _fingerprint(params))
-    return Common(jnp.zeros((), jnp.int32), key, jnp.full((), jnp.inf, jnp.float32), self.pure.variables)
+    return Common(jnp.zeros((), jnp.int32), key, jnp.full((), jnp.inf, jnp.float32), self.pure.variables_for(params))
 
   def begin(self, common: Common, inputs: Any, targets: Any, *, noise_keys: int = 0) -> Step:
     """The step's model view (the state's variables, call-time rngs), keys and batch sizes, with
@@ -345,8 +345,8 @@ def not_a_chain(model: nnx.Module, rule: str, chains: str) -> TypeError:
   culprit = next(
     (
       describe_site(path, m)
-      for path, m in nnx.iter_modules(model)
-      if is_site_module(m) and not hasattr(m, "inverse")
+      for path, m in site_modules(model)
+      if not hasattr(m, "inverse")
     ),
     None,
   )

@@ -15,13 +15,16 @@ from typing import Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from altgrad import _linalg, _mesh
 from altgrad._lapack import single_threaded_lapack
 from altgrad.nn._base import at_step, check_number
-from altgrad.nn._matrix_form import matrix_form
+from altgrad.nn._cells import site_groups
+from altgrad.nn._matrix_form import linear_parts
+from altgrad.nn._pure import given_paths
 from altgrad.rules._common import ApplyFn, Common, LossFn, Rule, UnpackFn, check_choice, check_precision
 
 Array = jax.Array
@@ -83,6 +86,21 @@ def emend(
   # the ridge's trace read off the Gram's diagonal: tr(X X^T) = tr(X^T X), no pass over X
   solved = _solve_spd(gram, rhs, ridge(jnp.sum(jnp.diagonal(gram))))
   return (rows.T @ solved if side == "dual" else solved).astype(dtype)
+
+
+def _blocks(group, parts, given) -> list[list[tuple[int, int]]]:
+  """What CW emends as one layer, as ``(site, part)`` indices into a site group's ``parts``: the
+  parts that add into the group's output together (one pre-activation, several linear maps),
+  and each part below another map alone; parts whose params are all frozen (not in ``params``)
+  are left out."""
+  trained = [
+    (i, k)
+    for i, site_parts in enumerate(parts)
+    for k, part in enumerate(site_parts)
+    if any((*group[i], *p) in given for p in part.params)
+  ]
+  adding = [(i, k) for i, k in trained if parts[i][k].error is None]
+  return ([adding] if adding else []) + [[(i, k)] for i, k in trained if parts[i][k].error is not None]
 
 
 class ConsequentialismState(NamedTuple):
@@ -156,18 +174,24 @@ def consequentialism(
     back = model.errors(params, inputs, targets, lambda out, t: rule.losses(out, t, step.rows))
     modules = model.modules(params)
     ridge = at_step(eps, step.count)
+    given = given_paths(params)
     emended, plain = {}, []
-    for path in model.site_paths(back.taps):
-      uses = [(t, e) for t, e in zip(back.taps, back.errors, strict=True) if t.path == path]
-      matrix = None if uses[0][0].stacked else matrix_form(modules[path])
-      if matrix is None:  # no matrix form (or a stack of layers): the plain gradient
-        plain += uses
+    for group in site_groups(modules, model.site_paths(back.taps)):
+      uses = [[(t, e) for t, e in zip(back.taps, back.errors, strict=True) if t.path == path] for path in group]
+      parts = [None if u[0][0].stacked else linear_parts(modules[path]) for path, u in zip(group, uses, strict=True)]
+      if None in parts or len({len(u) for u in uses}) > 1:  # no matrix form (or a stack): the plain gradient
+        plain += [use for u in uses for use in u]
         continue
-      rows = [matrix[0](t.inputs) for t, _ in uses]  # a shared layer stacks its uses
-      summed = [step.batch_size * e.reshape(r.shape[0], -1) for r, (_, e) in zip(rows, uses, strict=True)]
-      emended[path] = emend(
-        jnp.concatenate(rows), jnp.concatenate(summed), eps=ridge, eps_mode=eps_mode, form=form, diag=diag
-      )
+      for block in _blocks(group, parts, given):
+        # each call's rows: the block's designs side by side (a shared layer stacks its calls)
+        designs = [[parts[i][k].design(t.inputs) for t, _ in uses[i]] for i, k in block]
+        rows = [jnp.concatenate(side_by_side, axis=1) for side_by_side in zip(*designs, strict=True)]
+        i, k = block[0]
+        to_part = parts[i][k].error or (lambda d: d)
+        summed = [step.batch_size * to_part(e).reshape(r.shape[0], -1) for r, (_, e) in zip(rows, uses[i], strict=True)]
+        matrix = emend(jnp.concatenate(rows), jnp.concatenate(summed), eps=ridge, eps_mode=eps_mode, form=form, diag=diag)
+        widths = np.cumsum([d[0].shape[1] for d in designs])[:-1]
+        emended.update(zip([(group[i], k) for i, k in block], jnp.split(matrix, widths), strict=True))
     updates = model.updates_from_matrices(params, emended)
     rest = back.residual
     if plain:

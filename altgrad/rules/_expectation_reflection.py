@@ -36,10 +36,19 @@ from altgrad._lapack import single_threaded_lapack
 from altgrad.nn import GRU, SimpleRNN
 from altgrad.nn._base import at_step, check_number, is_concrete
 from altgrad.nn._chain import Chain, chain_of, site_inverse
-from altgrad.nn._intercept import describe_site, is_site_module
+from altgrad.nn._intercept import describe_site, site_modules
 from altgrad.nn._matrix_form import kernel_layout, matrix_form
 from altgrad.nn._sites import SiteError
-from altgrad.rules._common import Common, LossFn, Rule, UnpackFn, check_choice, check_precision, not_a_chain
+from altgrad.rules._common import (
+  ApplyFn,
+  Common,
+  LossFn,
+  Rule,
+  UnpackFn,
+  check_choice,
+  check_precision,
+  not_a_chain,
+)
 
 Array = jax.Array
 
@@ -203,7 +212,7 @@ class ExpectationReflectionState(NamedTuple):
 def _check_model(model: nnx.Module) -> list[tuple[Any, nnx.Module]]:
   """The model's site modules ``(path, module)`` in module order, checked as far as can be
   before a batch (the chain itself is read from the first batch's trace)."""
-  sites = [(tuple(path), m) for path, m in nnx.iter_modules(model) if is_site_module(m)]
+  sites = site_modules(model)
   if isinstance(model, (SimpleRNN, GRU)) or not sites:
     raise not_a_chain(model, "expectation_reflection", "an altgrad.nn MLP, conv net or another chain of linear layers")
   for path, module in sites:
@@ -240,6 +249,19 @@ def _check_chain(chain: Chain, outputs: Any) -> None:
         f"multilayer expectation_reflection reflects hidden fields through tanh, but between {chain.describe(index)} "
         f"and {chain.describe(index + 1)} lies {what}: use tanh followed at most by reshapes"
       )
+
+
+def _check_no_free_params(view, params, taps) -> None:
+  """ER refits linear layers only: a param outside them would get no update."""
+  free = view.free_paths(params, taps)
+  if free:
+    names = ", ".join("/".join(map(str, p)) for p in free[:3]) + (", ..." if len(free) > 3 else "")
+    raise SiteError(
+      f"expectation_reflection refits linear layers by least squares and has no update for params outside "
+      f"them ({names}): give the rule the layers' params only, e.g. altgrad.Optimizer(model, tx, "
+      "wrt=nnx.All(nnx.Param, nnx.Not(nnx.PathContains('embed')))), or train those params with another "
+      "rule through altgrad.rules.partition"
+    )
 
 
 def _check_labels(labels: Array, outputs: int) -> None:
@@ -300,6 +322,7 @@ def expectation_reflection(
   hidden_target: HiddenTarget = "diff",
   hidden_field: HiddenField = "ratio",
   loss_fn: LossFn | None = None,
+  apply: ApplyFn | None = None,
   unpack: UnpackFn | None = None,
   key: int | Array = 0,
 ) -> optax.GradientTransformationExtraArgs:
@@ -342,14 +365,14 @@ def expectation_reflection(
     hidden_target, hidden_field: the multilayer options above.
     loss_fn: the loss the state logs (``state.common.loss``) of each update's clean pass, e.g.
       ``altgrad.losses.softmax_cross_entropy``; by default the discrepancy. ER itself uses no loss.
-    unpack, key: see :func:`altgrad.rules.backprop` (ER calls the model as ``model(inputs)``).
+    apply, unpack, key: see :func:`altgrad.rules.backprop`.
 
   ``reg`` (and ``data_size``) may be arrays, and ``reg`` an optax schedule of the step count.
 
   The state records the batch's discrepancy ``mean((E[s] - s)^2 / 4)`` at the incoming params:
   the reference stops when it no longer falls (``altgrad.train.fit(..., stop_on_discrepancy=True)``).
   """
-  rule = Rule("expectation_reflection", model, loss_fn, unpack=unpack, key=key, float32=True)
+  rule = Rule("expectation_reflection", model, loss_fn, apply=apply, unpack=unpack, key=key, float32=True)
   paths = [path for path, _ in _check_model(model)]
   check_precision(model, "expectation_reflection", "solves a least-squares refit per layer")
   _check_data_size(data_size)
@@ -373,6 +396,7 @@ def expectation_reflection(
     clean = view.tapped(params, x)
     chain = chain_of(view, params, x, clean.taps, "expectation_reflection", minimum=1)
     _check_chain(chain, clean.outputs)
+    _check_no_free_params(view, params, clean.taps)
     outputs = clean.taps[-1].preact.shape[-1]
     if multiclass == "softmax" and outputs < 2:
       raise ValueError("multiclass='softmax' needs at least two outputs")
@@ -409,7 +433,7 @@ def _refit(chain: Chain, field_targets, discrepancy, old, ridge, memory, multicl
     moments = previous.scaled(memory) + Moments(*(m.astype(previous.count.dtype) for m in batch_moments))
     kernel, bias = refit(moments, ridge, center_outputs=multiclass == "softmax" and i == last)
     current = matrix()
-    matrices[tap.path] = current - jnp.concatenate([kernel, bias[None]]).astype(current.dtype)
+    matrices[tap.path, 0] = current - jnp.concatenate([kernel, bias[None]]).astype(current.dtype)
     streamed.append(moments)
     if i < last:
       inputs = chain.links[i].apply((features @ kernel + bias).reshape(tap.preact.shape).astype(tap.preact.dtype))
@@ -487,4 +511,4 @@ def reflection_solution(
   kernel, bias = refit(moments, reg, center_outputs=multiclass == "softmax")
   view = Rule("reflection_solution", model, None).pure
   current = matrix_form(view.modules(params)[path])[1]()
-  return view.updates_from_matrices(params, {path: jnp.concatenate([kernel, bias[None]]).astype(current.dtype)})
+  return view.updates_from_matrices(params, {(path, 0): jnp.concatenate([kernel, bias[None]]).astype(current.dtype)})

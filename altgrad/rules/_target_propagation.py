@@ -32,10 +32,11 @@ from altgrad.nn._chain import (
   site_inverse,
   transpose_at,
 )
-from altgrad.nn._intercept import is_site_module
+from altgrad.nn._intercept import site_modules
 from altgrad.nn._matrix_form import linear_map
 from altgrad.nn._sites import SiteError
 from altgrad.rules._common import (
+  ApplyFn,
   Common,
   LossFn,
   Rule,
@@ -49,8 +50,10 @@ Array = jax.Array
 
 Mode = Literal["linearized", "difference", "exact"]
 Update = Literal["through_time", "local"]
+FreeParams = Literal["gradient", "frozen"]
 MODES = get_args(Mode)
 UPDATES = get_args(Update)
+FREE_PARAMS = get_args(FreeParams)
 
 
 class TargetPropagationState(NamedTuple):
@@ -71,6 +74,7 @@ class _Settings:
   update: Update
   max_rms: Any
   iterations: int
+  free_params: FreeParams = "gradient"
 
 
 def _guard(d: Array, max_rms: float | None) -> tuple[Array, Array]:
@@ -240,7 +244,7 @@ def _check_model(model: nnx.Module, mode: Mode) -> int:
         "needs a whole-cell inverse it does not have: use mode='linearized'"
       )
     return 1
-  sites = [model.cell] if isinstance(model, SimpleRNN) else [m for _, m in nnx.iter_modules(model) if is_site_module(m)]
+  sites = [model.cell] if isinstance(model, SimpleRNN) else [m for _, m in site_modules(model)]
   if not isinstance(model, SimpleRNN) and len(sites) < 2:
     raise ValueError("target_propagation needs at least one hidden layer below the output layer")
   hidden = sites if isinstance(model, SimpleRNN) else sites[:-1]
@@ -277,24 +281,29 @@ def _step(view: PureModel, params, x, targets, loss, settings: _Settings):
   if isinstance(bound, SimpleRNN):
     return _recurrent_step(view, params, x, targets, loss, settings)
 
-  def forward(perturbations):
-    tapped = view.tapped(params, x, perturbations)
+  def forward(perturbations, params):
+    tapped = view.tapped(params, x, perturbations, stop_site_params=True)
     return (_mean_loss(loss, tapped.outputs, targets), tuple(t.preact for t in tapped.taps)), tapped.taps
 
-  (mean, preacts), pull_back, taps = jax.vjp(forward, view.zero_perturbations(params, x), has_aux=True)
+  (mean, preacts), pull_back, taps = jax.vjp(forward, view.zero_perturbations(params, x), params, has_aux=True)
   chain = chain_of(view, params, x, taps, "target_propagation")
   nothing = tuple(jnp.zeros_like(z) for z in preacts)
-  top_error = pull_back((jnp.ones_like(mean), nothing))[0][-1]  # dL/dz at the last site (the rest is dead code)
+  # dL/dz at the last site, and the loss gradient of the params outside sites (the rest is dead code)
+  down, free_gradient = pull_back((jnp.ones_like(mean), nothing))
+  top_error = down[-1]
   to_inputs = transpose_at(lambda h: linear_map(chain.modules[-1], h), taps[-1].inputs)
   first = -settings.lr_target * to_inputs(top_error)  # displacement of the last site's input
   displacements, clipped = _chain_displacements(chain, first, settings)
   local = [-link.vjp(tap.preact, d) for link, tap, d in zip(chain.links, taps[:-1], displacements, strict=True)]
   if settings.update == "through_time":
-    (errors,) = pull_back((jnp.zeros_like(mean), (*local, jnp.zeros_like(top_error))))
+    errors, _ = pull_back((jnp.zeros_like(mean), (*local, jnp.zeros_like(top_error))))
     errors = (*errors[:-1], top_error)
   else:
     errors = (*local, top_error)
-  return view.updates_from_errors(params, taps, errors), displacements, clipped, taps, mean
+  updates = view.updates_from_errors(params, taps, errors)
+  if settings.free_params == "gradient":
+    updates = optax.tree.add(updates, free_gradient)
+  return updates, displacements, clipped, taps, mean
 
 
 def target_displacements(
@@ -308,12 +317,13 @@ def target_displacements(
   lr_target: float = 1e-2,
   max_displacement: float | None = None,
   cg_iterations: int | None = None,
+  apply: ApplyFn | None = None,
   unpack: UnpackFn | None = None,
 ) -> list[Array]:
   """The displacements ``v - h`` that TP gives each hidden state on ``batch``: one array per
   site input but the first's of a chain (each hidden layer of an MLP), or one ``(batch, time, hidden)`` array for a SimpleRNN or GRU (its norm over
   time shows how far back the targets carry signal). Options as in :func:`target_propagation`."""
-  rule = Rule("target_displacements", model, loss_fn, unpack=unpack, float32=True)
+  rule = Rule("target_displacements", model, loss_fn, apply=apply, unpack=unpack, float32=True)
   _check_model(model, mode)
   x, targets = rule.read_batch(batch)
   rows = jax.tree.leaves(x)[0].shape[0]
@@ -332,6 +342,8 @@ def target_propagation(
   update: Update = "through_time",
   max_displacement: float | None = None,
   cg_iterations: int | None = None,
+  free_params: FreeParams = "gradient",
+  apply: ApplyFn | None = None,
   unpack: UnpackFn | None = None,
   key: int | Array = 0,
 ) -> optax.GradientTransformationExtraArgs:
@@ -398,15 +410,25 @@ def target_propagation(
       convolution's inverse, a layer without an inverse; ``None``:
       ``altgrad.nn._chain.CG_ITERATIONS``); each stops earlier once every example's relative
       residual is below ``altgrad.nn._chain.CG_TOLERANCE``.
+    free_params: what params outside every linear layer get (an embedding below the first
+      layer, LayerNorm scales and biases between layers, free ``nnx.Param`` s): ``"gradient"``
+      (default), the gradient of the mean loss, as backprop and consequentialism give them
+      (TP has no target for them: they do not map one layer's activity to the next), from the
+      backward pass TP runs for its top layer anyway; ``"frozen"``, a zero update. The output
+      layer too gets the ordinary loss gradient, so at ``optax.sgd(lr)`` these move at the
+      output layer's scale, not at the hidden layers' ``lr_target``-sized one.
+    apply, unpack, key: see :func:`altgrad.rules.backprop` (altgrad's SimpleRNN and GRU are
+      called as ``model(inputs)``).
 
   The state records the RMS displacement of each hidden layer at the last step;
   :func:`target_displacements` gives them whole (per time step for an RNN). On a CPU, building
   the rule runs jaxlib's LAPACK calls on one OpenBLAS thread, whatever loop trains with it
   (their threads would take the cores from XLA's).
   """
-  rule = Rule("target_propagation", model, loss_fn, unpack=unpack, key=key, float32=True)
+  rule = Rule("target_propagation", model, loss_fn, apply=apply, unpack=unpack, key=key, float32=True)
   check_choice(mode, "mode", MODES)
   check_choice(update, "update", UPDATES)
+  check_choice(free_params, "free_params", FREE_PARAMS)
   hidden = _check_model(model, mode)
   check_precision(model, "target_propagation", "solves a ridge system per layer")
   iterations = CG_ITERATIONS if cg_iterations is None else check_static_int(cg_iterations, "cg_iterations", minimum=1)
@@ -423,7 +445,7 @@ def target_propagation(
     step = rule.begin(state.common, inputs, targets)
     count = step.count
     max_rms = None if max_displacement is None else at_step(max_displacement, count)
-    settings = _Settings(mode, at_step(reg, count), at_step(lr_target, count), update, max_rms, iterations)
+    settings = _Settings(mode, at_step(reg, count), at_step(lr_target, count), update, max_rms, iterations, free_params)
     updates, displacements, clipped, taps, mean = _step(
       step.model, params, inputs, targets, lambda o, t: rule.losses(o, t, step.rows), settings
     )
