@@ -10,9 +10,10 @@ second branch are not chains; the error names the site).
 
 The trace also says what ``g_l`` is. When it is a known invertible elementwise activation (tanh,
 sigmoid, altgrad's leaky_relu; or none) followed only by structural operations (reshape,
-transpose, squeeze, expand_dims, a dtype cast), the link is *invertible*: ``g_l = S(a(z))``
-with ``S`` a permutation of elements, inverted exactly (``S^T``) and by the activation's guarded
-inverse. Otherwise (relu, pooling, normalization, dropout, ...) it is not, and a layer ``x_l ->
+transpose, squeeze, expand_dims, a dtype cast) or slices, the link is *invertible*: ``g_l =
+S(a(z))`` with ``S`` a permutation of elements, inverted exactly (``S^T``), or a selection of
+some (an RNN's last state, ``h[:, -1]``), inverted by its least-norm inverse ``S^T``, and by the
+activation's guarded inverse. Otherwise (relu, pooling, normalization, dropout, ...) it is not, and a layer ``x_l ->
 g_l(s_l(x_l))`` is inverted, linearized, by the regularized least squares of its Jacobian ``J``:
 ``(J^T J + r I)^-1 J^T d`` [reconstruction: the spec's generic fallback, not the paper's inverse].
 
@@ -45,6 +46,9 @@ Array = jax.Array
 
 #: Operations that only move elements (or cast them): a link made of them is inverted exactly.
 STRUCTURAL = frozenset({"reshape", "transpose", "squeeze", "expand_dims", "convert_element_type", "copy", "copy_p"})
+#: Operations that keep some elements (``h[:, -1]``): inverted by their transpose, the
+#: least-norm inverse, which puts nothing on the elements dropped.
+SELECTING = frozenset({"slice"})
 #: The traced operations recognized as invertible activations, by primitive or jitted function name.
 _ACTIVATIONS = {"tanh": "tanh", "logistic": "sigmoid", "altgrad_leaky_relu": "leaky_relu"}
 #: Conjugate gradients stop once every example's residual is below this fraction of its right side.
@@ -65,12 +69,15 @@ class Link:
 
   ``activation`` and ``structure`` are set when the link is ``structure(activation(z))`` (an
   invertible link); ``blocker`` otherwise names the first operation that is not of that form.
+  ``selects``: ``structure`` keeps only some elements (a slice), so its inverse, the transpose,
+  is a least-norm one: right for displacements, not for targets.
   """
 
   apply: Callable[[Array], Array]
   activation: Activation | None
   structure: Callable[[Array], Array] | None
   blocker: str | None
+  selects: bool = False
 
   @property
   def invertible(self) -> bool:
@@ -102,10 +109,14 @@ class Chain:
     return describe_site(self.taps[index].path, self.modules[index])
 
 
-def chain_of(view: Any, params: Any, inputs: Any, taps: Sequence[Tap], rule: str, *, minimum: int = 2) -> Chain:
-  """The chain of ``view``'s model at ``params`` on ``inputs`` (``taps``: a pass's), or a
-  :class:`SiteError` naming where it is not one; ``minimum``: the fewest sites it may have."""
+def chain_of(
+  view: Any, params: Any, inputs: Any, taps: Sequence[Tap], rule: str, *, minimum: int = 2, start: int = 0
+) -> Chain:
+  """The chain of ``view``'s model at ``params`` on ``inputs`` (``taps``: a pass's, the chain
+  being those from ``start`` on), or a :class:`SiteError` naming where it is not one;
+  ``minimum``: the fewest sites it may have."""
   modules = view.modules(params)
+  offset, taps = start, taps[start:]
   if len(taps) < minimum:
     raise SiteError(f"{rule} needs at least one hidden layer: a linear layer below the output layer")
   for tap in taps:
@@ -121,14 +132,15 @@ def chain_of(view: Any, params: Any, inputs: Any, taps: Sequence[Tap], rule: str
         f"{rule} inverts a chain of layers, but {describe_site(path, modules[path])} is called more than "
         "once (shared weights): give each call its own layer"
       )
-  links = tuple(_read_link(view, params, inputs, taps, i, modules, rule) for i in range(len(taps) - 1))
+  links = tuple(_read_link(view, params, inputs, taps, i, modules, rule, offset) for i in range(len(taps) - 1))
   return Chain(tuple(modules[p] for p in paths), tuple(taps), links, view.batch_coupled)
 
 
-def _read_link(view, params, inputs, taps, index, modules, rule) -> Link:
-  """The link after site call ``index``, checked to be a chain's and classified from its trace."""
-  z = taps[index].preact
-  jaxpr = jax.make_jaxpr(lambda x, z: view.between(params, x, index, z))(inputs, z)
+def _read_link(view, params, inputs, taps, index, modules, rule, offset) -> Link:
+  """The link after site call ``index`` (``offset + index`` in the pass), checked to be a
+  chain's and classified from its trace."""
+  z, call = taps[index].preact, offset + index
+  jaxpr = jax.make_jaxpr(lambda x, z: view.between(params, x, call, z))(inputs, z)
   jaxpr = jaxpr.jaxpr
   x_vars = jaxpr.invars[:-1]
   from_x, from_z = _dependents(jaxpr, x_vars), _dependents(jaxpr, jaxpr.invars[-1:])
@@ -145,7 +157,8 @@ def _read_link(view, params, inputs, taps, index, modules, rule) -> Link:
   needed = _needed(jaxpr)
   eqns = [e for e in jaxpr.eqns if _uses(e, from_z) and any(v in needed for v in e.outvars)]
   activation, structure, blocker = _classify(eqns, jaxpr.invars[-1], _layers_by_class(modules))
-  return Link(lambda z: view.between(params, inputs, index, z), activation, structure, blocker)
+  selects = any(e.primitive.name in SELECTING for e in eqns)
+  return Link(lambda z: view.between(params, inputs, call, z), activation, structure, blocker, selects)
 
 
 def _uses(eqn, variables: set) -> bool:
@@ -206,7 +219,7 @@ def _classify(eqns, z_var, layers: dict[str, list[str]]) -> tuple[Activation | N
       activation, current, start = get_activation(name), first.outvars[0], 1
   tail = eqns[start:]
   for eqn in tail:
-    if eqn.primitive.name not in STRUCTURAL or list(eqn.invars) != [current]:
+    if eqn.primitive.name not in STRUCTURAL | SELECTING or list(eqn.invars) != [current]:
       return None, None, _operation(eqn, layers)
     current = eqn.outvars[0]
 

@@ -9,7 +9,16 @@ from typing import Any
 
 from flax import nnx
 
-from altgrad.nn._sites import _PATH_ATTRIBUTE, SITE_CLASSES, SiteError, _Delta, _Record, site, site_path
+from altgrad.nn._sites import (
+  _PATH_ATTRIBUTE,
+  SITE_CLASSES,
+  SiteError,
+  _Delta,
+  _Record,
+  rnn_outputs_tapped,
+  site,
+  site_path,
+)
 
 _TAPPED_CLASSES: dict[type, type] = {}
 
@@ -67,15 +76,49 @@ def make_tappable(model: nnx.Module) -> nnx.Module:
     setattr(module, _PATH_ATTRIBUTE, tuple(path))
     if isinstance(module, SITE_CLASSES) and not getattr(type(module), "_altgrad_tapped", False):
       module.__class__ = _tapped_class(type(module))
-  for _, module in nnx.iter_modules(clone):
+  for path, module in nnx.iter_modules(clone):
     if isinstance(module, nnx.RNN):
       _record_steps(module)
+      setattr(module, _PATH_ATTRIBUTE, tuple(path))
+      module.__class__ = _tapped_rnn_class(type(module))
   if not found:
     raise SiteError(
       f"{type(model).__name__} has no linear layer (nnx.Linear, nnx.LinearGeneral, nnx.Conv, "
       "nnx.ConvTranspose, nnx.Einsum or an altgrad.nn layer): the rules assign credit at linear layers"
     )
   return clone
+
+
+def _tapped_rnn_class(cls: type) -> type:
+  """A cached subclass of an ``nnx.RNN`` class whose output sequence is a tap in a pass that asks
+  for them (``rnn_outputs``); identical otherwise."""
+  if cls not in _TAPPED_CLASSES:
+
+    def __call__(self, inputs, **kwargs):
+      outputs = super(tapped, self).__call__(inputs, **kwargs)
+      if not rnn_outputs_tapped():
+        return outputs
+      _check_forward_in_time(self, kwargs)
+      return site(self, lambda delta: (inputs, outputs if delta is None else outputs + delta))
+
+    tapped = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
+    tapped.__qualname__ = cls.__qualname__
+    _TAPPED_CLASSES[cls] = tapped
+  return _TAPPED_CLASSES[cls]
+
+
+def _check_forward_in_time(rnn: nnx.RNN, call: dict[str, Any]) -> None:
+  """Target propagation reads an ``nnx.RNN``'s states as the batch-first sequence it returns,
+  run forward from the cell's own initial carry (an LSTM's memory from zero)."""
+  option = lambda name: call.get(name) if call.get(name) is not None else getattr(rnn, name)  # noqa: E731
+  given = [name for name in ("return_carry", "time_major", "reverse") if option(name)]
+  given += [name for name in ("seq_lengths", "initial_carry") if call.get(name) is not None]
+  if given:
+    raise SiteError(
+      f"target_propagation carries targets back in time through nnx.RNN at {'/'.join(map(str, site_path(rnn)))}, "
+      f"forward over a batch-first sequence from the cell's initial carry, but it runs with {', '.join(given)}: "
+      "call it with the defaults, or use backprop, consequentialism or node_perturbation"
+    )
 
 
 def _record_steps(rnn: nnx.RNN) -> None:

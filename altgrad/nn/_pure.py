@@ -109,6 +109,7 @@ class PureModel:
       _float32_compute(tappable)
     self.apply = apply
     self.call_key: Array | None = None  # the step's key of call-time rngs (see at)
+    self.rnn_outputs = False  # whether passes tap nnx.RNN outputs too (see with_rnn_outputs)
     self.graphdef, self._params, self.variables = nnx.split(_in_mode(tappable, _TRAIN_MODE), nnx.Param, ...)
     self.eval_graphdef = nnx.split(_in_mode(tappable, _EVAL_MODE), nnx.Param, ...)[0]
     #: Whether a layer mixes the examples of a batch (BatchNorm in training mode): per-example
@@ -136,6 +137,13 @@ class PureModel:
     """The same model with other variables (from a rule's state) and a step's ``call_key``."""
     view = copy.copy(self)
     view.variables, view.call_key = variables, call_key
+    return view
+
+  def with_rnn_outputs(self) -> PureModel:
+    """The same model whose passes tap each ``nnx.RNN``'s output sequence after its cell's taps
+    (``altgrad.nn._sites.tapping``): the states target propagation carries back in time."""
+    view = copy.copy(self)
+    view.rnn_outputs = True
     return view
 
   def _call(self, model: nnx.Module, inputs: Any, key: Array | None) -> Any:
@@ -170,7 +178,7 @@ class PureModel:
       layout = self._layout(params, inputs)
       if any(t.nested for t in layout):
         prepare_nested(self._modules_of(model), layout, perturbations)
-    with tapping(perturbations, stop_site_params=stop_site_params) as taps:
+    with tapping(perturbations, stop_site_params=stop_site_params, rnn_outputs=self.rnn_outputs) as taps:
       outputs = self._call(model, inputs, self.call_key)
     if any(isinstance(t, Nested) for t in taps):
       taps = collect_nested(self._modules_of(model), taps)
@@ -181,7 +189,7 @@ class PureModel:
     between two consecutive sites as a function of the first one's output. The model runs on
     ``inputs`` up to that call and no further."""
     try:
-      with tapping(replaced=(index, z), stop_at=index + 1):
+      with tapping(replaced=(index, z), stop_at=index + 1, rnn_outputs=self.rnn_outputs):
         self._call(self.bind(params), inputs, self.call_key)
     except Reached as reached:
       return reached.inputs
@@ -190,7 +198,7 @@ class PureModel:
   def _layout(self, params: Any, inputs: Any) -> tuple[Tap, ...]:
     """The taps of a pass on inputs shaped like ``inputs`` (shapes only; cached)."""
     leaves, tree = jax.tree.flatten(inputs)
-    key = (tree, tuple((tuple(a.shape), str(a.dtype)) for a in leaves))
+    key = (tree, tuple((tuple(a.shape), str(a.dtype)) for a in leaves), self.rnn_outputs)
     if key not in self._layouts:
       self._layouts[key] = jax.eval_shape(lambda p, x: self.tapped(p, x).taps, params, inputs)
     return self._layouts[key]

@@ -298,30 +298,45 @@ class GRUCell(nnx.Module):
     gates: GRUGates,
     solvers: tuple[RidgeSolver, RidgeSolver, RidgeSolver],
   ) -> Array:
-    """The displacement of ``h_prev`` that TP gives a step's ``displacement`` of ``h'``: the
-    per-gate linearized inverse of the TP authors' code, re-derived for this cell's convention
-    (``h' = (1 - z) n + z h``; the authors' derivation is written for ``(1 - z) h + z n``).
+    """The displacement of ``h_prev`` that TP gives a step's ``displacement`` of ``h'``:
+    :func:`gru_inverse_linearized`."""
+    return gru_inverse_linearized(displacement, h_prev, gates, solvers)
 
-    ``d_prev = z d + R_z[(h - n) d / z'] + R_r[(h W_n + b_hn)(1 - z) n' d / r'] + R_n[r (1 - z) n' d]``
 
-    where ``R_g(e) = e W_g^T (W_g W_g^T + reg I)^-1`` inverts the gate's state map by ridge
-    regression, ``r' = r (1 - r)`` and ``z'`` are the sigmoid gates' derivatives (each gate
-    clipped to [1e-3, 1 - 1e-3] first, as the authors do) and ``n' = 1 - n^2``. Each path from
-    ``h`` to ``h'`` contributes: the sigmoid gates' derivatives are divided out (inverted), the
-    other factors multiply (as the transpose would), and the direct path ``z h`` has no kernel
-    to invert. [recon] the per-gate split is the authors' code's; the paper's text was not
-    available.
-    """
-    solve_r, solve_z, solve_n = solvers
-    r, z, n, state_n = gates
-    clip = lambda g: jnp.clip(g, 1e-3, 1 - 1e-3)  # noqa: E731
-    through_candidate = (1 - z) * (1 - n * n) * displacement
-    return (
-      z * displacement
-      + solve_z((h_prev - n) * displacement / (clip(z) * (1 - clip(z))))
-      + solve_r(state_n * through_candidate / (clip(r) * (1 - clip(r))))
-      + solve_n(r * through_candidate)
-    )
+def gru_inverse_linearized(
+  displacement: Array, h_prev: Array, gates: GRUGates, solvers: tuple[RidgeSolver, RidgeSolver, RidgeSolver]
+) -> Array:
+  """The displacement of ``h_prev`` that TP gives a GRU step's ``displacement`` of ``h'``: the
+  per-gate linearized inverse of the TP authors' code, re-derived for the Flax and torch
+  convention (``h' = (1 - z) n + z h``; the authors' derivation is written for ``(1 - z) h + z n``).
+
+  ``d_prev = z d + R_z[(h - n) d / z'] + R_r[(h W_n + b_hn)(1 - z) n' d / r'] + R_n[r (1 - z) n' d]``
+
+  where ``R_g(e) = e W_g^T (W_g W_g^T + reg I)^-1`` inverts the gate's state map by ridge
+  regression (``solvers``, in the order r, z, n), ``r' = r (1 - r)`` and ``z'`` are the sigmoid
+  gates' derivatives (each gate clipped to [1e-3, 1 - 1e-3] first, as the authors do) and
+  ``n' = 1 - n^2``. Each path from ``h`` to ``h'`` contributes: the sigmoid gates' derivatives
+  are divided out (inverted), the other factors multiply (as the transpose would), and the
+  direct path ``z h`` has no kernel to invert. [recon] the per-gate split is the authors'
+  code's; the paper's text was not available. Serves altgrad's :class:`GRUCell` and Flax's
+  ``nnx.GRUCell`` (``b_hn = 0``).
+  """
+  solve_r, solve_z, solve_n = solvers
+  r, z, n, state_n = gates
+  through_candidate = (1 - z) * (1 - n * n) * displacement
+  return (
+    z * displacement
+    + solve_z((h_prev - n) * displacement / gate_slope(z))
+    + solve_r(state_n * through_candidate / gate_slope(r))
+    + solve_n(r * through_candidate)
+  )
+
+
+def gate_slope(gate: Array) -> Array:
+  """A sigmoid gate's slope ``g (1 - g)``, the gate clipped to [1e-3, 1 - 1e-3] first (as the TP
+  authors do), so that dividing by it stays finite."""
+  gate = jnp.clip(gate, 1e-3, 1 - 1e-3)
+  return gate * (1 - gate)
 
 
 class GRU(_Recurrent):

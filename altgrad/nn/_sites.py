@@ -93,6 +93,7 @@ class _Pass:
   replaced: tuple[int, Array] | None = None
   stop_at: int | None = None
   inside: bool = False  # a site call is computing: a site called within it is part of it
+  rnn_outputs: bool = False  # each nnx.RNN's output is tapped too (target propagation's states)
 
 
 class Reached(Exception):  # noqa: N818  (control flow, not an error)
@@ -138,6 +139,7 @@ def tapping(
   stop_site_params: bool = False,
   replaced: tuple[int, Array] | None = None,
   stop_at: int | None = None,
+  rnn_outputs: bool = False,
 ) -> Iterator[list[Tap]]:
   """Within this context every site call adds ``perturbations[i]`` (``None``: nothing) to the
   output of the ``i``-th site call and appends a :class:`Tap` to the yielded list.
@@ -148,7 +150,8 @@ def tapping(
   ``replaced=(i, z)`` makes ``z`` the output of the ``i``-th site call, whatever its input;
   with ``stop_at=j`` the ``j``-th site call raises :class:`Reached` with its input. Together they
   give what lies between two sites as a function of the first one's output (see
-  ``PureModel.between``).
+  ``PureModel.between``). With ``rnn_outputs`` each ``nnx.RNN``'s output sequence is a tap too,
+  after its cell's (not a linear site: target propagation's states, see ``altgrad.nn._cells``).
   """
   if getattr(_ACTIVE, "current", None) is not None:
     raise RuntimeError("a tapped pass is already running in this thread")
@@ -158,6 +161,7 @@ def tapping(
     _trace_state(),
     replaced=replaced,
     stop_at=stop_at,
+    rnn_outputs=rnn_outputs,
   )
   _ACTIVE.current = current
   try:
@@ -168,6 +172,12 @@ def tapping(
     raise ValueError(
       f"expected {len(current.taps)} perturbations (one per site call), got {len(current.perturbations)}"
     )
+
+
+def rnn_outputs_tapped() -> bool:
+  """Whether the running pass taps ``nnx.RNN`` outputs (see :func:`tapping`)."""
+  current = getattr(_ACTIVE, "current", None)
+  return current is not None and current.rnn_outputs and not current.inside
 
 
 def site_path(module: nnx.Module) -> Path:

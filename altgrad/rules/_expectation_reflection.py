@@ -243,8 +243,8 @@ def _check_chain(chain: Chain, outputs: Any) -> None:
       f"layer's output unchanged (logits), but something follows {chain.describe(len(chain.taps) - 1)}"
     )
   for index, link in enumerate(chain.links):
-    if not link.invertible or link.activation.name != "tanh":
-      what = link.blocker if link.blocker is not None else f"activation {link.activation.name!r}"
+    if not link.invertible or link.activation.name != "tanh" or link.selects:
+      what = link.blocker or ("a selection of units (a slice)" if link.selects else f"activation {link.activation.name!r}")
       raise SiteError(
         f"multilayer expectation_reflection reflects hidden fields through tanh, but between {chain.describe(index)} "
         f"and {chain.describe(index + 1)} lies {what}: use tanh followed at most by reshapes"

@@ -24,6 +24,7 @@ from altgrad import _mesh
 from altgrad._lapack import single_threaded_lapack
 from altgrad.nn import GRU, PureModel, SimpleRNN
 from altgrad.nn._base import at_step, check_number
+from altgrad.nn._cells import INVERTIBLE_CELLS, CellSteps, cell_steps, check_invertible_cell
 from altgrad.nn._chain import (
   CG_ITERATIONS,
   Chain,
@@ -32,9 +33,9 @@ from altgrad.nn._chain import (
   site_inverse,
   transpose_at,
 )
-from altgrad.nn._intercept import site_modules
+from altgrad.nn._intercept import describe_site, site_modules
 from altgrad.nn._matrix_form import linear_map
-from altgrad.nn._sites import SiteError
+from altgrad.nn._sites import SiteError, tapping
 from altgrad.rules._common import (
   ApplyFn,
   Common,
@@ -244,7 +245,11 @@ def _check_model(model: nnx.Module, mode: Mode) -> int:
         "needs a whole-cell inverse it does not have: use mode='linearized'"
       )
     return 1
+  recurrent = _check_recurrence(model, mode)
   sites = [model.cell] if isinstance(model, SimpleRNN) else [m for _, m in site_modules(model)]
+  if recurrent is not None:  # the RNN's states are one hidden layer; its cell's layers are not
+    cell = (*recurrent[0], "cell")
+    sites = [recurrent[1].cell] + [m for p, m in site_modules(model) if p[: len(cell)] != cell]
   if not isinstance(model, SimpleRNN) and len(sites) < 2:
     raise ValueError("target_propagation needs at least one hidden layer below the output layer")
   hidden = sites if isinstance(model, SimpleRNN) else sites[:-1]
@@ -257,6 +262,31 @@ def _check_model(model: nnx.Module, mode: Mode) -> int:
         + ("" if isinstance(model, SimpleRNN) else ", or mode='linearized' (the layer's linearization)")
       )
   return 1 if isinstance(model, SimpleRNN) else len(hidden)
+
+
+def _check_recurrence(model: nnx.Module, mode: Mode) -> tuple[Any, nnx.RNN] | None:
+  """``(path, rnn)`` of the model's ``nnx.RNN`` if it has one TP can invert, None if it has
+  none; an error naming the RNN or cell and what works otherwise."""
+  rnns = [(tuple(p), m) for p, m in nnx.iter_modules(model) if isinstance(m, nnx.RNN)]
+  for path, cell in nnx.iter_modules(model):
+    if isinstance(cell, nnx.RNN) or not isinstance(cell, INVERTIBLE_CELLS):
+      continue
+    if not any(tuple(path)[:-1] == p for p, _ in rnns):
+      raise SiteError(
+        f"target_propagation carries targets back in time through a cell that nnx.RNN scans; {describe_site(tuple(path), cell)} "
+        "is stepped by the model's own code: wrap it, nnx.RNN(cell), or use backprop, consequentialism or node_perturbation"
+      )
+  if not rnns:
+    return None
+  if len(rnns) > 1:
+    raise SiteError(
+      f"target_propagation inverts one nnx.RNN at the bottom of the model; {type(model).__name__} has "
+      f"{len(rnns)} ({', '.join(describe_site(p, m) for p, m in rnns)}; nnx.Bidirectional is two): use backprop, "
+      "consequentialism or node_perturbation for this model"
+    )
+  path, rnn = rnns[0]
+  check_invertible_cell(rnn.cell, "/".join(map(str, (*path, "cell"))), mode)
+  return path, rnn
 
 
 def _recurrent_step(view: PureModel, params, x, targets, loss, settings: _Settings):
@@ -274,19 +304,23 @@ def _recurrent_step(view: PureModel, params, x, targets, loss, settings: _Settin
 
 def _step(view: PureModel, params, x, targets, loss, settings: _Settings):
   """This device's part of the update, the hidden states' displacements, how many of them the
-  guard changed, the taps, and this device's part of the mean loss, of one TP step."""
+  guard changed, the taps of the linear layers, and this device's part of the mean loss, of one
+  TP step: on a chain of layers, with an ``nnx.RNN`` at its bottom or not."""
   bound = view.bind(params)
   if isinstance(bound, GRU):
     return _gru_step(view, params, x, targets, loss, settings)
   if isinstance(bound, SimpleRNN):
     return _recurrent_step(view, params, x, targets, loss, settings)
+  recurrent = any(isinstance(m, nnx.RNN) for _, m in nnx.iter_modules(bound))
+  view = view.with_rnn_outputs() if recurrent else view
 
   def forward(perturbations, params):
     tapped = view.tapped(params, x, perturbations, stop_site_params=True)
     return (_mean_loss(loss, tapped.outputs, targets), tuple(t.preact for t in tapped.taps)), tapped.taps
 
   (mean, preacts), pull_back, taps = jax.vjp(forward, view.zero_perturbations(params, x), params, has_aux=True)
-  chain = chain_of(view, params, x, taps, "target_propagation")
+  start = _recurrence_start(view, params, taps) if recurrent else 0
+  chain = chain_of(view, params, x, taps, "target_propagation", start=start)
   nothing = tuple(jnp.zeros_like(z) for z in preacts)
   # dL/dz at the last site, and the loss gradient of the params outside sites (the rest is dead code)
   down, free_gradient = pull_back((jnp.ones_like(mean), nothing))
@@ -294,16 +328,92 @@ def _step(view: PureModel, params, x, targets, loss, settings: _Settings):
   to_inputs = transpose_at(lambda h: linear_map(chain.modules[-1], h), taps[-1].inputs)
   first = -settings.lr_target * to_inputs(top_error)  # displacement of the last site's input
   displacements, clipped = _chain_displacements(chain, first, settings)
-  local = [-link.vjp(tap.preact, d) for link, tap, d in zip(chain.links, taps[:-1], displacements, strict=True)]
+  local = [-link.vjp(tap.preact, d) for link, tap, d in zip(chain.links, chain.taps[:-1], displacements, strict=True)]
+  sites = taps
+  if recurrent:  # the RNN's outputs: its states, displaced back in time by the cell's inverse
+    cell = view.modules(params)[(*taps[start].path, "cell")]
+    steps = cell_steps(cell, {tap.path[-1]: tap for tap in taps[:start]})
+    states, count = _state_displacements(steps, _through_link(chain, 0, displacements[0], settings), settings)
+    displacements, clipped, local[0] = [states, *displacements[1:]], clipped + count, -states
+    sites = (*taps[:start], *taps[start + 1 :])
   if settings.update == "through_time":
-    errors, _ = pull_back((jnp.zeros_like(mean), (*local, jnp.zeros_like(top_error))))
-    errors = (*errors[:-1], top_error)
+    errors, _ = pull_back((jnp.zeros_like(mean), (*nothing[:start], *local, jnp.zeros_like(top_error))))
+    errors = (*errors[:start], *errors[start + recurrent : -1], top_error)
+  elif recurrent:  # each step's own error, at the carry it started from
+    errors = (*_one_step_errors(cell, steps, taps[:start], local[0]), *local[1:], top_error)
   else:
     errors = (*local, top_error)
-  updates = view.updates_from_errors(params, taps, errors)
+  updates = view.updates_from_errors(params, sites, errors)
   if settings.free_params == "gradient":
     updates = optax.tree.add(updates, free_gradient)
-  return updates, displacements, clipped, taps, mean
+  return updates, displacements, clipped, sites, mean
+
+
+def _through_link(chain: Chain, index: int, d: Array, settings: _Settings) -> Array:
+  """The displacement of site ``index``'s output for a displacement ``d`` of the next site's
+  input, through the link alone (from an ``nnx.RNN``'s outputs to the layer above): by its
+  exact inverse where it has one (a selection, ``h[:, -1]``, by its transpose), else,
+  linearized, by the regularized least squares of its Jacobian."""
+  link, tap = chain.links[index], chain.taps[index]
+  if link.invertible:
+    output, step = link.activation(tap.preact), link.unstructure(d, tap.preact)
+    if settings.mode == "linearized":
+      return step * link.activation.inverse_derivative(output)
+    return link.activation.inverse(output + step) - link.activation.inverse(output)
+  if settings.mode != "linearized":
+    raise SiteError(
+      f"target_propagation mode {settings.mode!r} inverts every layer, but between {chain.describe(index)} and "
+      f"{chain.describe(index + 1)} lies {link.blocker}, which has no inverse: use mode='linearized'"
+    )
+  _, link_jvp = jax.linearize(link.apply, tap.preact)
+  transpose = transpose_at(link.apply, tap.preact)
+  return regularized_least_squares(link_jvp, transpose, d, settings.reg, coupled=chain.coupled, iterations=settings.iterations)
+
+
+def _state_displacements(steps: CellSteps, own: Array, settings: _Settings) -> tuple[Array, Array]:
+  """The displacements of an ``nnx.RNN``'s states ``h_1..h_T`` (batch, time, hidden), each
+  step's ``own`` (from the layers above) plus what the cell's inverse carries back from the step
+  after it (:func:`_sweep_back`), and how many the guard changed."""
+  own, count = _guard(own, settings.max_rms)
+  hidden = own.shape[-1]
+  if steps.width > 1:  # the layers above read the state; the memory beside it starts undisplaced
+    own = jnp.concatenate([jnp.zeros((*own.shape[:-1], (steps.width - 1) * hidden), own.dtype), own], axis=-1)
+  solvers = steps.solvers(settings.reg)
+  sequence = jax.tree.map(lambda a: jnp.swapaxes(a[:, 1:], 0, 1), steps.steps(settings.mode))
+  carry_back = lambda d, step: steps.carry_back(d, step, solvers, settings.mode)  # noqa: E731
+  carried, swept, _ = _sweep_back(carry_back, own, sequence, settings.max_rms)
+  return carried[..., -hidden:], count + swept
+
+
+def _one_step_errors(cell: nnx.Module, steps: CellSteps, taps, cotangent: Array) -> tuple[Array, ...]:
+  """The errors at the cell's layers of ``cotangent`` on each step's state, each step on its own
+  from the carry it started from (the local update's)."""
+  flat = lambda a: a.reshape(-1, *a.shape[2:])  # noqa: E731  (batch and time as one axis)
+  carry, x = jax.tree.map(flat, steps.carry_before()), flat(steps.inputs)
+
+  def step(perturbations):
+    with tapping(perturbations):
+      return cell(carry, x)[1]
+
+  out, pull_back = jax.vjp(step, tuple(jnp.zeros_like(flat(t.preact)) for t in taps))
+  (errors,) = pull_back(flat(cotangent).astype(out.dtype))
+  return tuple(e.reshape(t.preact.shape) for e, t in zip(errors, taps, strict=True))
+
+
+def _recurrence_start(view: PureModel, params, taps) -> int:
+  """Where the model's ``nnx.RNN``'s output tap is, after its cell's layers' taps: TP inverts an
+  RNN at the bottom of the model (on its inputs, or an embedding's), the layers above as a chain."""
+  modules = view.modules(params)
+  start = next(i for i, t in enumerate(taps) if isinstance(modules.get(t.path), nnx.RNN))
+  cell = (*taps[start].path, "cell")
+  for tap in taps[:start]:
+    if tap.path[:-1] != cell or not tap.steps:
+      raise SiteError(
+        f"target_propagation inverts an nnx.RNN at the bottom of the model (on its inputs or an embedding's), "
+        f"but {describe_site(tap.path, modules[tap.path])} runs below it: use backprop, consequentialism or "
+        "node_perturbation for this model"
+      )
+  return start
 
 
 def target_displacements(
