@@ -14,6 +14,7 @@ from conftest import make_rule
 from flax import nnx
 
 from altgrad import losses, nn, rules
+from altgrad.nn._sites import SiteError
 
 CE = losses.softmax_cross_entropy
 RULE_NAMES = sorted(rules.RULES)
@@ -274,7 +275,7 @@ def test_a_layer_under_a_raw_jax_transform_counts_as_params_outside_sites():
   for model, x, y, loss, inside in cases:
     params = nnx.state(model, nnx.Param)
     gradient = _jax_grad(model, lambda m, x=x, y=y, loss=loss: jnp.mean(loss(m(x), y)))
-    with pytest.warns(nn.SiteWarning, match=f"Linear at {inside} runs inside a JAX transform"):
+    with pytest.warns(nn.SiteWarning, match=f"Linear at {inside} is called inside a JAX transformation in the model.s own code, where a rule cannot tap it; NNX.s transforms"):
       backprop, _ = _jit_update(rules.backprop(model, loss), params, (x, y))
     _close(backprop, gradient, atol=1e-6)
     with warnings.catch_warnings():
@@ -388,3 +389,121 @@ def test_vmapped_init_gives_each_run_its_own_noise_key():
   updates, _ = jax.jit(jax.vmap(lambda p, s: tx.update(None, s, p, batch=(x, jnp.arange(16) % 3))))(same_params, states)
   kernel = updates["layers"][0]["kernel"][...]
   assert not np.allclose(kernel[0], kernel[1])  # the same params, other noise
+
+
+class TextCNN(nnx.Module):
+  """The JAX AI stack's text classifier, small: an embedding, two strided convolutions each
+  under a LayerNorm and relu, max pooling over positions, two dense layers, dropout."""
+
+  def __init__(self, rngs):
+    self.embed = nnx.Embed(32, 8, rngs=rngs)
+    self.dropout = nnx.Dropout(0.5, rngs=rngs)
+    self.conv1, self.norm1 = nnx.Conv(8, 8, 4, strides=2, rngs=rngs), nnx.LayerNorm(8, rngs=rngs)
+    self.conv2, self.norm2 = nnx.Conv(8, 8, 4, strides=2, rngs=rngs), nnx.LayerNorm(8, rngs=rngs)
+    self.fc1, self.fc2 = nnx.Linear(8, 8, rngs=rngs), nnx.Linear(8, 2, rngs=rngs)
+
+  def __call__(self, tokens):
+    x = self.dropout(self.embed(tokens))
+    x = nnx.relu(self.norm1(self.conv1(x)))
+    x = nnx.relu(self.norm2(self.conv2(x)))
+    x = nnx.max_pool(x, window_shape=(x.shape[1],)).reshape(x.shape[0], -1)
+    return self.fc2(self.dropout(nnx.relu(self.fc1(x))))
+
+
+@pytest.mark.parametrize("rule_name", RULE_NAMES)
+def test_every_param_of_a_text_cnn_moves_or_the_rule_says_why(rule_name):
+  """The embedding and the LayerNorms' scales and biases are params outside linear layers: every
+  rule moves them (TP by the loss gradient, free_params='gradient'), or refuses (ER)."""
+  model = TextCNN(nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  batch = {"text": jnp.asarray(np.random.default_rng(0).integers(1, 32, (8, 16)), jnp.int32), "label": jnp.arange(8) % 2}
+  tx = make_rule(rule_name, model, unpack=lambda b: (b["text"], b["label"]))
+  if rule_name == "er":
+    with pytest.raises(SiteError, match=r"lies norm1 \(flax.LayerNorm\)"):
+      _jit_update(tx, params, batch)
+    return
+  updates, _ = _jit_update(tx, params, batch)
+  chex.assert_tree_all_finite(updates)
+  moved = {"/".join(map(str, path)): float(jnp.max(jnp.abs(u))) for path, u in nnx.to_flat_state(nnx.State(updates))}
+  assert all(size > 0 for size in moved.values()), moved
+  if rule_name == "tp":  # the embedding and norms get backprop's gradient
+    gradient, _ = _jit_update(make_rule("backprop", model, unpack=lambda b: (b["text"], b["label"])), params, batch)
+    for name in ("embed", "norm1", "norm2"):
+      _close(updates[name], gradient[name], atol=1e-6)
+
+
+class EmbeddedChain(nnx.Module):
+  """A tanh chain on token embeddings, called with two inputs: the tokens and a scale."""
+
+  def __init__(self, rngs):
+    self.embed = nnx.Embed(32, 6, rngs=rngs)
+    self.hidden = nnx.Linear(6, 8, rngs=rngs)
+    self.head = nnx.Linear(8, 3, rngs=rngs)
+
+  def __call__(self, tokens, scale):
+    return self.head(jnp.tanh(self.hidden(scale[:, None] * self.embed(tokens).mean(axis=1))))
+
+
+def test_target_propagation_and_er_call_a_model_of_two_inputs_and_er_refuses_an_embedding():
+  """``apply=`` reaches TP and ER as every other rule: TP's readout update is backprop's and the
+  embedding gets the loss gradient; ER has no update for the embedding and says so, and with the
+  layers' params alone (NNX's wrt=) it refits them."""
+  model = EmbeddedChain(nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  batch = {"tokens": jnp.asarray(rng.integers(0, 32, (8, 5)), jnp.int32), "scale": jnp.linspace(0.5, 1.5, 8), "label": jnp.arange(8) % 3}
+  options = dict(apply=lambda m, x, rngs: m(*x), unpack=lambda b: ((b["tokens"], b["scale"]), b["label"]))
+  params = nnx.state(model, nnx.Param)
+  tp, _ = _jit_update(make_rule("tp", model, **options), params, batch)
+  bp, _ = _jit_update(make_rule("backprop", model, **options), params, batch)
+  _close(tp["head"], bp["head"], atol=1e-6)
+  _close(tp["embed"], bp["embed"], atol=1e-6)
+  er = make_rule("er", model, **options)
+  with pytest.raises(SiteError, match=r"^expectation_reflection has no update for params outside linear layers .*They are embed/embedding"):
+    _jit_update(er, params, batch)
+  layers = nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.PathContains("embed"))))
+  refit, _ = _jit_update(er, layers, batch)
+  assert set(refit) == {"hidden", "head"} and float(jnp.max(jnp.abs(refit["head"]["kernel"][...]))) > 0
+
+
+class BatchNormed(nnx.Module):
+  def __init__(self, rngs):
+    self.layers = nnx.List([nnx.Linear(6, 6, rngs=rngs) for _ in range(4)])
+    self.norms = nnx.List([nnx.BatchNorm(6, rngs=rngs) for _ in range(4)])
+    self.dropout = nnx.Dropout(0.1, rngs=rngs)
+    self.head = nnx.Linear(6, 3, rngs=rngs)
+
+  def __call__(self, x):
+    for layer, norm in zip(self.layers, self.norms, strict=True):
+      x = self.dropout(jnp.tanh(norm(layer(x))))
+    return self.head(x)
+
+
+def test_refusals_say_what_works_within_their_first_200_characters():
+  """A refusal names the problem and the fix first; details (names of variables, layers) after."""
+  ce = losses.softmax_cross_entropy
+  mlp = nn.MLP((6, 4, 3), rngs=nnx.Rngs(0))
+  normed = BatchNormed(nnx.Rngs(0))
+  tokens = (jnp.zeros((2, 5), jnp.int32), jnp.ones(2)), jnp.zeros(2, jnp.int32)
+  rnn = nnx.Sequential(nnx.RNN(nnx.GRUCell(3, 4, rngs=nnx.Rngs(0))), lambda h: h[:, -1], nnx.Linear(4, 3, rngs=nnx.Rngs(0)))
+
+  def first_update(tx, params, batch):
+    return tx.update(None, tx.init(params), params, batch=batch)
+
+  cases = [
+    (lambda: nnx.Optimizer(normed, rules.backprop(normed, ce), wrt=nnx.Param), "use altgrad.Optimizer(model, tx"),
+    (
+      lambda: first_update(rules.node_perturbation(mlp, lambda o, t: jnp.mean(ce(o, t))), nnx.state(mlp, nnx.Param), (jnp.ones((2, 6)), jnp.zeros(2, jnp.int32))),
+      "return the per-example losses",
+    ),
+    (lambda: first_update(rules.backprop(mlp, ce), nnx.state(mlp, nnx.Param), _images()), "unpack=lambda batch"),
+    (lambda: rules.expectation_reflection(rnn, data_size=8), "use target_propagation"),
+    (
+      lambda: first_update(make_rule("er", EmbeddedChain(nnx.Rngs(0)), apply=lambda m, x, rngs: m(*x)), nnx.state(EmbeddedChain(nnx.Rngs(0)), nnx.Param), tokens),
+      "give the rule the layers' params only",
+    ),
+  ]
+  for make, fix in cases:
+    with pytest.raises((TypeError, ValueError)) as raised:
+      make()
+    message = str(raised.value)
+    assert fix in message[:200], message

@@ -129,8 +129,9 @@ def chain_of(
   for i, path in enumerate(paths):
     if path in paths[:i]:
       raise SiteError(
-        f"{rule} inverts a chain of layers, but {describe_site(path, modules[path])} is called more than "
-        "once (shared weights): give each call its own layer"
+        f"{rule} inverts each layer of a chain once, but {describe_site(path, modules[path])} is called more than "
+        "once: give each call its own layer (shared weights), or scan a recurrent cell with nnx.RNN(cell), "
+        "which target_propagation inverts through time"
       )
   links = tuple(_read_link(view, params, inputs, taps, i, modules, rule, offset) for i in range(len(taps) - 1))
   return Chain(tuple(modules[p] for p in paths), tuple(taps), links, view.batch_coupled)
@@ -149,9 +150,9 @@ def _read_link(view, params, inputs, taps, index, modules, rule, offset) -> Link
     here = describe_site(taps[index + 1].path, modules[taps[index + 1].path])
     below = describe_site(taps[index].path, modules[taps[index].path])
     raise SiteError(
-      f"{rule} inverts a chain of layers, each taking the one before's output alone; the input of {here} "
-      f"is not a function of {below}'s output alone (a skip or residual connection, or a branch). "
-      "Models that are chains: nnx.Sequential or a module whose __call__ applies linear layers one after "
+      f"{rule} needs a chain of layers, but the input of {here} is not a function of {below}'s output alone "
+      "(a skip or residual connection, or a branch): use backprop, consequentialism or node_perturbation on "
+      "this model. Chains are nnx.Sequential, or a module whose __call__ applies linear layers one after "
       "another with elementwise activations, pooling and reshapes between them"
     )
   needed = _needed(jaxpr)

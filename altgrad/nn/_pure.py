@@ -158,8 +158,12 @@ class PureModel:
     return nnx.from_flat_state([(path, after[path]) for path, _ in nnx.to_flat_state(self.variables)])
 
   def bind(self, params: Any) -> nnx.Module:
-    """The model with ``params`` (traceable: use it inside jitted code)."""
-    return nnx.merge(self.graphdef, params, self.variables, copy=True)
+    """The model with ``params`` (traceable: use it inside jitted code). Params neither given
+    nor among the view's variables (a part of the params given outside a rule's step, where the
+    state's variables carry the rest) take their values from when the view was built."""
+    held = given_paths(params) | {path for path, _ in nnx.to_flat_state(self.variables)}
+    rest = [(path, value) for path, value in nnx.to_flat_state(self._params) if path not in held]
+    return nnx.merge(self.graphdef, params, nnx.from_flat_state(rest), self.variables, copy=True)
 
   def modules(self, params: Any) -> dict[Path, nnx.Module]:
     """The bound model's modules by path: where a tap's ``path`` leads."""

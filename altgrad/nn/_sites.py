@@ -238,11 +238,10 @@ def _warn_untapped(module: nnx.Module) -> None:
   not leave the transform): its params are then params outside sites, which every rule still
   updates. Said once per place, as Python's warnings are."""
   warnings.warn(
-    f"altgrad: {type(module).__name__} at {'/'.join(map(str, site_path(module))) or 'the top'} runs inside "
-    "a JAX transform of the model's own code (jax.checkpoint, jax.lax.scan, jax.vmap), so it is not "
-    "a site: its params are treated as params outside sites (their exact gradient in backprop and "
-    "consequentialism, weight perturbation in node perturbation). The NNX transforms (nnx.remat, "
-    "nnx.scan, nnx.vmap) keep it a site",
+    f"altgrad: {type(module).__name__} at {'/'.join(map(str, site_path(module))) or 'the top'} is called "
+    "inside a JAX transformation in the model's own code, where a rule cannot tap it; NNX's transforms "
+    "(nnx.remat, nnx.scan, nnx.vmap) keep a layer a site. Until then its params are params outside "
+    "sites: backprop and consequentialism give them their gradient, node perturbation perturbs them",
     SiteWarning,
     stacklevel=4,
   )

@@ -265,12 +265,13 @@ class Rule:
       if frame.f_code is _OPTIMIZER_INIT:
         owner = frame.f_locals.get("self")
         if not getattr(type(owner), "writes_model_variables", False) and jax.tree.leaves(self.pure.variables):
-          paths = ", ".join("/".join(map(str, p)) for p, _ in nnx.to_flat_state(self.pure.variables))
+          paths = ["/".join(map(str, p)) for p, _ in nnx.to_flat_state(self.pure.variables)]
           raise TypeError(
-            f"{self.name}: this model has variables besides its params ({paths}) that each step "
-            "advances (BatchNorm statistics, RNG counts, decorrelation); nnx.Optimizer would leave "
-            "them stale in the model. Use altgrad.Optimizer(model, tx, wrt=nnx.Param), which "
-            "writes them back, with the same update(model, None, batch=...)"
+            f"{self.name}: use altgrad.Optimizer(model, tx, wrt=nnx.Param), with the same "
+            "update(model, None, batch=...): each step advances this model's variables besides its "
+            "params (BatchNorm statistics, RNG counts, decorrelation), which nnx.Optimizer would leave "
+            f"stale in the model and altgrad.Optimizer writes back. They are {', '.join(paths[:4])}"
+            + (f" and {len(paths) - 4} more" if len(paths) > 4 else "")
           )
         return
       frame = frame.f_back

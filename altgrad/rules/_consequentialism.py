@@ -144,10 +144,12 @@ def consequentialism(
   Args:
     model: any Flax NNX model. Emended sites: ``nnx.Linear``, ``nnx.LinearGeneral`` without
       batch axes (attention's query/key/value/out), ``nnx.Conv`` (ungrouped, unmasked,
-      SAME/VALID/explicit padding) and altgrad's Dense, Conv and SimpleRNN cell; a layer called
-      twice stacks the rows of its calls. Other sites (ConvTranspose, Einsum, LoRA, grouped
-      convs, a stack of layers under ``nnx.scan``) and params outside any site (norm scales,
-      embeddings) get the plain gradient.
+      SAME/VALID/explicit padding), LoRA layers (the base and ``(x A) B`` as one layer, ``A``
+      with the error ``D B^T``), Flax's recurrent cells (the layers that add into one
+      pre-activation as one layer, on every step) and altgrad's Dense, Conv and SimpleRNN cell;
+      a layer called twice stacks the rows of its calls (docs/rules/consequentialism.rst).
+      Other sites (ConvTranspose, Einsum, grouped convs, a stack of layers under ``nnx.scan``)
+      and params outside any site (norm scales, embeddings) get the plain gradient.
     loss_fn: ``loss_fn(outputs, targets)``, losses per example (see :func:`backprop`).
     eps: the ridge (``lam`` of the spec), relative to the mean squared input norm by default; a
       number, an array or an optax schedule of the step count.

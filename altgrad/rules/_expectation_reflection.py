@@ -215,6 +215,13 @@ def _check_model(model: nnx.Module) -> list[tuple[Any, nnx.Module]]:
   sites = site_modules(model)
   if isinstance(model, (SimpleRNN, GRU)) or not sites:
     raise not_a_chain(model, "expectation_reflection", "an altgrad.nn MLP, conv net or another chain of linear layers")
+  for path, module in nnx.iter_modules(model):
+    if isinstance(module, (nnx.RNN, nnx.RNNCellBase)):
+      raise SiteError(
+        f"expectation_reflection refits a chain of feed-forward layers, but {describe_site(tuple(path), module)} is a "
+        "recurrence: use target_propagation, which inverts it through time, or backprop, consequentialism or "
+        "node_perturbation"
+      )
   for path, module in sites:
     if kernel_layout(module) is None:
       raise SiteError(
@@ -255,12 +262,12 @@ def _check_no_free_params(view, params, taps) -> None:
   """ER refits linear layers only: a param outside them would get no update."""
   free = view.free_paths(params, taps)
   if free:
-    names = ", ".join("/".join(map(str, p)) for p in free[:3]) + (", ..." if len(free) > 3 else "")
+    names = ", ".join("/".join(map(str, p)) for p in free[:3]) + (f" and {len(free) - 3} more" if len(free) > 3 else "")
     raise SiteError(
-      f"expectation_reflection refits linear layers by least squares and has no update for params outside "
-      f"them ({names}): give the rule the layers' params only, e.g. altgrad.Optimizer(model, tx, "
-      "wrt=nnx.All(nnx.Param, nnx.Not(nnx.PathContains('embed')))), or train those params with another "
-      "rule through altgrad.rules.partition"
+      "expectation_reflection has no update for params outside linear layers (it refits each layer by least "
+      "squares): give the rule the layers' params only, e.g. altgrad.Optimizer(model, tx, "
+      "wrt=nnx.All(nnx.Param, nnx.Not(nnx.PathContains('embed')))), or train the others with another rule "
+      f"through altgrad.rules.partition. They are {names}"
     )
 
 
