@@ -266,7 +266,7 @@ def test_bench_suites_are_well_formed():
     assert len({r.name for r in runs}) == len(runs), f"{name}: two runs with one name"
     assert all(r.rule in _bench.BENCH_RULES for r in runs)
   assert {r.rule for r in _bench.SUITES["smoke"]()} == set(rules.RULES)
-  assert len(_bench.SUITES["all"]()) == sum(len(_bench.SUITES[s]()) for s in ("cw", "np", "tp", "er", "models", "conv"))
+  assert len(_bench.SUITES["all"]()) == sum(len(_bench.SUITES[s]()) for s in ("cw", "np", "tp", "rnn", "er", "models", "conv"))
   conv = _bench.SUITES["conv"]()  # one conv net, every kind of rule, plain and decorrelated
   assert {(r.rule, r.decorrelation_lr is None) for r in conv if r.model == "conv"} >= {
     (rule, True) for rule in ("backprop", "consequentialism", "anp", "tp", "er")

@@ -22,7 +22,7 @@ OPTIMIZERS = {
   "rmsprop": optax.rmsprop,
   "adam": optax.adam,
 }
-MODELS = ("auto", "mlp", "conv", "cnn", "rnn", "gru", "resnet", "transformer")
+MODELS = ("auto", "mlp", "conv", "cnn", "rnn", "gru", *_zoo.FLAX_CELLS, "resnet", "transformer")
 KERNEL_INITS = {
   "lecun_normal": nnx.initializers.lecun_normal,
   "he_normal": nnx.initializers.he_normal,
@@ -64,7 +64,9 @@ def build_model(
 ):
   """The model `compare` trains: an MLP for flat inputs, a SimpleRNN (or, as ``gru``, a GRU)
   for sequences, a small conv net for images; or an ordinary NNX model of the user's kind (no altgrad layers): a
-  ``cnn`` (altgrad's conv net in plain NNX), a
+  ``cnn`` (altgrad's conv net in plain NNX), Flax's ``nnx.RNN`` over its ``SimpleCell``,
+  ``GRUCell`` or ``LSTMCell`` (``flax_rnn``, ``flax_gru``, ``flax_lstm``) with a readout of the
+  last output, a
   ``resnet`` (width ``hidden[0]``, ``len(hidden)`` residual blocks) for images, a
   ``transformer`` (width ``hidden[0]``, ``len(hidden)`` blocks, a head tied to the token
   embedding) for token sequences whose classes are tokens. ``kernel_init`` names the
@@ -76,7 +78,7 @@ def build_model(
     kind = {1: "mlp", 2: "rnn", 3: "conv"}.get(len(shape), "mlp")
   if decorrelation_lr is None and decorrelation_sample != 1.0:
     raise ValueError("--decorrelation-sample sets how the decorrelation update samples a batch: it needs --decorrelation-lr")
-  if decorrelation_lr is not None and kind in ("rnn", "gru"):
+  if decorrelation_lr is not None and kind in ("rnn", "gru", *_zoo.FLAX_CELLS):
     raise ValueError(
       f"--decorrelation-lr decorrelates the inputs of linear layers; the {kind} model's recurrent cells "
       "have no decorrelating matrix (use --model mlp, conv, resnet or transformer)"
@@ -104,6 +106,10 @@ def _undecorrelated_model(dataset, kind, hidden, activation, rngs, init):
     if len(shape) != 1 or not np.issubdtype(dataset.x_train.dtype, np.integer):
       raise ValueError(f"--model transformer needs token sequences (int ids); {dataset.name} has {shape}")
     return _zoo.Transformer(out, shape[0], width=hidden[0], depth=len(hidden), rngs=rngs)
+  if kind in _zoo.FLAX_CELLS:
+    if len(shape) != 2:
+      raise ValueError(f"--model {kind} needs sequences (time, features); {dataset.name} has inputs {shape}")
+    return _zoo.FlaxRNN(kind, shape[1], hidden[0], out, rngs=rngs)
   if kind in ("rnn", "gru"):
     if len(shape) != 2:
       raise ValueError(f"--model {kind} needs sequences (time, features); {dataset.name} has inputs {shape}")

@@ -104,6 +104,10 @@ def cases() -> list[Case]:
   for length, features, classes, batch in ((60, 6, 4, 20), (120, 6, 4, 20), (784, 1, 10, 16)):
     shape = _shape(f"RNN 100, T={length}", "rnn", (length, features), classes, batch, (100,))
     found += [Case(shape, "backprop"), Case(shape, "tp", (("reg", 1.0),))]
+  for length in (60, 120):  # TP on Flax's nnx.RNN against BPTT, beside altgrad's own cells
+    for kind, name in (("flax_rnn", "nnx.RNN(SimpleCell)"), ("gru", "GRU"), ("flax_gru", "nnx.RNN(GRUCell)"), ("flax_lstm", "nnx.RNN(LSTMCell)")):
+      shape = _shape(f"{name} 100, T={length}", kind, (length, 6), 4, 20, (100,))
+      found += [Case(shape, "backprop"), Case(shape, "tp", (("reg", 1.0),))]
   user_models = (  # the user-model path (TP needs altgrad layers), decorrelated by nn.decorrelate
     _shape("NNX ResNet 16x1 (BatchNorm, dropout) on 28x28", "resnet", (28, 28, 1), 10, 128, (16,), "relu"),
     _shape("NNX transformer 32x2 on 16 tokens", "transformer", (16,), 8, 64, (32, 32), "gelu", tokens=True),

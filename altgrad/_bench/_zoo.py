@@ -52,6 +52,22 @@ class CNN(nnx.Module):
     return self.dense[-1](h)
 
 
+#: Flax's recurrent cells by the name of the model kind that scans them (``--model flax_gru``).
+FLAX_CELLS = {"flax_rnn": nnx.SimpleCell, "flax_gru": nnx.GRUCell, "flax_lstm": nnx.LSTMCell}
+
+
+class FlaxRNN(nnx.Module):
+  """Flax's own recurrent API as a user writes it: ``nnx.RNN`` over one of Flax's cells on
+  sequences ``(batch, time, features)``, and a linear readout of the last output."""
+
+  def __init__(self, cell: str, features: int, hidden: int, classes: int, *, rngs: nnx.Rngs):
+    self.rnn = nnx.RNN(FLAX_CELLS[cell](features, hidden, rngs=rngs))
+    self.head = nnx.Linear(hidden, classes, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(self.rnn(x)[:, -1])
+
+
 class ResidualBlock(nnx.Module):
   """conv-BN-relu-conv-BN plus the identity, then relu."""
 

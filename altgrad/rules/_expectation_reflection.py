@@ -225,8 +225,10 @@ def _check_model(model: nnx.Module) -> list[tuple[Any, nnx.Module]]:
   for path, module in sites:
     if kernel_layout(module) is None:
       raise SiteError(
-        f"expectation_reflection refits every layer by least squares on its inputs, but {describe_site(path, module)} "
-        "is not a product of its input features (a grouped, masked or input-dilated conv, an Einsum, a transposed conv)"
+        f"expectation_reflection refits every layer's matrix by least squares on its inputs, but {describe_site(path, module)} "
+        "is not one matrix on its input features (a LoRA layer's low-rank factors, a grouped, masked or "
+        "input-dilated conv, an Einsum, a transposed conv): use target_propagation, backprop, consequentialism "
+        "or node_perturbation on this model"
       )
     if getattr(module, "bias", None) is None:
       raise ValueError(
