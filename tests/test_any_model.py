@@ -1,5 +1,7 @@
 """Every rule on ordinary Flax NNX models, written as a user would (altgrad._zoo: no altgrad layers)."""
 
+import warnings
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -143,7 +145,7 @@ def test_node_perturbation_mean_aligns_with_the_gradient(name, variant, samples)
     model, batch = _zoo_case(name, batch_size=2)
     model = _f64(model)
     want = _jax_grad(model, batch)
-    tx = rules.node_perturbation(model, CE, variant=variant, sigma=1e-4, samples=samples)
+    tx = rules.node_perturbation(model, CE, variant=variant, sigma=1e-4, samples=samples, free_params="perturb")
     got, _ = _update(tx, model, batch)
   assert cosine(got, want) > 0.97
 
@@ -186,6 +188,30 @@ def test_frozen_free_params_get_zero_and_the_clean_pass_owns_the_model_state():
   )
   with pytest.raises(ValueError, match="free_params must be one of"):
     rules.node_perturbation(model, CE, free_params="zero")
+
+
+@pytest.mark.parametrize("variant", ["np", "anp"])
+def test_free_params_get_their_own_pass_or_their_gradient_and_leave_the_nodes_credit_alone(variant):
+  """``free_params``: weight perturbation in a pass of its own (``"perturb"``), the loss
+  gradient (``"gradient"``) or nothing (``"frozen"``); the sites' update is the same in all three
+  (the free params' noise never enters the nodes' pass)."""
+  model, batch = _zoo_case("residual_mlp")
+  with pytest.warns(UserWarning, match=r"leaves params outside linear layers unchanged by default .* They are norm/bias, norm/scale, temperature"):
+    rules.node_perturbation(model, CE)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    rules.node_perturbation(model, CE, free_params="frozen")
+  got = {
+    choice: _update(rules.node_perturbation(model, CE, variant=variant, free_params=choice), model, batch)[0]
+    for choice in ("perturb", "gradient", "frozen")
+  }
+  want = _jax_grad(model, batch)
+  free = ("norm", "temperature")
+  for choice in ("perturb", "gradient"):
+    chex.assert_trees_all_close({k: v for k, v in got[choice].items() if k not in free}, {k: v for k, v in got["frozen"].items() if k not in free})
+  chex.assert_trees_all_close({k: got["gradient"][k] for k in free}, {k: want[k] for k in free}, atol=1e-6)
+  assert all(float(jnp.max(jnp.abs(a))) == 0 for a in jax.tree.leaves({k: got["frozen"][k] for k in free}))
+  assert all(float(jnp.max(jnp.abs(a))) > 0 for a in jax.tree.leaves({k: got["perturb"][k] for k in free}))
 
 
 @pytest.mark.parametrize("kind", ["mlp", "conv"])

@@ -281,7 +281,7 @@ def test_a_layer_under_a_raw_jax_transform_counts_as_params_outside_sites():
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", nn.SiteWarning)
       cw, _ = _jit_update(rules.consequentialism(model, loss), params, (x, y))
-      node, _ = _jit_update(rules.node_perturbation(model, loss, variant="np", sigma=1e-2), params, (x, y))
+      node, _ = _jit_update(rules.node_perturbation(model, loss, variant="np", sigma=1e-2, free_params="perturb"), params, (x, y))
     _close(cw[inside], gradient[inside], atol=1e-6)
     assert float(jnp.max(jnp.abs(node[inside]["kernel"][...]))) > 0  # weight perturbation
 
@@ -413,11 +413,19 @@ class TextCNN(nnx.Module):
 @pytest.mark.parametrize("rule_name", RULE_NAMES)
 def test_every_param_of_a_text_cnn_moves_or_the_rule_says_why(rule_name):
   """The embedding and the LayerNorms' scales and biases are params outside linear layers: every
-  rule moves them (TP by the loss gradient, free_params='gradient'), or refuses (ER)."""
+  rule moves them (TP by the loss gradient by default; node perturbation leaves them unchanged by
+  default and warns, naming them, and moves them with free_params='gradient' or 'perturb'), or
+  refuses (ER)."""
   model = TextCNN(nnx.Rngs(0))
   params = nnx.state(model, nnx.Param)
   batch = {"text": jnp.asarray(np.random.default_rng(0).integers(1, 32, (8, 16)), jnp.int32), "label": jnp.arange(8) % 2}
-  tx = make_rule(rule_name, model, unpack=lambda b: (b["text"], b["label"]))
+  unpack = lambda b: (b["text"], b["label"])  # noqa: E731
+  if rule_name in ("np", "inp", "anp"):
+    with pytest.warns(UserWarning, match="unchanged by default .* They are embed/embedding, norm1/bias, norm1/scale, norm2/bias"):
+      frozen, _ = _jit_update(make_rule(rule_name, model, unpack=unpack), params, batch)
+    assert float(jnp.max(jnp.abs(frozen["embed"]["embedding"][...]))) == 0
+  options = {"free_params": "gradient"} if rule_name in ("np", "inp", "anp") else {}
+  tx = make_rule(rule_name, model, unpack=unpack, **options)
   if rule_name == "er":
     with pytest.raises(SiteError, match=r"lies norm1 \(flax.LayerNorm\)"):
       _jit_update(tx, params, batch)
