@@ -1,5 +1,5 @@
-"""What defines a run, written down so that two runs can be compared: the model's structure, the
-optax transformation's functions and hyperparameters, the data set.
+"""What defines a run, written down so that two runs can be compared: the model's structure
+(``altgrad.nn._signature``), the optax transformation's functions and hyperparameters, the data set.
 
 A checkpoint saves these; resuming compares them with the run being resumed and refuses another
 run by listing what differs. ``fit`` also compares a rule's model with the model it is given.
@@ -18,62 +18,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from altgrad.nn._activations import Activation
+from altgrad.nn._signature import describe_value
+from altgrad.rules._common import Rule
 
-#: Module attributes that are a mode, not the model: a model in eval mode is the same model.
-_MODES = {"deterministic", "use_running_average", "training"}
 #: Beyond this many entries a description stops (a closure holding a large structure).
 _LIMIT = 4000
-
-
-def _text(value: Any) -> str | None:
-  """A short, deterministic text of a static value, or None for what is not described."""
-  if value is None or isinstance(value, (bool, int, float, str)):
-    return repr(value)
-  if isinstance(value, Activation):
-    return f"activation {value.name}"
-  if isinstance(value, (np.dtype, type(np.float32))) or (isinstance(value, type) and issubclass(value, np.generic)):
-    return str(np.dtype(value))
-  if isinstance(value, functools.partial):
-    inner = [_text(value.func), *map(_text, value.args), *(f"{k}={_text(v)}" for k, v in sorted(value.keywords.items()))]
-    return f"partial({', '.join(str(t) for t in inner)})"
-  if inspect.isfunction(value) or inspect.isbuiltin(value) or isinstance(value, type):
-    return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
-  if isinstance(value, (tuple, list)):
-    parts = [_text(v) for v in value]
-    return None if None in parts else f"({', '.join(parts)})"
-  if isinstance(value, (jax.Array, np.ndarray)) and getattr(value, "size", 0) <= 16:
-    try:
-      return repr(np.asarray(value).tolist())
-    except Exception:  # a tracer or a key: its type then
-      return f"array {getattr(value, 'dtype', '')}{tuple(getattr(value, 'shape', ()))}"
-  if isinstance(value, (jax.Array, np.ndarray)):
-    return f"array {value.dtype}{tuple(value.shape)}"
-  return None
-
-
-def model_signature(model: nnx.Module) -> dict[str, str]:
-  """Every module's class and static attributes (sizes, activations, dtypes, initializers) and
-  every param's shape and dtype, by path; the model's mode (train or eval) is not part of it."""
-  from altgrad.nn._intercept import original_class
-
-  out = {}
-  for path, module in nnx.iter_modules(model):
-    where = "/".join(map(str, path)) or "."
-    cls = original_class(module)
-    out[f"{where}:class"] = f"{cls.__module__}.{cls.__qualname__}"
-    for name, value in sorted(vars(module).items()):
-      if name.startswith("_") or name.startswith("altgrad_") or name in _MODES:
-        continue
-      if isinstance(value, (nnx.Variable, nnx.Module)):
-        continue
-      text = _text(value)
-      if text is not None:
-        out[f"{where}:{name}"] = text
-  for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    array = value.get_value() if hasattr(value, "get_value") else value
-    out[f"{'/'.join(map(str, path))}:param"] = f"{array.dtype}{tuple(array.shape)}"
-  return out
 
 
 def describe_transformation(tx: Any) -> dict[str, str]:
@@ -94,8 +43,6 @@ def rules_in(tx: Any) -> list:
 def _walk(value: Any, path: str, out: dict[str, str], seen: set[int], rules: list) -> None:
   if len(out) >= _LIMIT:
     return
-  from altgrad.rules._common import Rule
-
   if isinstance(value, Rule):
     if id(value) in seen:
       return
@@ -104,12 +51,12 @@ def _walk(value: Any, path: str, out: dict[str, str], seen: set[int], rules: lis
     out[path] = f"rule {value.name}"
     out[f"{path}.seed"] = repr(np.asarray(jax.random.key_data(value.seed)).tolist())
     for name in ("loss_fn", "unpack"):
-      out[f"{path}.{name}"] = str(_text(getattr(value, name)))
-    out[f"{path}.apply"] = str(_text(value.pure.apply))
+      out[f"{path}.{name}"] = str(describe_value(getattr(value, name)))
+    out[f"{path}.apply"] = str(describe_value(value.pure.apply))
     return
   if isinstance(value, (nnx.Module, nnx.GraphDef)) or type(value).__name__ == "PureModel":
     return  # a model is described by model_signature
-  text = _text(value)
+  text = describe_value(value)
   if text is not None and not (inspect.isfunction(value) or isinstance(value, (tuple, list, functools.partial))):
     out[path] = text
     return

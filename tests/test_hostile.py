@@ -13,7 +13,7 @@ from altgrad import losses, nn, rules
 
 CE = losses.softmax_cross_entropy
 RULE_NAMES = sorted(rules.RULES)
-UNSUPPORTED = {("tp", "conv"), ("er", "conv"), ("er", "rnn")}
+UNSUPPORTED = {("tp", "conv"), ("er", "conv"), ("er", "rnn"), *((r, "rnn") for r in ("fa", "sign", "kp", "dfa", "drtp"))}
 NEEDS_FLOAT32 = {"consequentialism", "np", "inp", "anp", "tp", "er"}
 
 

@@ -16,7 +16,7 @@ from flax import nnx
 from altgrad import data, diagnostics, losses, nn, rules, train
 from altgrad.rules._registry import OWN_STEP
 
-UNSUPPORTED = {("tp", "conv"), ("er", "conv"), ("er", "rnn")}
+UNSUPPORTED = {("tp", "conv"), ("er", "conv"), ("er", "rnn"), *((r, "rnn") for r in ("fa", "sign", "kp", "dfa", "drtp"))}
 CE = losses.softmax_cross_entropy
 
 

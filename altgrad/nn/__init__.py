@@ -10,16 +10,18 @@ mechanism that expose their activations and regularized inverses.
 from altgrad.nn._activations import ACTIVATIONS, Activation, get_activation
 from altgrad.nn._base import Layer, SingleSite
 from altgrad.nn._conv import Conv
+from altgrad.nn._crossing import stopped, through
 from altgrad.nn._decorrelation import Decorrelation, decorrelate, fold_decorrelation
 from altgrad.nn._dense import Dense
 from altgrad.nn._pure import Errors, Forward, PureModel
 from altgrad.nn._recurrent import GRU, GRUCell, GRUGates, RNNCell, SimpleRNN
 from altgrad.nn._sequential import MLP, Flatten, Sequential
-from altgrad.nn._sites import SITE_CLASSES, SiteError, SiteWarning, Tap
+from altgrad.nn._sites import SITE_CLASSES, Backward, SiteError, SiteWarning, Tap
 
 __all__ = [
   "ACTIVATIONS",
   "Activation",
+  "Backward",
   "Conv",
   "Decorrelation",
   "Dense",
@@ -43,4 +45,6 @@ __all__ = [
   "decorrelate",
   "fold_decorrelation",
   "get_activation",
+  "stopped",
+  "through",
 ]

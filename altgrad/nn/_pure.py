@@ -16,7 +16,16 @@ from flax import nnx
 from altgrad import _mesh
 from altgrad.nn._intercept import make_tappable
 from altgrad.nn._matrix_form import linear_map, linear_parts
-from altgrad.nn._sites import Nested, Reached, SiteError, Tap, collect_nested, prepare_nested, tapping
+from altgrad.nn._sites import (
+  Backward,
+  Nested,
+  Reached,
+  SiteError,
+  Tap,
+  collect_nested,
+  prepare_nested,
+  tapping,
+)
 
 Array = jax.Array
 LossFn = Callable[[Array, Array], Array]
@@ -76,10 +85,25 @@ def _is_variable(value: Any) -> bool:
   return isinstance(value, nnx.Variable)
 
 
+def by_path(params: Any) -> dict[Path, Array]:
+  """The arrays of a params tree (with or without Variable wrappers) by module path."""
+  leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_variable)[0]
+  return {param_path(k): v[...] if _is_variable(v) else v for k, v in leaves}
+
+
+def map_by_path(fn: Callable[[Path, Array], Array], tree: Any) -> Any:
+  """``tree`` (a params tree, with or without Variable wrappers) with each array ``a`` at module
+  path ``p`` replaced by ``fn(p, a)``; Variables keep their type."""
+  leaves, structure = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_variable)
+  mapped = [
+    v.replace(fn(param_path(k), v[...])) if _is_variable(v) else fn(param_path(k), v) for k, v in leaves
+  ]
+  return jax.tree.unflatten(structure, mapped)
+
+
 def given_paths(params: Any) -> frozenset[Path]:
   """The module paths of the params in ``params`` (``("layers", 0, "kernel")``)."""
-  leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_variable)[0]
-  return frozenset(param_path(k) for k, _ in leaves)
+  return frozenset(by_path(params))
 
 
 class PureModel:
@@ -174,15 +198,25 @@ class PureModel:
     return self._call(nnx.merge(self.eval_graphdef, params, self.variables, copy=True), inputs, None)
 
   def tapped(
-    self, params: Any, inputs: Any, perturbations: Sequence[Any] | None = None, *, stop_site_params: bool = False
+    self,
+    params: Any,
+    inputs: Any,
+    perturbations: Sequence[Any] | None = None,
+    *,
+    stop_site_params: bool = False,
+    backward: Backward | None = None,
   ) -> Forward:
-    """A forward pass with ``perturbations[i]`` added to the ``i``-th site call's output."""
+    """A forward pass with ``perturbations[i]`` added to the ``i``-th site call's output; with
+    ``backward``, its backward pass crosses each site by ``backward(module, inputs, cotangent)``
+    instead of the site's transpose (``altgrad.nn._sites.tapping``). Differentiable in the
+    params and perturbations (``jax.grad``, ``jax.vjp``) and in forward mode (``jax.jvp``)."""
     model = self.bind(params)
     if perturbations is not None:
       layout = self._layout(params, inputs)
       if any(t.nested for t in layout):
         prepare_nested(self._modules_of(model), layout, perturbations)
-    with tapping(perturbations, stop_site_params=stop_site_params, rnn_outputs=self.rnn_outputs) as taps:
+    options = dict(stop_site_params=stop_site_params, rnn_outputs=self.rnn_outputs, backward=backward)
+    with tapping(perturbations, **options) as taps:
       outputs = self._call(model, inputs, self.call_key)
     if any(isinstance(t, Nested) for t in taps):
       taps = collect_nested(self._modules_of(model), taps)
@@ -215,21 +249,48 @@ class PureModel:
     """Zeros shaped like each site call's pre-activation for ``inputs`` (nothing is run)."""
     return _mesh.per_row(tuple(jnp.zeros(t.preact.shape, t.preact.dtype) for t in self._layout(params, inputs)))
 
-  def errors(self, params: Any, inputs: Any, targets: Any, loss_fn: LossFn) -> Errors:
-    """Backprop's per-site errors ``dL/dz`` of the mean loss and the residual param gradient,
-    from one backward pass through a zero perturbation, with site params stopped. Inside
-    ``shard_map`` the mean is over every device's rows: the errors are this device's part of
-    the whole batch's, ``loss`` is the whole batch's mean, and the residual this device's part."""
+  def mean_loss(self, outputs: Any, targets: Any, loss_fn: LossFn) -> Array:
+    """This device's part of the whole batch's mean of ``loss_fn(outputs, targets)``: losses per
+    example ``(batch,)`` or per token ``(batch, ...)`` (the mean over everything), or one number
+    for the batch (its own mean); inside ``shard_map`` the mean is over every device's rows."""
+    losses = jnp.asarray(loss_fn(outputs, targets))
+    rows = jax.tree.leaves(outputs)[0].shape[0]
+    if losses.ndim == 0:  # a mean over this device's rows already
+      return losses * rows / _mesh.batch_count(rows)
+    if losses.shape[0] != rows:
+      raise ValueError(f"loss_fn must return losses with the batch ({rows}) first, or one number; got shape {losses.shape}")
+    return jnp.sum(jnp.mean(losses.reshape(rows, -1), axis=1)) / _mesh.batch_count(rows)
 
-    def mean_loss(perturbations, params):
-      forward = self.tapped(params, inputs, perturbations, stop_site_params=True)
-      losses = loss_fn(forward.outputs, targets)
-      return jnp.sum(losses) / _mesh.batch_count(losses.shape[0]), forward
+  def errors(
+    self,
+    params: Any,
+    inputs: Any,
+    targets: Any,
+    loss_fn: LossFn,
+    *,
+    backward: Backward | None = None,
+    delivered: Callable[[Any, Sequence[Tap]], Sequence[Array | None]] | None = None,
+  ) -> Errors:
+    """Per-site errors ``dL/dz`` of the mean loss (:meth:`mean_loss`) and the residual param
+    gradient, from one backward pass through a zero perturbation, with site params stopped:
+    backprop's, or with ``backward`` crossing each site as it says (feedback alignment; a hook
+    returning zeros stops the error at the site). ``delivered(outputs, taps)`` gives errors to
+    place at sites' inputs from outside the backward pass (direct feedback alignment; ``None``
+    for none), which then cross what lies below them (activations, norms, skips) exactly. Inside
+    ``shard_map`` the errors are this device's part of the whole batch's, ``loss`` is the whole
+    batch's mean, and the residual this device's part."""
 
-    (loss, forward), (errors, residual) = jax.value_and_grad(mean_loss, argnums=(0, 1), has_aux=True)(
-      self.zero_perturbations(params, inputs), params
+    def forward(perturbations, params):
+      tapped = self.tapped(params, inputs, perturbations, stop_site_params=True, backward=backward)
+      return (self.mean_loss(tapped.outputs, targets, loss_fn), tuple(t.inputs for t in tapped.taps)), tapped
+
+    (loss, site_inputs), pull_back, tapped = jax.vjp(forward, self.zero_perturbations(params, inputs), params, has_aux=True)
+    extra = [None] * len(site_inputs) if delivered is None else list(delivered(tapped.outputs, tapped.taps))
+    cotangents = tuple(
+      jax.tree.map(jnp.zeros_like, x) if e is None else e.astype(x.dtype) for x, e in zip(site_inputs, extra, strict=True)
     )
-    return Errors(_mesh.batch_sum(loss), forward.outputs, forward.taps, errors, residual, forward.variables)
+    errors, residual = pull_back((jnp.ones_like(loss), cotangents))
+    return Errors(_mesh.batch_sum(loss), tapped.outputs, tapped.taps, errors, residual, tapped.variables)
 
   def updates_from_errors(self, params: Any, taps: Sequence[Tap], errors: Sequence[Array]) -> Any:
     """The parameter update of per-site errors: the VJP of each site's linear map at its

@@ -84,6 +84,12 @@ class SiteWarning(UserWarning):
   """A linear layer that a rule cannot tap where it runs, and treats as params outside sites."""
 
 
+#: ``backward(module, inputs, cotangent) -> cotangent at inputs``: how an error crosses a site's
+#: linear map in the backward pass of a tapped pass (its own transpose is backprop). ``module``
+#: is the site's module with the params it had in the forward pass.
+Backward = Callable[[nnx.Module, Array, Array], Array]
+
+
 @dataclasses.dataclass
 class _Pass:
   perturbations: tuple[Any, ...] | None
@@ -94,6 +100,7 @@ class _Pass:
   stop_at: int | None = None
   inside: bool = False  # a site call is computing: a site called within it is part of it
   rnn_outputs: bool = False  # each nnx.RNN's output is tapped too (target propagation's states)
+  backward: Backward | None = None  # how an error crosses each site (None: its own transpose)
 
 
 class Reached(Exception):  # noqa: N818  (control flow, not an error)
@@ -140,6 +147,7 @@ def tapping(
   replaced: tuple[int, Array] | None = None,
   stop_at: int | None = None,
   rnn_outputs: bool = False,
+  backward: Backward | None = None,
 ) -> Iterator[list[Tap]]:
   """Within this context every site call adds ``perturbations[i]`` (``None``: nothing) to the
   output of the ``i``-th site call and appends a :class:`Tap` to the yielded list.
@@ -152,6 +160,9 @@ def tapping(
   give what lies between two sites as a function of the first one's output (see
   ``PureModel.between``). With ``rnn_outputs`` each ``nnx.RNN``'s output sequence is a tap too,
   after its cell's (not a linear site: target propagation's states, see ``altgrad.nn._cells``).
+  With ``backward``, an error crosses each site in the pass's backward pass by
+  ``backward(module, inputs, cotangent)`` instead of the site's transpose (the site's params get
+  no gradient through the pass then; rules take their updates from the errors).
   """
   if getattr(_ACTIVE, "current", None) is not None:
     raise RuntimeError("a tapped pass is already running in this thread")
@@ -162,6 +173,7 @@ def tapping(
     replaced=replaced,
     stop_at=stop_at,
     rnn_outputs=rnn_outputs,
+    backward=backward,
   )
   _ACTIVE.current = current
   try:
@@ -205,12 +217,16 @@ def site(module: nnx.Module, compute: Callable[[Array | None], tuple[Any, Array]
     delta = current.perturbations[index]
   else:
     delta = None
+  hooked = current.backward is not None and not isinstance(module, nnx.RNN)  # an RNN's output is no linear map
   current.inside = True
   try:
     with _params_stopped(module) if current.stop_site_params else contextlib.nullcontext():
-      inputs, preact = compute(delta)
+      inputs, preact = compute(None if hooked else delta)
   finally:
     current.inside = False
+  if hooked:
+    preact = _crossed(module, current.backward)(inputs, jax.lax.stop_gradient(preact))
+    preact = preact if delta is None else preact + delta
   if index == current.stop_at:
     raise Reached(inputs)
   if current.replaced is not None and current.replaced[0] == index:
@@ -227,6 +243,33 @@ def site(module: nnx.Module, compute: Callable[[Array | None], tuple[Any, Array]
   module.altgrad_record = _Record((inputs, preact))
   current.taps.append(Nested(site_path(module), tuple(preact.shape), _param_shapes(module)))
   return preact
+
+
+def _crossed(module: nnx.Module, backward: Backward) -> Callable[[Array, Array], Array]:
+  """``(x, y) -> y`` whose VJP sends a cotangent ``g`` of ``y`` to ``x`` as
+  ``backward(module, x, g)``: the site's output ``y`` (computed, stopped) crossed backwards by
+  the hook. The module's state goes in explicitly, to reach the backward pass as residuals."""
+  graphdef, state = nnx.split(module)
+
+  @jax.custom_vjp
+  def crossed(x, y, state):
+    return y
+
+  def forward(x, y, state):
+    return y, (x, state)
+
+  def back(residuals, cotangent):
+    x, state = residuals
+    if isinstance(x, tuple):
+      raise SiteError(
+        f"{type(module).__name__} at {'/'.join(map(str, site_path(module)))} computes a whole recurrence in one site "
+        "(altgrad's SimpleRNN), which a backward hook cannot cross step by step: use nnx.RNN(nnx.SimpleCell(...))"
+      )
+    crossing = backward(nnx.merge(graphdef, state), x, cotangent)
+    return crossing, jnp.zeros_like(cotangent), jax.tree.map(jnp.zeros_like, state)
+
+  crossed.defvjp(forward, back)
+  return lambda x, y: crossed(x, y, state)
 
 
 def _param_shapes(module: nnx.Module) -> tuple[tuple[int, ...], ...]:

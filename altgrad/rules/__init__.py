@@ -9,9 +9,11 @@ step count, the key, the loss of the last update's clean pass and the model's ot
 How one update runs, step by step, from the batch to the update: altgrad/nn/README.md.
 """
 
+from altgrad.nn._base import at_step
 from altgrad.rules._backprop import BackpropState, backprop
-from altgrad.rules._common import Common
+from altgrad.rules._common import Common, Rule, Step
 from altgrad.rules._consequentialism import ConsequentialismState, consequentialism, emend
+from altgrad.rules._direct_feedback import DirectFeedbackState, direct_feedback_alignment
 from altgrad.rules._er_classifier import ERClassifier
 from altgrad.rules._expectation_reflection import (
   ExpectationReflectionState,
@@ -22,6 +24,8 @@ from altgrad.rules._expectation_reflection import (
   reflection_solution,
   rises,
 )
+from altgrad.rules._feedback_alignment import FeedbackAlignmentState, feedback_alignment, feedback_weights
+from altgrad.rules._forward_gradient import ForwardGradientState, forward_gradient
 from altgrad.rules._guard import FiniteGuardState, finite_guard
 from altgrad.rules._node_perturbation import NodePerturbationState, node_perturbation
 from altgrad.rules._partition import PartitionState, partition
@@ -34,18 +38,28 @@ __all__ = [
   "BackpropState",
   "Common",
   "ConsequentialismState",
+  "DirectFeedbackState",
   "ERClassifier",
   "ExpectationReflectionState",
+  "FeedbackAlignmentState",
   "FiniteGuardState",
+  "ForwardGradientState",
   "Moments",
   "NodePerturbationState",
   "PartitionState",
+  "Rule",
+  "Step",
   "TargetPropagationState",
+  "at_step",
   "backprop",
   "consequentialism",
+  "direct_feedback_alignment",
   "emend",
   "expectation_reflection",
+  "feedback_alignment",
+  "feedback_weights",
   "finite_guard",
+  "forward_gradient",
   "node_perturbation",
   "partition",
   "reflect",

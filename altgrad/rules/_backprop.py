@@ -56,7 +56,7 @@ def backprop(
 
   def step_fn(state, params, inputs, targets):
     step = rule.begin(state.common, inputs, targets)
-    back = step.model.errors(params, inputs, targets, lambda out, t: rule.losses(out, t, step.rows))
+    back = step.model.errors(params, inputs, targets, rule.loss_fn)
     updates = optax.tree.add(step.model.updates_from_errors(params, back.taps, back.errors), back.residual)
     variables = step.model.next_variables(params, back.variables, back.taps)
     return _mesh.gradient_sum(updates), BackpropState(rule.finish(step, back.loss, variables))

@@ -14,8 +14,9 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import sys
+import warnings
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -23,17 +24,22 @@ import numpy as np
 import optax
 from flax import nnx
 
-from altgrad import _identity, _mesh
-from altgrad.nn import Layer, PureModel
+from altgrad import _mesh
+from altgrad.nn import Layer, PureModel, RNNCell
 from altgrad.nn._base import describe_shape, is_concrete
 from altgrad.nn._intercept import describe_site, site_modules
 from altgrad.nn._pure import ApplyFn, LossFn
+from altgrad.nn._signature import model_signature
 
 Array = jax.Array
 #: ``unpack(batch) -> (inputs, targets)``: how a rule splits the batch it is given.
 UnpackFn = Callable[[Any], tuple[Any, Any]]
+#: What a rule that takes ``free_params`` does to params outside every site (the same for every
+#: rule): their loss gradient, weight perturbation (or a weight tangent) in a pass of its own, or nothing.
+FreeParams = Literal["gradient", "perturb", "frozen"]
+FREE_PARAMS = get_args(FreeParams)
 
-__all__ = ["ApplyFn", "Common", "LossFn", "Rule", "UnpackFn", "check_precision", "not_a_chain"]
+__all__ = ["ApplyFn", "Common", "LossFn", "Rule", "Step", "UnpackFn", "check_precision", "not_a_chain"]
 
 
 class Common(NamedTuple):
@@ -48,7 +54,8 @@ class Common(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-  """One update as a rule computes it (see :meth:`Rule.begin`)."""
+  """One update as a rule computes it (:meth:`Rule.begin`): the model's view with the state's
+  variables and this step's call-time rngs, the batch, keys and sizes."""
 
   model: PureModel  # with the state's variables and this step's call-time rngs
   inputs: Any
@@ -133,8 +140,26 @@ _OPTIMIZER_INIT = inspect.unwrap(nnx.Optimizer.__init__).__code__
 
 
 class Rule:
-  """What a rule is built from: the model's pure view, the loss, how the model is called and the
-  batch read, and the seed of the rule's randomness.
+  """The machinery every rule is written on, altgrad's own and yours (docs/rules/write_your_own.rst).
+
+  A rule is a factory that builds a ``Rule`` and returns :meth:`transformation` of two functions:
+
+  - ``init_fn(params) -> state``: a ``NamedTuple`` whose field ``common`` is :meth:`common`
+    (``fit``, ``fit_seeds``, checkpoints, ``partition``, ``finite_guard``, ``altgrad.Optimizer``
+    and ``optax.tree_utils.tree_get(state, "loss")`` read it there), plus whatever else the rule
+    carries (feedback weights, moments): arrays, checkpointed and sharded as the state is;
+  - ``step_fn(state, params, inputs, targets) -> (updates, state)``: opens with :meth:`begin`
+    (the step's :class:`Step`: the model's view, keys, batch sizes), computes a params-shaped
+    update with a gradient's sign from the view (``step.model``: ``tapped``, ``errors``,
+    ``updates_from_errors``, ``free_params``, ``next_variables``; see ``altgrad.nn.PureModel``)
+    and ends with :meth:`finish` (the next common state).
+
+  The transformation checks params and batches (``unpack``, shapes, finiteness: an error that
+  names the fix), refuses the wrappers that cannot work around a rule and a plain
+  ``nnx.Optimizer`` on a model with state to advance, runs the step in Auto mode under a mesh
+  with Explicit axes, and works inside ``shard_map`` (statistics through ``altgrad._mesh``; the
+  view's ``errors`` and ``mean_loss`` reduce over every device already). Float hyperparameters
+  take schedules of ``step.count`` (``at_step``) and ``optax.inject_hyperparams``.
 
   Args:
     name: the rule's name, for error messages.
@@ -170,7 +195,7 @@ class Rule:
     self.seed = _seed(key)
     self.pure = PureModel(model, apply=apply, float32=float32)
     #: The structure of the model the rule was built from (``fit`` checks its model against it).
-    self.model_signature = _identity.model_signature(model)
+    self.model_signature = model_signature(model)
     self.layer = model if isinstance(model, Layer) else None
 
   # --- the transformation ---------------------------------------------------------------------
@@ -320,6 +345,38 @@ class Rule:
 def _not_finite(a: Any) -> bool:
   """Whether a concrete floating array holds a NaN or an infinity (a traced one is not known)."""
   return is_concrete(a) and jnp.issubdtype(a.dtype, jnp.inexact) and not np.all(np.isfinite(np.asarray(a)))
+
+
+def check_crossable(model: nnx.Module, rule: str) -> None:
+  """Refuses a model with a site a backward hook cannot cross step by step: altgrad's SimpleRNN,
+  whose whole recurrence is one site."""
+  for path, module in site_modules(model):
+    if isinstance(module, RNNCell):
+      raise TypeError(
+        f"{rule} sends errors back through each site, but {describe_site(path, module)} (altgrad's SimpleRNN) "
+        "computes a whole recurrence in one site: use nnx.RNN(nnx.SimpleCell(...)), whose cell's layers are "
+        "sites at every step, or backprop, consequentialism, node_perturbation or target_propagation"
+      )
+
+
+def warn_frozen(model: nnx.Module, rule: str) -> None:
+  """Says which params a rule's default ``free_params="frozen"`` leaves unchanged, and how to
+  train them (passing ``free_params`` silences it)."""
+  sites = [path for path, _ in site_modules(model)]
+  free = [
+    "/".join(map(str, path))
+    for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    if not any(path[: len(site)] == site for site in sites)
+  ]
+  if free:
+    warnings.warn(
+      f"{rule} leaves params outside linear layers unchanged by default (free_params='frozen'): pass "
+      "free_params='gradient' to train them by their gradient, or 'perturb' (weight perturbation, which "
+      f"needs a smaller learning rate), or 'frozen' to say so. They are {', '.join(free[:4])}"
+      + (f" and {len(free) - 4} more" if len(free) > 4 else ""),
+      UserWarning,
+      stacklevel=3,
+    )
 
 
 def check_precision(model: nnx.Module, rule: str, needs: str) -> None:

@@ -173,7 +173,7 @@ def consequentialism(
   def step_fn(state, params, inputs, targets):
     step = rule.begin(state.common, inputs, targets)
     model = step.model
-    back = model.errors(params, inputs, targets, lambda out, t: rule.losses(out, t, step.rows))
+    back = model.errors(params, inputs, targets, rule.loss_fn)
     modules = model.modules(params)
     ridge = at_step(eps, step.count)
     given = given_paths(params)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from typing import Any, Literal, NamedTuple, get_args
 
 import jax
@@ -21,10 +20,11 @@ from flax import nnx
 from altgrad import _mesh
 from altgrad.nn import Forward
 from altgrad.nn._base import at_step, check_number
-from altgrad.nn._intercept import site_modules
 from altgrad.rules._common import (
+  FREE_PARAMS,
   ApplyFn,
   Common,
+  FreeParams,
   LossFn,
   Rule,
   Step,
@@ -32,15 +32,14 @@ from altgrad.rules._common import (
   check_choice,
   check_precision,
   check_static_int,
+  warn_frozen,
 )
 from altgrad.rules._noise import NoiseFn, noise_like
 
 Array = jax.Array
 
 Variant = Literal["np", "inp", "anp"]
-FreeParams = Literal["perturb", "gradient", "frozen"]
 VARIANTS = get_args(Variant)
-FREE_PARAMS = get_args(FreeParams)
 
 
 class NodePerturbationState(NamedTuple):
@@ -192,25 +191,6 @@ def _measured_sample(passes: _Passes, key: Array):
   return errors, zeros, taps_1
 
 
-def _warn_frozen(model: nnx.Module) -> None:
-  """Says which params the default ``free_params`` leaves unchanged, and how to train them."""
-  sites = [path for path, _ in site_modules(model)]
-  free = [
-    "/".join(map(str, path))
-    for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))
-    if not any(path[: len(site)] == site for site in sites)
-  ]
-  if free:
-    warnings.warn(
-      "node_perturbation leaves params outside linear layers unchanged by default (free_params='frozen'): "
-      "pass free_params='gradient' to train them by their gradient, or 'perturb' (weight perturbation, "
-      f"which needs a smaller learning rate), or 'frozen' to say so. They are {', '.join(free[:4])}"
-      + (f" and {len(free) - 4} more" if len(free) > 4 else ""),
-      UserWarning,
-      stacklevel=3,
-    )
-
-
 def _measured_update(passes: _Passes) -> tuple[Any, Array, Any]:
   """The update with inaccessible noise (:func:`_measured_sample` per sample), the zero-norm
   count and the taps of the first sample's first pass (what decorrelation advances on). Each
@@ -325,7 +305,7 @@ def node_perturbation(
   check_choice(variant, "variant", VARIANTS)
   if free_params is None:
     free_params = "frozen"
-    _warn_frozen(model)
+    warn_frozen(model, "node_perturbation")
   check_choice(free_params, "free_params", FREE_PARAMS)
   check_number(sigma, "sigma", positive=True, schedule=True)
   samples = check_static_int(samples, "samples", minimum=1)

@@ -12,7 +12,10 @@ from flax import nnx
 from altgrad.rules._backprop import backprop
 from altgrad.rules._common import LossFn
 from altgrad.rules._consequentialism import consequentialism
+from altgrad.rules._direct_feedback import direct_feedback_alignment
 from altgrad.rules._expectation_reflection import expectation_reflection
+from altgrad.rules._feedback_alignment import feedback_alignment
+from altgrad.rules._forward_gradient import forward_gradient
 from altgrad.rules._node_perturbation import node_perturbation
 from altgrad.rules._target_propagation import target_propagation
 
@@ -28,6 +31,13 @@ RULES: dict[str, RuleFactory] = {
   "er": lambda model, loss_fn, *, data_size=None, **options: expectation_reflection(
     model, data_size=data_size, loss_fn=loss_fn, **options
   ),  # it reflects labels (the loss is only logged); it streams statistics over data_size examples
+  "fa": feedback_alignment,
+  "sign": functools.partial(feedback_alignment, feedback="sign"),
+  "kp": functools.partial(feedback_alignment, feedback="kolen_pollack"),
+  "dfa": direct_feedback_alignment,
+  "drtp": functools.partial(direct_feedback_alignment, signal="target"),
+  "fg": forward_gradient,
+  "fga": functools.partial(forward_gradient, perturb="activities"),
 }
 
 #: Rules that fix their own step: their pseudo-gradient is applied by ``optax.sgd(step)`` whatever

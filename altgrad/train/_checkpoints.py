@@ -17,6 +17,7 @@ import jax
 
 from altgrad import __version__, _distributed, _identity
 from altgrad._identity import differences
+from altgrad.nn._signature import model_signature
 
 if TYPE_CHECKING:
   from altgrad.train._history import History
@@ -146,7 +147,7 @@ class Saving:
     run = {
       "altgrad": __version__,
       "transformation": _identity.describe_transformation(txs[0]),
-      "model": _identity.model_signature(models[0]),
+      "model": model_signature(models[0]),
       "data": _identity.data_signature(data),
       "batch_size": settings.batch_size,
       "seeds": list(seeds),

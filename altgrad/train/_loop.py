@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from altgrad import _distributed, _identity, _interrupt
+from altgrad.nn._signature import model_signature
 from altgrad.train._checkpoints import Saving, resume
 from altgrad.train._devices import BATCH_AXIS, batch_mesh, replicate
 from altgrad.train._evaluate import check_data, make_evaluate
@@ -105,7 +106,7 @@ def check_schedule(models, txs, data, settings: Settings, saving: Saving) -> Non
   check_data(models[0], data, settings.batch_size)
   for model, tx in zip(models, txs, strict=True):
     for rule in _identity.rules_in(tx):
-      found = _identity.differences(rule.model_signature, _identity.model_signature(model), ("the rule's", "fit's"))
+      found = _identity.differences(rule.model_signature, model_signature(model), ("the rule's", "fit's"))
       if found:
         raise ValueError(
           f"fit was given another model than the one its {rule.name} rule was built from: "
