@@ -67,6 +67,13 @@ def per_row(tree: Any) -> Any:
   return jax.lax.pcast(tree, axes, to="varying") if axes and _typed(axes) else tree
 
 
+def varying_like(x: Any, reference: Array) -> Any:
+  """``x`` typed as differing between devices wherever ``reference`` does (a loop's initial carry
+  must have the type of what the loop body makes of it)."""
+  missing = tuple(sorted(_varying(reference) - _varying(x)))
+  return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
 def batch_count(local_rows: int) -> int:
   """How many rows a batch of ``local_rows`` rows per device has in all."""
   mesh = jax.sharding.get_abstract_mesh()

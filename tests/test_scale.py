@@ -255,14 +255,14 @@ DATA_PARALLEL = textwrap.dedent(
           same(one, update(tx, params, on_explicit), f"{name}, Explicit mesh")
         # without jax.set_mesh the rule reads the mesh from the batch's type, as jax.grad needs none
         same(one, update(tx, params, on_explicit), f"{name}, Explicit mesh without set_mesh")
-        if name not in ("np", "inp", "anp"):  # their noise is drawn per device inside shard_map: below
+        if name not in ("np", "inp", "anp", "fga"):  # their noise is drawn per device inside shard_map: below
           same(one, in_shard_map(tx, params, batch), f"{name} on {kind} in shard_map")
         if kind == "mlp" and name in ("backprop", "consequentialism"):  # untyped shard_map sums gradients itself
           same(one, in_shard_map(tx, params, batch, check_vma=False), f"{name} in shard_map, check_vma=False")
       checked.append((name, kind))
 
-  # Node perturbation inside shard_map at a fixed noise draw: each device draws a pattern for its
-  # rows, which the one-device update gets tiled.
+  # Node perturbation and activity forward gradients inside shard_map at a fixed noise draw: each
+  # device draws a pattern for its rows, which the one-device update gets tiled.
   import math
 
   def pattern(key, shape, dtype):
@@ -278,6 +278,9 @@ DATA_PARALLEL = textwrap.dedent(
     one = update(rules.node_perturbation(model, CE, variant=variant, sigma=0.07, noise_fn=tiled), params, batch)
     many = in_shard_map(rules.node_perturbation(model, CE, variant=variant, sigma=0.07, noise_fn=pattern), params, batch)
     same(one, many, f"{variant} in shard_map")
+  one = update(rules.forward_gradient(model, CE, perturb="activities", tangent_fn=tiled), params, batch)
+  many = in_shard_map(rules.forward_gradient(model, CE, perturb="activities", tangent_fn=pattern), params, batch)
+  same(one, many, "fga in shard_map")
   # ...and by default every device draws from a key of its own
   seen = []
 
@@ -287,6 +290,9 @@ DATA_PARALLEL = textwrap.dedent(
 
   jax.block_until_ready(in_shard_map(rules.node_perturbation(model, CE, noise_fn=recording), params, batch))
   assert len(seen) == 4 * 3 and len(set(seen)) == len(seen), seen  # 4 devices, 3 sites
+  for tx in (rules.node_perturbation(model, CE), rules.forward_gradient(model, CE, perturb="activities")):
+    drawn = in_shard_map(tx, params, batch)  # altgrad's own Gaussian, from each device's key
+    assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(drawn[0]))
 
   # the training helper: all devices against one (the single updates above cover every rule;
   # ER's minibatch refits of random labels are too chaotic to follow for two epochs)

@@ -90,10 +90,14 @@ def _shape(
   return Shape(f"{name}, batch {batch}", build)
 
 
+#: The feedback-alignment family, direct feedback and forward gradients (issue 42's targets).
+BASELINES = ("fa", "sign", "kp", "dfa", "drtp", "fg", "fga")
+
+
 def cases() -> list[Case]:
   """The perf suite: issue 15's shapes, every rule that has a cost target there."""
   danp = _shape("MLP 3072-1024x3-10", "mlp", (3072,), 10, 1000, (1024,) * 3, "leaky_relu")
-  found = [Case(danp, rule) for rule in ("backprop", "np", "anp", "inp", "consequentialism")]
+  found = [Case(danp, rule) for rule in ("backprop", "np", "anp", "inp", "consequentialism", *BASELINES)]
   found += [Case(danp, rule, decorrelation=(1e-3, s)) for rule in ("backprop", "anp") for s in (1.0, 0.1)]
   for shape in (
     _shape("MLP 784-256x2-10", "mlp", (784,), 10, 128, (256, 256), "leaky_relu"),
@@ -113,7 +117,7 @@ def cases() -> list[Case]:
     _shape("NNX transformer 32x2 on 16 tokens", "transformer", (16,), 8, 64, (32, 32), "gelu", tokens=True),
   )
   for shape in user_models:
-    found += [Case(shape, rule) for rule in ("jax_grad", "backprop", "consequentialism", "np", "anp", "inp")]
+    found += [Case(shape, rule) for rule in ("jax_grad", "backprop", "consequentialism", "np", "anp", "inp", *BASELINES)]
     found += [Case(shape, rule, decorrelation=(1e-3, s)) for rule in ("backprop", "anp") for s in (1.0, 0.1)]
   return found
 

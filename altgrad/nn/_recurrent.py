@@ -346,7 +346,8 @@ class GRU(_Recurrent):
   ``h_0 = 0``; the time loop is a ``lax.scan`` of :class:`GRUCell`. The readout is a linear
   :class:`Dense` (a site); target propagation inverts the cell gate by gate. For the other
   rules the cell's params are params outside any site, as in any NNX model (consequentialism
-  gives them backprop's gradient, node perturbation perturbs them).
+  gives them backprop's gradient, node perturbation leaves them frozen by default and says so):
+  for those rules, ``nnx.RNN(nnx.GRUCell(...))``, whose gates are ``nnx.Linear`` sites.
 
   Args:
     in_features: features per time step.

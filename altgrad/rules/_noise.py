@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from altgrad import _mesh
+
 Array = jax.Array
 #: ``noise_fn(key, shape, dtype) -> noise``: a model of a device's noise in place of the Gaussian.
 NoiseFn = Callable[[Array, tuple[int, ...], Any], Array]
@@ -92,7 +94,8 @@ def gaussian(key: Array, shape: tuple[int, ...], dtype: Any) -> Array:
     chunk_pairs = jax.lax.complex(_standard_normal(first), _standard_normal(second))
     return jax.lax.dynamic_update_index_in_dim(pairs, chunk_pairs, index, axis=len(lead))
 
-  pairs = jax.lax.fori_loop(0, _CHUNKS, draw, jnp.zeros((*lead, _CHUNKS, chunk), jnp.complex64))
+  start = _mesh.varying_like(jnp.zeros((*lead, _CHUNKS, chunk), jnp.complex64), key_words[0])
+  pairs = jax.lax.fori_loop(0, _CHUNKS, draw, start)
   pairs = pairs.reshape(*lead, _CHUNKS * chunk)[..., :half]
   return jnp.concatenate([pairs.real, pairs.imag], axis=-1)[..., :width].astype(dtype)
 
