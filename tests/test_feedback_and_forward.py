@@ -181,6 +181,20 @@ def test_forward_gradients_average_to_the_gradient_at_the_predicted_rate():
     assert cosine(activities, grad) > 0.99
 
 
+def test_node_perturbation_tends_to_the_activity_forward_gradient_as_sigma_shrinks():
+  """With the same key both draw the same noise at the sites: NP's loss difference over sigma is
+  the finite-difference form of the activity forward gradient's directional derivative, so the
+  two updates differ by O(sigma)."""
+  model, batch = _case("mlp")
+  params = nnx.state(model, nnx.Param)
+  forward = flat(_update(rules.forward_gradient(model, CE, perturb="activities"), params, batch)[0])
+  gaps = []
+  for sigma in (1e-2, 1e-3):
+    node = flat(_update(rules.node_perturbation(model, CE, variant="np", sigma=sigma), params, batch)[0])
+    gaps.append(float(jnp.linalg.norm(node - forward) / jnp.linalg.norm(forward)))
+  assert gaps[1] < 2e-3 and gaps[1] < 0.2 * gaps[0], gaps
+
+
 def test_errors_are_the_gradient_of_the_mean_loss_per_token_or_per_batch():
   """``PureModel.errors`` of a per-token loss is the mean over tokens (it was T times too
   large), and a loss that returns one number for the batch works."""

@@ -10,7 +10,8 @@ computed in forward mode (``jax.jvp``), with no backward pass.
   architecture are not reproduced).
 
 Both are unbiased: the mean over ``samples`` directions tends to the gradient, the relative error
-of ``K`` weight directions near ``sqrt((n + 1) / K)`` for ``n`` params.
+of ``K`` weight directions near ``sqrt((n + 1) / K)`` for ``n`` params. The activity form is
+node perturbation's limit as its ``sigma`` shrinks, on the same noise (docs/rules/forward_gradient.rst).
 """
 
 from __future__ import annotations
