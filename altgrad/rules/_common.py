@@ -359,9 +359,12 @@ def check_crossable(model: nnx.Module, rule: str) -> None:
       )
 
 
-def warn_frozen(model: nnx.Module, rule: str) -> None:
-  """Says which params a rule's default ``free_params="frozen"`` leaves unchanged, and how to
-  train them (passing ``free_params`` silences it)."""
+def free_params_or_frozen(free_params: str | None, model: nnx.Module, rule: str) -> str:
+  """``free_params``, checked; ``None`` (the default) is ``"frozen"``, with a warning that says
+  which params it leaves unchanged and how to train them (passing ``free_params`` silences it)."""
+  if free_params is not None:
+    check_choice(free_params, "free_params", FREE_PARAMS)
+    return free_params
   sites = [path for path, _ in site_modules(model)]
   free = [
     "/".join(map(str, path))
@@ -377,6 +380,7 @@ def warn_frozen(model: nnx.Module, rule: str) -> None:
       UserWarning,
       stacklevel=3,
     )
+  return "frozen"
 
 
 def check_precision(model: nnx.Module, rule: str, needs: str) -> None:

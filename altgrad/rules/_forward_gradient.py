@@ -26,7 +26,6 @@ from flax import nnx
 from altgrad import _mesh
 from altgrad.nn import Forward
 from altgrad.rules._common import (
-  FREE_PARAMS,
   ApplyFn,
   Common,
   FreeParams,
@@ -35,7 +34,7 @@ from altgrad.rules._common import (
   UnpackFn,
   check_choice,
   check_static_int,
-  warn_frozen,
+  free_params_or_frozen,
 )
 from altgrad.rules._noise import NoiseFn, noise_like
 
@@ -97,11 +96,8 @@ def forward_gradient(
   samples = check_static_int(samples, "samples", minimum=1)
   if free_params is not None and not activities:
     raise ValueError("free_params applies to perturb='activities'; perturb='weights' takes a tangent over every param")
-  if activities and free_params is None:
-    free_params = "frozen"
-    warn_frozen(model, "forward_gradient(perturb='activities')")
   if activities:
-    check_choice(free_params, "free_params", FREE_PARAMS)
+    free_params = free_params_or_frozen(free_params, model, "forward_gradient(perturb='activities')")
 
   def init_fn(params):
     return ForwardGradientState(rule.common(params))

@@ -21,7 +21,6 @@ from altgrad import _mesh
 from altgrad.nn import Forward
 from altgrad.nn._base import at_step, check_number
 from altgrad.rules._common import (
-  FREE_PARAMS,
   ApplyFn,
   Common,
   FreeParams,
@@ -32,7 +31,7 @@ from altgrad.rules._common import (
   check_choice,
   check_precision,
   check_static_int,
-  warn_frozen,
+  free_params_or_frozen,
 )
 from altgrad.rules._noise import NoiseFn, noise_like
 
@@ -303,10 +302,7 @@ def node_perturbation(
   )
   check_precision(model, "node_perturbation", "divides loss differences of order sigma")
   check_choice(variant, "variant", VARIANTS)
-  if free_params is None:
-    free_params = "frozen"
-    warn_frozen(model, "node_perturbation")
-  check_choice(free_params, "free_params", FREE_PARAMS)
+  free_params = free_params_or_frozen(free_params, model, "node_perturbation")
   check_number(sigma, "sigma", positive=True, schedule=True)
   samples = check_static_int(samples, "samples", minimum=1)
   if measured and variant != "anp":
