@@ -221,8 +221,8 @@ def test_target_propagation_trains_flax_rnns_on_the_temporal_order_task(cell):
 class Stacked(nnx.Module):
   """An RNN under a hidden layer and a readout: the chain above the RNN takes targets down to its states."""
 
-  def __init__(self, rngs, dtype=jnp.float32):
-    self.rnn = nnx.RNN(nnx.SimpleCell(3, 5, dtype=dtype, param_dtype=dtype, rngs=rngs))
+  def __init__(self, rngs, dtype=jnp.float32, cell=nnx.SimpleCell):
+    self.rnn = nnx.RNN(cell(3, 5, dtype=dtype, param_dtype=dtype, rngs=rngs))
     self.hidden = nnx.Linear(5, 4, param_dtype=dtype, rngs=rngs)
     self.head = nnx.Linear(4, 4, param_dtype=dtype, rngs=rngs)
 
@@ -230,12 +230,14 @@ class Stacked(nnx.Module):
     return self.head(jnp.tanh(self.hidden(self.rnn(x)[:, -1])))
 
 
-def test_target_propagation_through_layers_above_an_rnn_is_the_surrogates_gradient():
+@pytest.mark.parametrize("cell", [nnx.SimpleCell, nnx.GRUCell, nnx.LSTMCell])
+def test_target_propagation_through_layers_above_an_rnn_is_the_surrogates_gradient(cell):
   """Through time, the update of the cell and the layer above it is the gradient of
   ``sum 0.5 ||h - (h + d)||^2`` over the RNN's states and the hidden layer, the displacements
-  held fixed; the readout gets its loss gradient (float64)."""
+  held fixed (the cell's errors come from TP's own sweep back in time, not from a backward pass
+  through the RNN's scan); the readout gets its loss gradient (float64)."""
   with jax.enable_x64(True):
-    model = Stacked(nnx.Rngs(0), jnp.float64)
+    model = Stacked(nnx.Rngs(0), jnp.float64, cell)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     x, y = _batch()
     x = x.astype(jnp.float64)

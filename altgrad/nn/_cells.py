@@ -70,8 +70,9 @@ class CellSteps:
 
   Subclass requirements: ``width`` (the carry's displacement in units of the hidden width: 1,
   or 2 for an LSTM's memory and state side by side), :meth:`solvers`, :meth:`steps` (what
-  :meth:`carry_back` reads at every step, batch first), :meth:`carry_back` and
-  :meth:`carry_before` (the carry each step starts from, as the cell takes it).
+  :meth:`carry_back` reads at every step, batch first), :meth:`carry_back`,
+  :meth:`carry_before` (the carry each step starts from, as the cell takes it), and for the
+  through-time update :meth:`errors_back` and what it reads, :meth:`error_inputs`.
   """
 
   width = 1
@@ -104,6 +105,17 @@ class CellSteps:
     """The hidden state's part of a carry's displacement."""
     return d[..., -self.cell.hidden_features :]
 
+  def error_inputs(self) -> Any:
+    """What :meth:`errors_back` reads at every step, batch first."""
+    raise NotImplementedError
+
+  def errors_back(self, cotangent: Any, own: Array, at: Any) -> tuple[Any, dict[str, Array]]:
+    """One step of back-propagation through time, from the stored step (no forward pass
+    recomputed): from the cotangent of the carry after the step (what later steps send back)
+    and ``own``, the cotangent of the step's output, the cotangent of the carry before it and
+    the errors at the step's layers, by name."""
+    raise NotImplementedError
+
 
 class SimpleCellSteps(CellSteps):
   """``h' = tanh(x W_i + b + h W_h)`` (``+ h`` with ``residual``): inverted as altgrad's
@@ -133,6 +145,15 @@ class SimpleCellSteps(CellSteps):
   def carry_before(self):
     return self.taps["dense_h"].inputs
 
+  def error_inputs(self):
+    return self.steps("linearized")[0]
+
+  def errors_back(self, cotangent, own, h):
+    """As altgrad's SimpleRNN: ``e_t = tanh'(z_t) (g_t + own_t)``, ``g_{t-1} = e_t K^T``, from
+    the stored states (no recomputed step)."""
+    error = (1 - h * h) * (cotangent + own)
+    return error @ self._kernel().T, dict.fromkeys(self.taps, error)
+
 
 class GRUCellSteps(CellSteps):
   """``nnx.GRUCell``, gate by gate as altgrad's :class:`~altgrad.nn.GRUCell` (its candidate's
@@ -154,6 +175,20 @@ class GRUCellSteps(CellSteps):
 
   def carry_before(self):
     return self.taps["dense_h"].inputs
+
+  def error_inputs(self):
+    return self.steps("linearized")
+
+  def errors_back(self, cotangent, own, step):
+    """``h' = (1 - z) n + z h``, ``n = tanh(x W_in + b_in + r (h W_hn))``, by the chain rule."""
+    h, (r, z, n, state_n) = step
+    total = cotangent + own
+    candidate = total * (1 - z) * (1 - n * n)
+    reset = candidate * state_n * r * (1 - r)
+    update = total * (h - n) * z * (1 - z)
+    state = jnp.concatenate([reset, update, candidate * r], axis=-1)
+    errors = {"dense_i": jnp.concatenate([reset, update, candidate], axis=-1), "dense_h": state}
+    return total * z + state @ self.cell.dense_h.kernel[...].T, errors
 
 
 class LSTMCellSteps(CellSteps):
@@ -231,6 +266,27 @@ class LSTMCellSteps(CellSteps):
 
   def carry_before(self):
     return self._memory()[0], self._state_taps()[0].inputs
+
+  def error_inputs(self):
+    return self.steps("linearized")
+
+  def errors_back(self, cotangent, own, step):
+    """``c' = f c + i g``, ``h' = o tanh(c')``, by the chain rule."""
+    i, f, g, o, c_prev, c = step
+    memory_above, state_above = cotangent
+    state = state_above + own
+    squashed = jnp.tanh(c)
+    memory = memory_above + state * o * (1 - squashed * squashed)
+    gates = (memory * g * i * (1 - i), memory * c_prev * f * (1 - f), memory * i * (1 - g * g), state * squashed * o * (1 - o))
+    if self.optimized:
+      joined = jnp.concatenate(gates, axis=-1)
+      errors = {"dense_i": joined, "dense_h": joined}
+      below = joined @ self.cell.dense_h.kernel[...].T
+    else:
+      errors = dict(zip(("ii", "if_", "ig", "io"), gates, strict=True))
+      errors |= dict(zip(("hi", "hf", "hg", "ho"), gates, strict=True))
+      below = sum(e @ getattr(self.cell, n).kernel[...].T for e, n in zip(gates, ("hi", "hf", "hg", "ho"), strict=True))
+    return (memory * f, below), errors
 
 
 _STEPS = {

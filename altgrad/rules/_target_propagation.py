@@ -129,35 +129,36 @@ def _chain_displacements(chain: Chain, top: Array, settings: _Settings) -> tuple
   return displacements, clipped
 
 
-def _sweep_back(carry_back, first: Array, steps: Any, max_rms, error_back=None, preacts=None):
+def _sweep_back(carry_back, first: Array, steps: Any, max_rms, error_back=None, error_start=None, error_inputs=None):
   """Displacements of ``h_1..h_T`` (batch, time, hidden) in one reverse scan over the steps
   ``t = T..2``: ``carry_back(d_t, step_inputs)`` takes ``d_t`` to ``h_{t-1}``, the guard acts
   there, and the loss's own displacement of ``h_{t-1}`` adds. ``first`` is the loss's
   displacement of ``h_T`` (batch, hidden), or of every state for a readout at every step
   (batch, time, hidden). ``steps`` are the steps' inputs, time-major. Returns the displacements,
-  how many of them the guard changed and, given ``error_back``, the through-time errors of the
-  surrogate at the pre-activations ``preacts`` (batch, time, hidden),
-  ``e_t = error_back(e_{t+1}, d_t, z_t)`` from ``e_{T+1} = 0``, carried in the same scan (one
-  backward sweep over time, not two), else None."""
+  how many of them the guard changed and, given ``error_back``, the surrogate's errors
+  back-propagated through time in the same scan (one backward sweep over time, not two), else
+  None: ``error_back(above, d_t, at_t) -> (below, errors_t)`` takes what step ``t + 1`` sends
+  back (``error_start`` at ``T``) to what step ``t`` sends back and its errors, ``at_t`` being
+  step ``t``'s slice of ``error_inputs`` (a tree of batch-first arrays)."""
   through_time = error_back is not None
 
   def step(carry, inputs):
-    d, error_above = carry
-    step_inputs, own_before, preact = inputs
-    error = error_back(error_above, d, preact) if through_time else None
+    d, above = carry
+    step_inputs, own_before, at = inputs
+    above, errors = error_back(above, d, at) if through_time else (None, None)
     below, count = _guard(carry_back(d, step_inputs), max_rms)
     below = below if own_before is None else below + own_before
-    return (below, error), (below, count, error)
+    return (below, above), (below, count, errors)
 
   top, own = (first[:, -1], jnp.swapaxes(first[:, :-1], 0, 1)) if first.ndim == 3 else (first, None)
-  later = jnp.swapaxes(preacts[:, 1:], 0, 1) if through_time else None
-  start = (top, jnp.zeros_like(top) if through_time else None)
-  (bottom, error_above), (lower, counts, errors) = jax.lax.scan(step, start, (steps, own, later), reverse=True)
+  later = jax.tree.map(lambda a: jnp.swapaxes(a[:, 1:], 0, 1), error_inputs) if through_time else None
+  (bottom, above), (lower, counts, errors) = jax.lax.scan(step, (top, error_start), (steps, own, later), reverse=True)
   displacements = jnp.concatenate([jnp.swapaxes(lower, 0, 1), top[:, None]], axis=1)
   if not through_time:
     return displacements, jnp.sum(counts), None
-  bottom_error = error_back(error_above, bottom, preacts[:, 0])  # e_1, from d_1 and e_2
-  return displacements, jnp.sum(counts), jnp.concatenate([bottom_error[:, None], jnp.swapaxes(errors, 0, 1)], axis=1)
+  _, first_errors = error_back(above, bottom, jax.tree.map(lambda a: a[:, 0], error_inputs))  # from d_1
+  errors = jax.tree.map(lambda e1, e: jnp.concatenate([e1[:, None], jnp.swapaxes(e, 0, 1)], axis=1), first_errors, errors)
+  return displacements, jnp.sum(counts), errors
 
 
 def _rnn_displacements(cell, tap, first: Array, settings: _Settings) -> tuple[Array, Array, Array | None]:
@@ -182,7 +183,8 @@ def _rnn_displacements(cell, tap, first: Array, settings: _Settings) -> tuple[Ar
   kernel = cell.recurrent_kernel_value()
 
   def error_back(error_above, d, preact):
-    return cell.activation.derivative(preact) * (error_above @ kernel.T - d)
+    error = cell.activation.derivative(preact) * (error_above @ kernel.T - d)
+    return error, error
 
   through_time = settings.update == "through_time"
   steps = (  # what the mode's inverse reads
@@ -190,7 +192,9 @@ def _rnn_displacements(cell, tap, first: Array, settings: _Settings) -> tuple[Ar
     None if mode == "linearized" else time_major(x),
     time_major(h_prev) if mode == "exact" else None,
   )
-  return _sweep_back(carry_back, first, steps, max_rms, error_back if through_time else None, tap.preact)
+  if not through_time:
+    return _sweep_back(carry_back, first, steps, max_rms)
+  return _sweep_back(carry_back, first, steps, max_rms, error_back, jnp.zeros_like(tap.preact[:, 0]), tap.preact)
 
 
 def _gru_displacements(cell, h_prev: Array, x: Array, first: Array, reg, max_rms) -> tuple[Array, Array]:
@@ -329,20 +333,26 @@ def _step(view: PureModel, params, x, targets, loss, settings: _Settings):
   first = -settings.lr_target * to_inputs(top_error)  # displacement of the last site's input
   displacements, clipped = _chain_displacements(chain, first, settings)
   local = [-link.vjp(tap.preact, d) for link, tap, d in zip(chain.links, chain.taps[:-1], displacements, strict=True)]
-  sites = taps
+  through_time = settings.update == "through_time"
   if recurrent:  # the RNN's outputs: its states, displaced back in time by the cell's inverse
     cell = view.modules(params)[(*taps[start].path, "cell")]
     steps = cell_steps(cell, {tap.path[-1]: tap for tap in taps[:start]})
-    states, count = _state_displacements(steps, _through_link(chain, 0, displacements[0], settings), settings)
-    displacements, clipped, local[0] = [states, *displacements[1:]], clipped + count, -states
+    above = None  # the through-time cotangent the layers above the RNN send to its outputs
+    if through_time and len(local) > 1:
+      above = pull_back((jnp.zeros_like(mean), (*nothing[: start + 1], *local[1:], jnp.zeros_like(top_error))))[0]
+    own = _through_link(chain, 0, displacements[0], settings)
+    cell_taps = taps[:start] if through_time else None
+    states, count, cell_errors = _state_displacements(steps, own, settings, cell_taps, None if above is None else above[start])
+    displacements, clipped = [states, *displacements[1:]], clipped + count
+    if not through_time:  # each step's own error, at the carry it started from
+      cell_errors = _one_step_errors(cell, steps, taps[:start], -states)
+    errors = (*cell_errors, *(local[1:] if above is None else above[start + 1 : -1]), top_error)
     sites = (*taps[:start], *taps[start + 1 :])
-  if settings.update == "through_time":
-    errors, _ = pull_back((jnp.zeros_like(mean), (*nothing[:start], *local, jnp.zeros_like(top_error))))
-    errors = (*errors[:start], *errors[start + recurrent : -1], top_error)
-  elif recurrent:  # each step's own error, at the carry it started from
-    errors = (*_one_step_errors(cell, steps, taps[:start], local[0]), *local[1:], top_error)
+  elif through_time:
+    errors, _ = pull_back((jnp.zeros_like(mean), (*local, jnp.zeros_like(top_error))))
+    errors, sites = (*errors[:-1], top_error), taps
   else:
-    errors = (*local, top_error)
+    errors, sites = (*local, top_error), taps
   updates = view.updates_from_errors(params, sites, errors)
   if settings.free_params == "gradient":
     updates = optax.tree.add(updates, free_gradient)
@@ -370,10 +380,14 @@ def _through_link(chain: Chain, index: int, d: Array, settings: _Settings) -> Ar
   return regularized_least_squares(link_jvp, transpose, d, settings.reg, coupled=chain.coupled, iterations=settings.iterations)
 
 
-def _state_displacements(steps: CellSteps, own: Array, settings: _Settings) -> tuple[Array, Array]:
+def _state_displacements(
+  steps: CellSteps, own: Array, settings: _Settings, taps=None, above: Array | None = None
+) -> tuple[Array, Array, tuple[Array, ...] | None]:
   """The displacements of an ``nnx.RNN``'s states ``h_1..h_T`` (batch, time, hidden), each
   step's ``own`` (from the layers above) plus what the cell's inverse carries back from the step
-  after it (:func:`_sweep_back`), and how many the guard changed."""
+  after it (:func:`_sweep_back`), how many the guard changed and, given the cell's ``taps``, the
+  through-time update's errors at them in the same sweep: each state's cotangent is ``-d_t``,
+  plus ``above`` (what the layers above send back to it), plus what the next step sends back."""
   own, count = _guard(own, settings.max_rms)
   hidden = own.shape[-1]
   if steps.width > 1:  # the layers above read the state; the memory beside it starts undisplaced
@@ -381,8 +395,21 @@ def _state_displacements(steps: CellSteps, own: Array, settings: _Settings) -> t
   solvers = steps.solvers(settings.reg)
   sequence = jax.tree.map(lambda a: jnp.swapaxes(a[:, 1:], 0, 1), steps.steps(settings.mode))
   carry_back = lambda d, step: steps.carry_back(d, step, solvers, settings.mode)  # noqa: E731
-  carried, swept, _ = _sweep_back(carry_back, own, sequence, settings.max_rms)
-  return carried[..., -hidden:], count + swept
+  if taps is None:
+    carried, swept, _ = _sweep_back(carry_back, own, sequence, settings.max_rms)
+    return carried[..., -hidden:], count + swept, None
+
+  def error_back(cotangent, d, at):
+    step, from_above = at
+    own = -steps.state(d) if from_above is None else from_above - steps.state(d)
+    return steps.errors_back(cotangent, own, step)
+
+  start = jax.tree.map(lambda a: jnp.zeros_like(a[:, 0]), steps.carry_before())
+  carried, swept, errors = _sweep_back(
+    carry_back, own, sequence, settings.max_rms, error_back, start, (steps.error_inputs(), above)
+  )
+  errors = tuple(errors[tap.path[-1]] for tap in taps)
+  return carried[..., -hidden:], count + swept, errors
 
 
 def _one_step_errors(cell: nnx.Module, steps: CellSteps, taps, cotangent: Array) -> tuple[Array, ...]:
