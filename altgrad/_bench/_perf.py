@@ -33,6 +33,7 @@ from altgrad import data as data_lib
 from altgrad._bench._controls import BENCH_RULES
 from altgrad._bench._experiment import build_model, make_rule
 from altgrad._bench._run import environment
+from altgrad._bench._suites import BASELINES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,10 +89,6 @@ def _shape(
     return model, x, y, losses.softmax_cross_entropy
 
   return Shape(f"{name}, batch {batch}", build)
-
-
-#: The feedback-alignment family, direct feedback and forward gradients (issue 42's targets).
-BASELINES = ("fa", "sign", "kp", "dfa", "drtp", "fg", "fga")
 
 
 def cases() -> list[Case]:

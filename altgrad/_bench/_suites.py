@@ -8,6 +8,10 @@ import functools
 from altgrad import data as data_lib
 from altgrad import rules
 
+#: The baselines of the field beside the seeds' rules: the feedback-alignment family, direct
+#: feedback and forward gradients (issue 42), in every suite that compares rules on one model.
+BASELINES = ("fa", "sign", "kp", "dfa", "drtp", "fg", "fga")
+
 #: How many training examples the per-layer cosine to backprop is measured on.
 PROBE_SIZE = 256
 
@@ -114,8 +118,16 @@ def _np_suite() -> list[Run]:
   Fashion-MNIST: MLP 784-1024x3-10, leaky ReLU (slope 0.2, tf.nn.leaky_relu's), He-normal kernels,
   probability-space cross-entropy clipped to [1e-7, 1 - 1e-7], batch 1000, Adam 1e-3, noise
   sigma 1e-2, one noise sample, decorrelation lr 1e-3 on the whole batch; 20 epochs (the authors
-  run 200), 3 seeds. Each rule with and without decorrelation."""
+  run 200), 3 seeds. Each rule with and without decorrelation. Then backprop and the baselines
+  (:data:`BASELINES`) at one seed each, same settings, no decorrelation."""
   runs = []
+  for rule in ("backprop", *BASELINES):
+    runs.append(
+      Run(
+        "fashion_mnist", (1024, 1024, 1024), rule, "adam", 1e-3, 20, 1000,
+        activation="leaky_relu", kernel_init="he_normal", loss="clipped_cross_entropy",
+      )
+    )
   for rule in ("backprop", "np", "inp", "anp"):
     options = () if rule == "backprop" else (("sigma", 1e-2),)
     for decorrelation_lr in (None, 1e-3):
@@ -262,8 +274,8 @@ def _er_suite() -> list[Run]:
 def _models_suite() -> list[Run]:
   """Ordinary NNX models, as a user writes them (altgrad._zoo, no altgrad layers): a small ResNet
   (BatchNorm, dropout) on Fashion-MNIST and a small transformer (attention, tied head) on the
-  majority task, trained with backprop, CW and ANP, and with plain ``jax.grad``, which times the
-  backprop rule's overhead; then backprop, decorrelated backprop and DANP (``nn.decorrelate``:
+  majority task, trained with backprop, CW, ANP and the baselines (:data:`BASELINES`), and with
+  plain ``jax.grad``, which times the backprop rule's overhead; then backprop, decorrelated backprop and DANP (``nn.decorrelate``:
   every Conv and Linear, decorrelation lr 1e-3 as the node-perturbation authors') over 3 seeds."""
   runs = []
   anp = ("anp", (("sigma", 1e-3),))
@@ -285,6 +297,7 @@ def _models_suite() -> list[Run]:
     )
     for rule, rule_options in (("jax_grad", ()), ("backprop", ()), ("consequentialism", ()), anp):
       runs.append(setting(rule=rule, rule_options=rule_options))
+    runs += [setting(rule=rule) for rule in BASELINES]
     runs.append(setting(rule="backprop", seeds=3))
     for rule, rule_options in (("backprop", ()), anp):
       runs.append(setting(rule=rule, rule_options=rule_options, decorrelation_lr=1e-3, seeds=3))
@@ -295,14 +308,14 @@ def _conv_suite() -> list[Run]:
   """Every rule on one convolutional network, Fashion-MNIST images (28x28x1): altgrad's conv net
   (two 3x3 convolutions of stride 2, 16 and 32 channels, tanh, a dense layer of 128 and the
   classifier) with backprop, CW, ANP, decorrelated backprop and DANP (Adam 1e-3), TP (Adam 1e-3
-  on its pseudo-gradients; linearized, the default) and ER (its own step, moments streamed over
-  the data set); then the same network in plain NNX (``--model cnn``) with backprop, TP and ER.
+  on its pseudo-gradients; linearized, the default), ER (its own step, moments streamed over
+  the data set) and the baselines (:data:`BASELINES`, Adam 1e-3); then the same network in plain NNX (``--model cnn``) with backprop, TP and ER.
   2 epochs of batches of 128, 3 seeds. TP and ER on convolutions are reconstructions (see their
   docstrings)."""
   runs = []
   images = (("flatten", False),)
   for model, cases in (
-    ("conv", ("backprop", "consequentialism", "anp", "dbackprop", "danp", "tp", "er")),
+    ("conv", ("backprop", "consequentialism", "anp", "dbackprop", "danp", "tp", "er", *BASELINES)),
     ("cnn", ("backprop", "tp", "er")),
   ):
     setting = functools.partial(
