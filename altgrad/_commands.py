@@ -120,6 +120,13 @@ def _fraction(text: str) -> float:
   return value
 
 
+def _unit_interval(text: str) -> float:
+  value = float(text)
+  if not 0 <= value <= 1:
+    raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+  return value
+
+
 def compare(args: argparse.Namespace) -> dict:
   """Trains every rule of ``args`` (backprop first), prints the table and writes the JSON and
   the plot; after a Ctrl-C, reports the rules that finished, then stops (KeyboardInterrupt)."""
@@ -154,6 +161,7 @@ def _train_each(args: argparse.Namespace, dataset, results: dict, skipped: dict)
       args.decorrelation_lr,
       args.decorrelation_sample,
       args.kernel_init,
+      args.decorrelation_kappa,
     )
     try:
       rule = make_rule(name, model, loss_fn, args.seed, len(dataset.x_train))
@@ -315,6 +323,13 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     default=1.0,
     help="the fraction of each batch the decorrelation update is estimated on (default: 1.0, the "
     "whole batch, as the node-perturbation authors do; 0.1 estimates it on a tenth)",
+  )
+  p.add_argument(
+    "--decorrelation-kappa",
+    type=_unit_interval,
+    default=0.0,
+    help="the weight of the decorrelation update's unit-variance term, artcogsys/decorbp's kappa "
+    "(default: 0.0, the node-perturbation authors' rule; decorbp's ResNet setting is 0.01)",
   )
   p.add_argument(
     "--kernel-init",

@@ -231,6 +231,44 @@ def test_decorrelation_step_is_the_spec_update_on_its_sample_of_the_batch(sample
   chex.assert_trees_all_close(layer.decorrelation_step(x), expected, rtol=1e-5, atol=1e-6)
 
 
+def _decorbp_rule(r, features, lr, kappa):
+  """artcogsys/decorbp's update in row layout, float64: R - lr R ((1 - k) offdiag(M) + k diag(diag(M) - 1))."""
+  y = features @ r
+  moment = y.T @ y / len(y)
+  return r - lr * r @ ((1 - kappa) * (moment - np.diag(np.diag(moment))) + kappa * np.diag(np.diag(moment) - 1))
+
+
+@pytest.mark.parametrize("layer", ["dense", "conv"])
+def test_decorrelation_kappa_is_decorbps_rule_over_several_steps(layer):
+  """With ``decorrelation_kappa`` the update also pulls each unit's second moment toward 1: five
+  steps against a float64 transcription, on a dense layer's input rows and on a convolution's
+  patches (taken by ``lax.conv_general_dilated_patches``, channel-major as decorbp's)."""
+  options = dict(decorrelation_lr=0.05, decorrelation_kappa=0.3, rngs=nnx.Rngs(0))
+  site = nn.Dense(5, 3, **options) if layer == "dense" else nn.Conv(2, 3, 3, strides=2, **options)
+  shape = (16, 5) if layer == "dense" else (4, 6, 6, 2)
+  mixing = jnp.eye(shape[-1]) + 0.5 * jax.random.normal(jax.random.key(9), (shape[-1], shape[-1]))
+  r = np.eye(site.decorrelation[...].shape[0])
+  for step in range(5):
+    x = 2.0 * jax.random.normal(jax.random.key(step), shape) @ mixing  # correlated, variance far from 1
+    if layer == "dense":
+      features = np.asarray(x, np.float64)
+    else:
+      patches = jax.lax.conv_general_dilated_patches(x, (3, 3), (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      features = np.asarray(patches, np.float64).reshape(-1, patches.shape[-1])
+    r = _decorbp_rule(r, features, 0.05, 0.3)
+    site.decorrelation[...] = site.decorrelation_step(x)
+  np.testing.assert_allclose(site.decorrelation[...], r, rtol=2e-5, atol=2e-6)
+  assert np.max(np.abs(r - _decorbp_rule(r, features, 0.05, 0.0))) > 1e-3  # the variance term acts
+
+
+def test_decorrelation_kappa_reaches_every_site_and_is_checked():
+  model = nn.decorrelate(nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.Linear(4, 2, rngs=nnx.Rngs(1))), 0.1, kappa=0.01)
+  assert [m.decorrelation_kappa for m in model.layers] == [0.01, 0.01]
+  assert not hasattr(nn.fold_decorrelation(model).layers[0], "decorrelation_kappa")
+  with pytest.raises(ValueError, match="decorrelation_kappa weighs the unit-variance term"):
+    nn.Dense(3, 3, decorrelation_lr=0.1, decorrelation_kappa=1.5, rngs=nnx.Rngs(0))
+
+
 @pytest.mark.parametrize("sample", [0.0, 1.5, -0.1])
 def test_decorrelation_sample_must_be_a_fraction(sample):
   with pytest.raises(ValueError, match="decorrelation_sample is a fraction"):

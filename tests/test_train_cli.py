@@ -411,18 +411,53 @@ def test_time_to_accuracy_is_the_first_epoch_at_backprop_final_accuracy():
   assert _report.reference_of(other_data, records) is None
 
 
-def test_final_accuracy_has_a_t_interval_and_a_welch_test_against_backprop():
+def test_paired_statistics_are_scipys_and_the_textbooks():
+  """The paired comparison against scipy.stats (ttest_rel, wilcoxon, shapiro) and by hand (the
+  interval, Cohen's d for paired samples, Holm's correction)."""
+  from scipy import stats
+
+  from altgrad._bench import _stats
+
+  rng = np.random.default_rng(0)
+  reference = rng.normal(0.8, 0.02, size=8)
+  values = reference + rng.normal(0.01, 0.01, size=8)
+  found = _stats.paired(values, reference)
+  d = values - reference
+  assert found.n == 8 and found.difference == pytest.approx(d.mean())
+  assert found.t_p == pytest.approx(stats.ttest_rel(values, reference).pvalue)
+  assert found.wilcoxon_p == pytest.approx(stats.wilcoxon(d).pvalue)
+  assert found.normal == (stats.shapiro(d).pvalue >= 0.05)
+  assert found.effect == pytest.approx(d.mean() / d.std(ddof=1))
+  half = stats.t.ppf(0.975, 7) * d.std(ddof=1) / np.sqrt(8)
+  np.testing.assert_allclose(found.interval, (d.mean() - half, d.mean() + half))
+  assert (found.test, found.p) == ("paired t", found.t_p)
+  skewed = _stats.paired(reference + np.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5]), reference)
+  assert not skewed.normal and (skewed.test, skewed.p) == ("Wilcoxon", skewed.wilcoxon_p)
+  assert _stats.paired([0.9], [0.8]).p is None and _stats.paired([0.9, 0.8], [0.8, 0.7]).p is None  # no spread
+  # Holm: 3 p-values (None does not count): 0.01 * 3, max(0.03 * 2, .), max(0.04 * 1, 0.06)
+  np.testing.assert_allclose(_stats.holm([0.01, 0.04, 0.03, None])[:3], [0.03, 0.06, 0.06])
+  assert _stats.holm([0.01, 0.04, 0.03, None])[3] is None and _stats.holm([0.9, 0.8])[0] == 1.0
+
+
+def test_final_accuracy_has_a_t_interval_and_a_paired_test_against_backprop():
   from altgrad._bench import _report
 
   interval = _report.confidence_interval(np.array([1.0, 2.0, 3.0]))
   np.testing.assert_allclose(interval, (2 - 4.3027 / np.sqrt(3), 2 + 4.3027 / np.sqrt(3)), rtol=1e-4)
   assert _report.confidence_interval(np.array([0.9])) is None
-  # t = -3 / sqrt(2/3) with 4 degrees of freedom (equal variances, so Welch's df is 4)
-  np.testing.assert_allclose(_report.welch(np.array([1.0, 2.0, 3.0]), np.array([4.0, 5.0, 6.0])), 0.02131, rtol=1e-3)
-  base = _history("backprop", [0.8], [1.0], seeds=[[0.80], [0.81], [0.79]])
-  better = _history("cw", [0.9], [1.0], seeds=[[0.90], [0.91], [0.89]])
-  same = _history("cw", [0.8], [1.0], seeds=[[0.82], [0.78], [0.80]])
-  assert _report.versus_reference(better, base).startswith("higher (p = ")
-  assert _report.versus_reference(same, base).startswith("not significant")
-  assert _report.versus_reference(base, base) == "(reference)"
-  assert _report.versus_reference(_history("cw", [0.9], [1.0]), base) == "n/a (one seed)"
+  base = dict(_history("backprop", [0.8], [1.0], seeds=[[0.80], [0.81], [0.79]]), name="bp")
+  better = dict(_history("cw", [0.9], [1.0], seeds=[[0.90], [0.92], [0.89]]), name="cw")
+  same = dict(_history("np", [0.8], [1.0], seeds=[[0.82], [0.78], [0.80]]), name="np")
+  records = {r["name"]: r for r in (base, better, same)}
+  compared = _report.comparisons(records)
+  assert set(compared) == {"cw", "np"}  # the reference is not compared with itself
+  p_cw = _report._stats.paired([0.90, 0.92, 0.89], [0.80, 0.81, 0.79]).p
+  p_np = _report._stats.paired([0.82, 0.78, 0.80], [0.80, 0.81, 0.79]).p
+  assert compared["cw"][1] == pytest.approx(min(1, 2 * p_cw)) and compared["np"][1] == pytest.approx(min(1, max(2 * p_cw, p_np)))
+  text = _report.versus_reference(better, base, compared["cw"])
+  assert text.startswith("higher: +0.103 [") and "paired t p = " in text and "(Holm), d = +" in text
+  assert _report.versus_reference(same, base, compared["np"]).startswith("not significant: ")
+  assert _report.versus_reference(base, base, None) == "(reference)"
+  one = dict(_history("cw", [0.9], [1.0]), name="one")
+  assert _report.versus_reference(one, base, (_report._stats.paired([0.9], [0.8]), None)) == "n/a (one seed)"
+  assert _report.versus_reference(one, base, None) == "n/a (other seeds)"

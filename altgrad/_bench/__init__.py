@@ -11,8 +11,9 @@ ordinary NNX models among them.
 """
 
 from altgrad._bench._controls import BENCH_RULES, plain_gradient, scaled_backprop
+from altgrad._bench._environment import environment
 from altgrad._bench._report import README_MARKERS, markdown, plot, readme_results, tables
-from altgrad._bench._run import environment, execute, run_suite, summarize
+from altgrad._bench._run import execute, run_suite, summarize
 from altgrad._bench._suites import SUITES, Run
 
 __all__ = [

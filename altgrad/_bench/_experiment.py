@@ -61,6 +61,7 @@ def build_model(
   decorrelation_lr: float | None = None,
   decorrelation_sample: float = 1.0,
   kernel_init: str | None = None,
+  decorrelation_kappa: float = 0.0,
 ):
   """The model `compare` trains: an MLP for flat inputs, a SimpleRNN (or, as ``gru``, a GRU)
   for sequences, a small conv net for images; or an ordinary NNX model of the user's kind (no altgrad layers): a
@@ -71,13 +72,15 @@ def build_model(
   ``transformer`` (width ``hidden[0]``, ``len(hidden)`` blocks, a head tied to the token
   embedding) for token sequences whose classes are tokens. ``kernel_init`` names the
   initializer of the MLP's and conv net's kernels (a key of ``KERNEL_INITS``; LeCun normal if
-  None). ``decorrelation_lr`` decorrelates the inputs of every linear layer (``nn.decorrelate``)."""
+  None). ``decorrelation_lr`` decorrelates the inputs of every linear layer (``nn.decorrelate``,
+  with ``decorrelation_sample`` and ``decorrelation_kappa``)."""
   rngs = nnx.Rngs(seed)
   shape = dataset.input_shape
   if kind == "auto":
     kind = {1: "mlp", 2: "rnn", 3: "conv"}.get(len(shape), "mlp")
-  if decorrelation_lr is None and decorrelation_sample != 1.0:
-    raise ValueError("--decorrelation-sample sets how the decorrelation update samples a batch: it needs --decorrelation-lr")
+  given = [f"--decorrelation-{name}" for name, on in (("sample", decorrelation_sample != 1.0), ("kappa", decorrelation_kappa)) if on]
+  if decorrelation_lr is None and given:
+    raise ValueError(f"{' and '.join(given)} shape the decorrelation update, which needs --decorrelation-lr")
   if decorrelation_lr is not None and kind in ("rnn", "gru", *_zoo.FLAX_CELLS):
     raise ValueError(
       f"--decorrelation-lr decorrelates the inputs of linear layers; the {kind} model's recurrent cells "
@@ -89,7 +92,9 @@ def build_model(
     raise ValueError(f"unknown kernel init {kernel_init!r}; expected one of {sorted(KERNEL_INITS)}")
   init = dict(kernel_init=KERNEL_INITS[kernel_init or "lecun_normal"]())
   model = _undecorrelated_model(dataset, kind, hidden, activation, rngs, init)
-  return model if decorrelation_lr is None else nn.decorrelate(model, decorrelation_lr, sample=decorrelation_sample)
+  if decorrelation_lr is None:
+    return model
+  return nn.decorrelate(model, decorrelation_lr, sample=decorrelation_sample, kappa=decorrelation_kappa)
 
 
 def _undecorrelated_model(dataset, kind, hidden, activation, rngs, init):

@@ -31,8 +31,8 @@ from flax import nnx
 from altgrad import _distributed, losses
 from altgrad import data as data_lib
 from altgrad._bench._controls import BENCH_RULES
+from altgrad._bench._environment import environment
 from altgrad._bench._experiment import build_model, make_rule
-from altgrad._bench._run import environment
 from altgrad._bench._suites import BASELINES
 
 

@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import warnings
 from pathlib import Path
 
 import numpy as np
 from scipy import stats
 
 from altgrad import rules
-from altgrad._bench._suites import PROBE_SIZE, REFERENCE_FIELDS, SUITES
-
-#: Two-sided significance level of the comparisons with backprop.
-ALPHA = 0.05
+from altgrad._bench import _perf, _stats
+from altgrad._bench._stats import ALPHA
+from altgrad._bench._suites import PROBE_SIZE, REFERENCE_FIELDS, SUITES, Run
 
 
 def _key(record: dict) -> str:
-  return json.dumps([record.get(field) for field in REFERENCE_FIELDS])  # tuples and lists alike
+  """The record's :data:`REFERENCE_FIELDS`; a field newer than the record reads as its default."""
+  defaults = {field.name: field.default for field in dataclasses.fields(Run)}
+  return json.dumps([record.get(field, defaults.get(field)) for field in REFERENCE_FIELDS])  # tuples and lists alike
 
 
 def reference_of(record: dict, records: dict) -> dict | None:
@@ -75,17 +76,6 @@ def confidence_interval(values: np.ndarray) -> tuple[float, float] | None:
   return float(np.mean(values) - half), float(np.mean(values) + half)
 
 
-def welch(values: np.ndarray, reference: np.ndarray) -> float | None:
-  """The two-sided p-value of Welch's t-test of equal means (unequal variances); ``None``
-  where it is undefined (fewer than two values on a side, or no spread on either side beyond
-  float rounding)."""
-  if len(values) < 2 or len(reference) < 2 or max(np.std(values), np.std(reference)) < 1e-9:
-    return None
-  with warnings.catch_warnings():  # one side without spread (all seeds at 1.0) is still defined
-    warnings.simplefilter("ignore", RuntimeWarning)
-    return float(stats.ttest_ind(values, reference, equal_var=False).pvalue)
-
-
 def _final(record: dict) -> str:
   values = final_accuracies(record)
   interval = confidence_interval(values)
@@ -93,17 +83,39 @@ def _final(record: dict) -> str:
   return text if interval is None else f"{text} [{interval[0]:.3f}, {interval[1]:.3f}]"
 
 
-def versus_reference(record: dict, reference: dict | None) -> str:
-  """The final accuracy against the backprop reference's: higher, lower or not significantly
-  different at :data:`ALPHA`, by Welch's t-test over seeds."""
+def comparisons(records: dict) -> dict[str, tuple[_stats.Paired, float | None]]:
+  """Each run's paired comparison with its backprop reference (same seeds), by name, with its
+  p-value after Holm's correction over all the runs compared with that reference."""
+  groups: dict[str, dict[str, _stats.Paired]] = {}
+  for name, record in records.items():
+    reference = reference_of(record, records)
+    if reference is None or reference is record or reference.get("seed") != record.get("seed"):
+      continue
+    found = _stats.paired(final_accuracies(record), final_accuracies(reference))
+    groups.setdefault(reference["name"], {})[name] = found
+  compared = {}
+  for group in groups.values():
+    corrected = _stats.holm([found.p for found in group.values()])
+    compared.update({name: (found, p) for (name, found), p in zip(group.items(), corrected, strict=True)})
+  return compared
+
+
+def versus_reference(record: dict, reference: dict | None, compared: tuple[_stats.Paired, float | None] | None) -> str:
+  """The final accuracy against the backprop reference's, seed by seed: higher, lower or not
+  significantly different at :data:`ALPHA` after Holm's correction; the mean paired difference
+  with its 95% interval, the test, the corrected p-value and Cohen's d."""
   if reference is None or reference is record:
     return "-" if reference is None else "(reference)"
-  values, base = final_accuracies(record), final_accuracies(reference)
-  p = welch(values, base)
+  if compared is None:
+    return "n/a (other seeds)"
+  found, p = compared
+  if found.n < 2:
+    return "n/a (one seed)"
   if p is None:
-    return "n/a (one seed)" if min(len(values), len(base)) < 2 else "equal"
-  verdict = ("higher" if np.mean(values) > np.mean(base) else "lower") if p < ALPHA else "not significant"
-  return f"{verdict} (p = {p:.2g})"
+    return f"{found.difference:+.3f} on every seed (no spread)"
+  low, high = found.interval
+  verdict = ("higher" if found.difference > 0 else "lower") if p < ALPHA else "not significant"
+  return f"{verdict}: {found.difference:+.3f} [{low:+.3f}, {high:+.3f}], {found.test} p = {p:.2g} (Holm), d = {found.effect:+.1f}"
 
 
 def _data_label(record: dict) -> str:
@@ -120,6 +132,8 @@ def _rule_label(record: dict) -> str:
     rule = f"d{rule}, decorrelation lr {record['decorrelation_lr']:g}"
     if record.get("decorrelation_sample", 1.0) != 1.0:
       rule += f" on {record['decorrelation_sample']:g} of the batch"
+    if record.get("decorrelation_kappa", 0.0):
+      rule += f", kappa {record['decorrelation_kappa']:g}"
   if record.get("stop_on_discrepancy"):
     rule += ", stopping rule"
   if record.get("loss", "auto") != "auto":
@@ -186,8 +200,13 @@ def markdown(results: dict) -> str:
     "Step time is the median over epochs of the mean step time (compilation excluded); the ratio divides it by "
     "backprop's on the same data, model and batch size in the same run. With several seeds (n > 1, trained "
     "together: vmapped, or in turn in one program) accuracies are means over seeds; the final one has its 95% "
-    "confidence interval (Student's t over seeds), and 'vs backprop' says whether it differs from the backprop "
-    "reference's (same data, model, batch size and seeds) by Welch's t-test at the 5% level. 'To backprop's "
+    "confidence interval (Student's t over seeds). 'vs backprop' pairs the run's final accuracies seed by seed "
+    "with its backprop reference's (same data, model, batch size and seeds: the same initial params, shuffles "
+    "and keys): the mean difference with its 95% interval, the test (the paired t-test; from n = 6, where "
+    "Wilcoxon's signed-rank test can reach 5%, Wilcoxon's where Shapiro-Wilk rejects normal differences: "
+    "below 6 seeds a verdict rests on the t-test's assumption of normal differences), its p-value after Holm's correction over "
+    "all the runs compared with the same reference, Cohen's d for paired samples, and the verdict at the 5% "
+    "level; n is the column n. 'To backprop's "
     "final' is the first epoch at which the mean accuracy reaches the reference's final accuracy, the training "
     "time until then (all seeds together, compilation excluded) and its ratio to the reference's own time to "
     "that accuracy (time to accuracy). Cosines are "
@@ -203,7 +222,8 @@ def markdown(results: dict) -> str:
     "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
   ]
   records = results["runs"]
-  for r in records.values():
+  compared = comparisons(records)
+  for name, r in records.items():
     accs = _accuracies(r)
     seeds = r.get("seeds", 1)
     n = f"{seeds} in turn" if seeds > 1 and not r.get("vectorize", True) else str(seeds)
@@ -214,7 +234,7 @@ def markdown(results: dict) -> str:
       f"| {_data_label(r)} | {r['model']} {'-'.join(map(str, r['hidden'])) or '(no hidden)'} {r['activation']}"
       f"{', ' + r['kernel_init'] if r.get('kernel_init') else ''} "
       f"| {r['batch_size']} | {_rule_label(r)} | {_optimizer_label(r)} | {_epochs(r)} | {n} | {accs} "
-      f"| {_final(r)} | {versus_reference(r, reference)} | {time_to_reference(r, reference)} "
+      f"| {_final(r)} | {versus_reference(r, reference, compared.get(name))} | {time_to_reference(r, reference)} "
       f"| {r['test_loss'][-1]:.4f} | {_cosines(r)} | {1e3 * r['median_step_time']:.3f} | {_ratio(r)} "
       f"| {_step_memory(r)} |"
     )
@@ -277,7 +297,6 @@ README_MARKERS = (
 def tables(results: str | Path) -> dict[Path, str]:
   """Every table under ``results`` and ``results/gpu`` as its JSON makes it: ``SUITE.md`` of
   each suite's ``SUITE.json``, and ``perf.md`` of ``perf.json``."""
-  from altgrad._bench import _perf  # imported here: _perf runs suites, which write reports
 
   found = {}
   for folder in (Path(results), Path(results) / "gpu"):

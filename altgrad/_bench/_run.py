@@ -5,36 +5,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import platform
 import time
 import uuid
 from pathlib import Path
 
-import jax
 import numpy as np
 import optax
 
 from altgrad import _distributed, _interrupt, diagnostics, losses, train
 from altgrad import data as data_lib
 from altgrad._bench._controls import BENCH_RULES
+from altgrad._bench._environment import environment
 from altgrad._bench._experiment import build_model, loss_for, make_rule, optimizer_for
 from altgrad._bench._report import markdown, plot, reference_of, same_machine_as
 from altgrad._bench._suites import PROBE_SIZE, SUITES, Run
-
-
-def environment() -> dict:
-  """The versions and the machine a suite ran with."""
-  import flax
-
-  return {
-    "jax": jax.__version__,
-    "optax": optax.__version__,
-    "flax": flax.__version__,
-    "device": str(jax.devices()[0]),
-    "device_count": jax.device_count(),
-    "platform": platform.platform(),
-    "processor": platform.processor() or platform.machine(),
-  }
 
 
 def execute(run: Run, *, data_parallel: bool = False) -> dict:
@@ -54,6 +38,7 @@ def execute(run: Run, *, data_parallel: bool = False) -> dict:
       run.decorrelation_lr,
       run.decorrelation_sample,
       run.kernel_init,
+      run.decorrelation_kappa,
     )
     size = len(dataset.x_train)
     rule = make_rule(run.rule, model, loss_fn, seed, size, registry=BENCH_RULES, **dict(run.rule_options))

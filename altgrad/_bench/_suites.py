@@ -26,6 +26,7 @@ REFERENCE_FIELDS = (
   "batch_size",
   "decorrelation_lr",
   "decorrelation_sample",
+  "decorrelation_kappa",
   "kernel_init",
   "seeds",
 )
@@ -55,6 +56,7 @@ class Run:
   seed: int = 0
   decorrelation_lr: float | None = None
   decorrelation_sample: float = 1.0
+  decorrelation_kappa: float = 0.0
   kernel_init: str | None = None
   stop_on_discrepancy: bool = False
   seeds: int = 1
@@ -68,7 +70,8 @@ class Run:
     rule = f"{self.rule}({options})" if options else self.rule
     if self.decorrelation_lr is not None:
       sample = "" if self.decorrelation_sample == 1.0 else f",sample={self.decorrelation_sample:g}"
-      rule = f"d{rule}(decor={self.decorrelation_lr:g}{sample})"
+      kappa = f",kappa={self.decorrelation_kappa:g}" if self.decorrelation_kappa else ""
+      rule = f"d{rule}(decor={self.decorrelation_lr:g}{sample}{kappa})"
     if self.stop_on_discrepancy:
       rule += "+stop"
     if self.loss != "auto":

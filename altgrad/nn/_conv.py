@@ -42,6 +42,9 @@ class Conv(SingleSite, Decorrelating):
       kernel: one convolution), as :class:`Dense`'s inputs are.
     decorrelation_sample: the fraction of a batch's images the decorrelation update is
       estimated on (all their patches count).
+    decorrelation_kappa: the weight in ``[0, 1]`` of artcogsys/decorbp's unit-variance term,
+      ``R <- R - lr R ((1 - kappa) C + kappa diag(diag(M) - 1))`` with ``M`` the second moment
+      (``0``, default: the node-perturbation authors' rule; decorbp's ResNet config uses 0.01).
     rngs: Flax NNX random streams.
   """
 
@@ -60,6 +63,7 @@ class Conv(SingleSite, Decorrelating):
     dtype: Any = None,
     decorrelation_lr: float | None = None,
     decorrelation_sample: float = 1.0,
+    decorrelation_kappa: float = 0.0,
     rngs: nnx.Rngs,
   ):
     if in_features < 1 or out_features < 1:
@@ -74,7 +78,7 @@ class Conv(SingleSite, Decorrelating):
     shape = (*self.kernel_size, in_features, out_features)
     self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype))
     self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
-    self.start_decorrelation(decorrelation_lr, decorrelation_sample)
+    self.start_decorrelation(decorrelation_lr, decorrelation_sample, decorrelation_kappa)
 
   def kernel_layout(self) -> KernelLayout:
     """The features are the input patches, ordered (in, kh, kw); the kernel in that order."""

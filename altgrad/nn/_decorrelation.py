@@ -5,7 +5,8 @@ matrix form (a dense layer's input vectors, a convolution's input patches). ``R`
 identity and is a :class:`Decorrelation` variable (model state, never an ``nnx.Param``); every
 rule advances it after each step on the step's clean inputs, ``R <- R - lr R C`` with ``C`` the
 off-diagonal second moment of ``f(x) R`` (docs/rules/node_perturbation.rst; artcogsys/decorbp's update in row
-layout). A dense layer multiplies its input by ``R``; a convolution multiplies its kernel,
+layout), or with ``kappa > 0`` decorbp's whole rule, which also pulls each unit's second moment
+toward 1: ``R <- R - lr R ((1 - kappa) offdiag(M) + kappa diag(diag(M) - 1))``. A dense layer multiplies its input by ``R``; a convolution multiplies its kernel,
 ``K <- R K`` in patch layout, so its forward pass stays one convolution (as decorbp does).
 
 :func:`decorrelate` converts the linear layers of any NNX model (a clone: each chosen
@@ -39,6 +40,13 @@ class Decorrelation(nnx.Variable):
   so an optax optimizer never sees it."""
 
 
+def check_kappa(kappa: Any) -> float:
+  """The weight of the decorrelation update's unit-variance term, checked."""
+  if not (isinstance(kappa, (int, float)) and not isinstance(kappa, bool) and 0 <= kappa <= 1):
+    raise ValueError(f"decorrelation_kappa weighs the unit-variance term in [0, 1], got {kappa!r}")
+  return float(kappa)
+
+
 def check_sample(sample: Any) -> float:
   """The fraction of a batch the decorrelation update is estimated on, checked."""
   if not (isinstance(sample, (int, float)) and not isinstance(sample, bool) and 0 < sample <= 1):
@@ -46,8 +54,12 @@ def check_sample(sample: Any) -> float:
   return float(sample)
 
 
-def decorrelation_update(r: Array, decorrelated: Array, lr: float) -> Array:
-  """``R - lr R C`` with ``C`` the off-diagonal part of ``M = y^T y / n`` for rows ``y = f(x) R``.
+def decorrelation_update(r: Array, decorrelated: Array, lr: float, kappa: float = 0.0) -> Array:
+  """``R - lr R C`` with ``C`` the off-diagonal part of ``M = y^T y / n`` for rows ``y = f(x) R``;
+  with ``kappa``, ``R - lr R ((1 - kappa) C + kappa diag(diag(M) - 1))`` (artcogsys/decorbp's
+  ``Decorrelation.update``, whose code scales the rows of ``R``, ``diag(diag(M) - 1) R`` in this
+  layout, where this scales its columns, each output unit by its own variance: the two agree
+  at ``R = I`` and differ in second order near it).
 
   ``R M`` is formed as ``(R y^T) y / n``: two thin products instead of a cubic one. Inside
   ``shard_map`` the moments are over every device's rows.
@@ -55,7 +67,10 @@ def decorrelation_update(r: Array, decorrelated: Array, lr: float) -> Array:
   count = _mesh.batch_count(decorrelated.shape[0])
   full = _mesh.batch_sum((r @ decorrelated.T) @ decorrelated) / count
   diagonal = _mesh.batch_sum(jnp.sum(decorrelated * decorrelated, axis=0)) / count
-  return r - lr * (full - r * diagonal[None, :])
+  decorrelating = full - r * diagonal[None, :]
+  if not kappa:  # the node-perturbation authors' rule, exactly
+    return r - lr * decorrelating
+  return r - lr * ((1 - kappa) * decorrelating + kappa * r * (diagonal - 1)[None, :])
 
 
 def _strided(x: Array, fraction: float) -> Array:
@@ -74,12 +89,15 @@ class Decorrelating:
   decorrelation: Decorrelation | None
   decorrelation_lr: float | None
   decorrelation_sample: float
+  decorrelation_kappa: float
 
-  def start_decorrelation(self, lr: float | None, sample: float = 1.0) -> None:
-    """Gives the site ``R = I`` moved by ``lr`` (none for ``None``), estimated on ``sample``."""
+  def start_decorrelation(self, lr: float | None, sample: float = 1.0, kappa: float = 0.0) -> None:
+    """Gives the site ``R = I`` moved by ``lr`` (none for ``None``), estimated on ``sample``,
+    with the unit-variance term weighted by ``kappa``."""
     if lr is not None:
       check_number(lr, "decorrelation_lr")
     self.decorrelation_sample = check_sample(sample)
+    self.decorrelation_kappa = check_kappa(kappa)
     self.decorrelation_lr = lr
     width = self.decorrelation_width()
     r = None if lr is None else Decorrelation(jnp.eye(width, dtype=self.kernel[...].dtype))
@@ -108,7 +126,7 @@ class Decorrelating:
     calls = inputs if isinstance(inputs, (list, tuple)) else [inputs]
     features = [self.decorrelation_features(_strided(x, self.decorrelation_sample)) for x in calls]
     rows = self.decorrelated(jnp.concatenate(features))
-    return decorrelation_update(self.decorrelation[...], rows, self.decorrelation_lr)
+    return decorrelation_update(self.decorrelation[...], rows, self.decorrelation_lr, self.decorrelation_kappa)
 
   def effective_kernel(self) -> Array:
     """The kernel with ``R`` folded in (``R K`` in matrix layout): the map from the raw input."""
@@ -162,13 +180,15 @@ def _expected_kernel_ndim(module: nnx.Module) -> int:
   return 2
 
 
-def decorrelate(model: nnx.Module, lr: float, *, sample: float = 1.0, only: Any = ...) -> nnx.Module:
+def decorrelate(model: nnx.Module, lr: float, *, sample: float = 1.0, kappa: float = 0.0, only: Any = ...) -> nnx.Module:
   """A clone of ``model`` with a decorrelating matrix ``R`` in front of every chosen site.
 
   Args:
     model: any NNX model; it is not modified.
     lr: the decorrelation learning rate (``decorrelation_lr`` of ``altgrad.nn.Dense``).
     sample: the fraction of each batch the update is estimated on (``decorrelation_sample``).
+    kappa: the weight of the unit-variance term (``decorrelation_kappa``): ``0`` (default) the
+      node-perturbation authors' rule, ``0.01`` the decorrelated-backprop code's ResNet setting.
     only: an NNX filter of ``(path, module)`` choosing the linear layers to decorrelate (a
       class such as ``nnx.Conv``, ``nnx.PathContains('encoder')``, a predicate); default all.
 
@@ -179,6 +199,7 @@ def decorrelate(model: nnx.Module, lr: float, *, sample: float = 1.0, only: Any 
   optimizer state or a checkpoint of the params still fits; ``R`` is one more variable.
   """
   check_sample(sample)
+  check_kappa(kappa)
   chosen = nnx.filterlib.to_predicate(only)
   clone = nnx.clone(model)
   converted = 0
@@ -188,10 +209,10 @@ def decorrelate(model: nnx.Module, lr: float, *, sample: float = 1.0, only: Any 
     if getattr(module, "decorrelation", None) is not None:
       raise SiteError(f"{describe_site(path, module)} is decorrelated already")
     if isinstance(module, Decorrelating):
-      module.start_decorrelation(lr, sample)
+      module.start_decorrelation(lr, sample, kappa)
     elif kernel_layout(module) is not None and module.kernel[...].ndim == _expected_kernel_ndim(module):
       module.__class__ = _decorrelated_class(type(module))
-      module.start_decorrelation(lr, sample)
+      module.start_decorrelation(lr, sample, kappa)
     else:
       raise SiteError(
         f"{describe_site(path, module)} cannot be decorrelated: altgrad decorrelates the input features of "
@@ -218,7 +239,7 @@ def fold_decorrelation(model: nnx.Module) -> nnx.Module:
     if base is None:  # altgrad's Dense and Conv keep their class
       module.start_decorrelation(None)
       continue
-    for name in ("decorrelation", "decorrelation_lr", "decorrelation_sample"):
+    for name in ("decorrelation", "decorrelation_lr", "decorrelation_sample", "decorrelation_kappa"):
       delattr(module, name)
     module.__class__ = base
   return clone

@@ -40,6 +40,9 @@ class Dense(SingleSite, Decorrelating):
       as the node-perturbation authors' code does; a fraction such as ``0.1`` (the decorrelated
       backprop literature's subsample, e.g. artcogsys/decorbp's ``downsample_perc``) makes the
       update ``1 / fraction`` times cheaper; it is the costliest part of a decorrelated step.
+    decorrelation_kappa: the weight in ``[0, 1]`` of artcogsys/decorbp's unit-variance term,
+      ``R <- R - lr R ((1 - kappa) C + kappa diag(diag(M) - 1))`` with ``M`` the second moment
+      (``0``, default: the node-perturbation authors' rule; decorbp's ResNet config uses 0.01).
     rngs: Flax NNX random streams.
   """
 
@@ -55,6 +58,7 @@ class Dense(SingleSite, Decorrelating):
     dtype: Any = None,
     decorrelation_lr: float | None = None,
     decorrelation_sample: float = 1.0,
+    decorrelation_kappa: float = 0.0,
     rngs: nnx.Rngs,
   ):
     if in_features < 1 or out_features < 1:
@@ -65,7 +69,7 @@ class Dense(SingleSite, Decorrelating):
     self.dtype = dtype
     self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype))
     self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
-    self.start_decorrelation(decorrelation_lr, decorrelation_sample)
+    self.start_decorrelation(decorrelation_lr, decorrelation_sample, decorrelation_kappa)
 
   def kernel_layout(self) -> KernelLayout:
     """The kernel is the matrix; the features are the input vectors."""

@@ -66,6 +66,7 @@ class MLP(Sequential):
     decorrelation_lr: if given, every layer decorrelates its input (see :class:`Dense`).
     decorrelation_sample: the fraction of each batch the decorrelation update is estimated on
       (see :class:`Dense`).
+    decorrelation_kappa: the weight of the decorrelation's unit-variance term (see :class:`Dense`).
     kernel_init: initializer of every kernel (LeCun normal by default; the node-perturbation
       authors use He normal, ``nnx.initializers.he_normal()``).
     param_dtype, dtype: of the parameters and of the computation (see :class:`Dense`).
@@ -80,6 +81,7 @@ class MLP(Sequential):
     output_activation: str | Callable[[Array], Array] | Activation | None = None,
     decorrelation_lr: float | None = None,
     decorrelation_sample: float = 1.0,
+    decorrelation_kappa: float = 0.0,
     kernel_init: Callable[..., Array] = nnx.initializers.lecun_normal(),
     param_dtype: Any = jnp.float32,
     dtype: Any = None,
@@ -97,6 +99,7 @@ class MLP(Sequential):
           activation=activation if i < last else (output_activation or "identity"),
           decorrelation_lr=decorrelation_lr,
           decorrelation_sample=decorrelation_sample,
+          decorrelation_kappa=decorrelation_kappa,
           kernel_init=kernel_init,
           param_dtype=param_dtype,
           dtype=dtype,

@@ -21,7 +21,7 @@ from altgrad.nn._signature import model_signature
 
 if TYPE_CHECKING:
   from altgrad.train._history import History
-  from altgrad.train._loop import Settings
+  from altgrad.train._runs import Settings
 
 #: The file in a checkpoint directory that its writer holds a lock on.
 LOCK_FILE = ".altgrad-writer"

@@ -11,8 +11,8 @@ from flax import nnx
 from altgrad.data import Dataset
 from altgrad.train._checkpoints import Saving
 from altgrad.train._history import History, Probe
-from altgrad.train._loop import Settings, train
-from altgrad.train._runs import Runs
+from altgrad.train._loop import train
+from altgrad.train._runs import Runs, Settings
 
 
 def fit(

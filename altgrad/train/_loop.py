@@ -3,10 +3,8 @@ compiled scan per epoch, evaluation, checkpoints and the stopping rule, in order
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -21,20 +19,8 @@ from altgrad.train._checkpoints import Saving, resume
 from altgrad.train._devices import BATCH_AXIS, batch_mesh, replicate
 from altgrad.train._evaluate import check_data, make_evaluate
 from altgrad.train._history import History, Recorder
-from altgrad.train._runs import Arrays, Batches, Runs
+from altgrad.train._runs import Arrays, Batches, Runs, Settings
 from altgrad.train._stopping import BestParams
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-  """What a :func:`fit` run is asked to do, beyond its models, rules and data."""
-
-  loss_fn: Callable
-  epochs: int
-  batch_size: int
-  progress: bool | None
-  stop_on_discrepancy: bool
-  data_parallel: bool
 
 
 def train(models, txs, data, seeds, runs: Runs, settings: Settings, saving: Saving, probe, fresh_steps) -> list[History]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -92,3 +93,15 @@ def map_members(update, *members):
   """``update`` of each run in turn (``lax.map`` over the leading axis): :func:`fit_seeds`'s
   ``vectorize=False``."""
   return jax.lax.map(lambda args: update(*args), members)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What a :func:`fit` run is asked to do, beyond its models, rules and data."""
+
+  loss_fn: Callable
+  epochs: int
+  batch_size: int
+  progress: bool | None
+  stop_on_discrepancy: bool
+  data_parallel: bool
