@@ -312,32 +312,34 @@ def _conv_suite() -> list[Run]:
   (two 3x3 convolutions of stride 2, 16 and 32 channels, tanh, a dense layer of 128 and the
   classifier) with backprop, CW, ANP, decorrelated backprop and DANP (Adam 1e-3), TP (Adam 1e-3
   on its pseudo-gradients; linearized, the default), ER (its own step, moments streamed over
-  the data set) and the baselines (:data:`BASELINES`, Adam 1e-3); then the same network in plain NNX (``--model cnn``) with backprop, TP and ER.
+  the data set) and the baselines (:data:`BASELINES`, Adam 1e-3), decorrelated backprop also with
+  the DBP code's unit-variance term (``kappa=0.01``, its ResNet setting); then the same network in plain NNX (``--model cnn``) with backprop, TP and ER.
   2 epochs of batches of 128, 3 seeds. TP and ER on convolutions are reconstructions (see their
   docstrings)."""
   runs = []
   images = (("flatten", False),)
+  # (rule, decorrelation kappa): None without decorrelation (lr 1e-3 with it)
+  decorrelated = {"dbackprop": ("backprop", 0.0), "dbackprop_kappa": ("backprop", 0.01), "danp": ("anp", 0.0)}
   for model, cases in (
-    ("conv", ("backprop", "consequentialism", "anp", "dbackprop", "danp", "tp", "er", *BASELINES)),
+    ("conv", ("backprop", "consequentialism", "anp", *decorrelated, "tp", *BASELINES, "er")),
     ("cnn", ("backprop", "tp", "er")),
   ):
     setting = functools.partial(
       Run, "fashion_mnist", (128,), epochs=2, batch_size=128, model=model, dataset_options=images, seeds=3
     )
     for case in cases:
-      decorrelated = case in ("dbackprop", "danp")
-      rule = case[1:] if decorrelated else case
+      rule, kappa = decorrelated.get(case, (case, None))
       if rule == "er":  # in turn: vmapped multilayer ER hangs XLA's CPU backend (see the er suite)
         runs.append(setting(rule="er", optimizer="sgd", lr=1.0, vectorize=False))
         continue
-      options = (("sigma", 1e-3),) if rule == "anp" else ()
       runs.append(
         setting(
           rule=rule,
           optimizer="adam",
           lr=1e-3,
-          rule_options=options,
-          decorrelation_lr=1e-3 if decorrelated else None,
+          rule_options=(("sigma", 1e-3),) if rule == "anp" else (),
+          decorrelation_lr=None if kappa is None else 1e-3,
+          decorrelation_kappa=kappa or 0.0,
           # in turn: vmapped CW on this conv net does not finish on XLA's CPU backend (jaxlib 0.10.1)
           vectorize=rule != "consequentialism",
         )
