@@ -25,6 +25,8 @@ from altgrad._bench._experiment import (
   make_rule,
   optimizer_for,
 )
+from altgrad._bench._run import tune_run
+from altgrad._bench._suites import Run
 
 DATA_PARALLEL_HELP = (
   "shard every batch over all devices (jax.devices()), params replicated; the batch size must divide "
@@ -120,6 +122,16 @@ def _fraction(text: str) -> float:
   return value
 
 
+def _learning_rates(text: str) -> tuple[float, ...]:
+  try:
+    values = tuple(float(v) for v in text.split(","))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"must be comma-separated learning rates, got {text!r}") from None
+  if not all(v > 0 for v in values):
+    raise argparse.ArgumentTypeError(f"learning rates must be positive, got {text!r}")
+  return values
+
+
 def _unit_interval(text: str) -> float:
   value = float(text)
   if not 0 <= value <= 1:
@@ -170,7 +182,11 @@ def _train_each(args: argparse.Namespace, dataset, results: dict, skipped: dict)
         raise
       skipped[name] = str(reason)
       continue
-    tx = optax.chain(rule, optimizer_for(name, args.optimizer, args.lr))
+    lr, tuning = args.lr, None
+    if args.tune is not None and name not in rules.OWN_STEP:
+      tuning = _tuned(args, dataset, name)
+      lr = tuning.chosen["learning_rate"]
+    tx = optax.chain(rule, optimizer_for(name, args.optimizer, lr))
     history = train.fit(
       model,
       tx,
@@ -184,7 +200,9 @@ def _train_each(args: argparse.Namespace, dataset, results: dict, skipped: dict)
       checkpoint_dir=os.path.join(args.checkpoint_dir, name) if args.checkpoint_dir else None,
       resume_anyway=args.resume_anyway,
     )
-    results[name] = history.as_dict()
+    results[name] = history.as_dict() | {"lr": lr}
+    if tuning is not None:
+      results[name]["tuning"] = tuning.as_dict()
     results[name]["step_time_ratio"] = results[name]["median_step_time"] / results["backprop"]["median_step_time"]
 
 
@@ -218,19 +236,42 @@ def _report(args: argparse.Namespace, dataset, results: dict, skipped: dict) -> 
     raise ValueError("; ".join(failures))
 
 
+#: ``compare --tune`` without values: the learning rates tried, as multiples of ``--lr``.
+TUNE_FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0)
+
+
+def _tuned(args: argparse.Namespace, dataset, name: str) -> train.Tuning:
+  """Rule ``name``'s learning rate chosen on a validation split of the training data (the
+  bench's harness: every value from two seeds of their own, in one program)."""
+  grid = tuple(args.tune) or tuple(args.lr * f for f in TUNE_FACTORS)
+  run = Run(
+    args.dataset, tuple(args.hidden), name, args.optimizer, args.lr, args.epochs, args.batch_size,
+    model=args.model, activation=args.activation, seed=args.seed, decorrelation_lr=args.decorrelation_lr,
+    decorrelation_sample=args.decorrelation_sample, decorrelation_kappa=args.decorrelation_kappa,
+    kernel_init=args.kernel_init, tune=(("lr", grid),),
+  )
+  tuning = tune_run(run, dataset, loss_for(dataset))
+  means = ", ".join(f"{p['learning_rate']:g}: {m:.3f}" for p, m in zip(tuning.points, tuning.means, strict=True))
+  print(f"tuned {name}: lr {tuning.chosen['learning_rate']:g} ({tuning.metric}: {means})")
+  return tuning
+
+
 def _settings(args: argparse.Namespace) -> dict:
   return {k: v for k, v in vars(args).items() if k not in ("func",)}
 
 
 def _print_table(title: str, results: dict, out) -> None:
+  tuned = any("tuning" in r for r in results.values())
   header = f"{'rule':<16} {'test acc':>9} {'test loss':>10} {'ms/step':>9} {'x backprop':>11}"
+  header += f" {'tuned lr':>9}" if tuned else ""
   print(f"\n{title}", file=out)
   print(header, file=out)
   print("-" * len(header), file=out)
   for name, r in results.items():
+    lr = (f" {r['lr']:>9.3g}" if "tuning" in r else f" {'-':>9}") if tuned else ""
     print(
       f"{name:<16} {r['test_accuracy'][-1]:>9.4f} {r['test_loss'][-1]:>10.4f} "
-      f"{1e3 * r['median_step_time']:>9.3f} {r['step_time_ratio']:>11.2f}",
+      f"{1e3 * r['median_step_time']:>9.3f} {r['step_time_ratio']:>11.2f}{lr}",
       file=out,
     )
 
@@ -348,6 +389,16 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     help="optimizer after each rule (default: adam)",
   )
   p.add_argument("--lr", type=_positive(float), default=3e-3, help="learning rate (default: 3e-3)")
+  p.add_argument(
+    "--tune",
+    type=_learning_rates,
+    nargs="?",
+    const=(),
+    default=None,
+    help="choose each rule's learning rate first, on a held-out tenth of the training data (the test split "
+    "is never read), from these comma-separated values (default: --lr times 0.1, 0.3, 1, 3 and 10); "
+    "the table reports the chosen one",
+  )
   p.add_argument("--epochs", type=_positive(int), default=20, help="epochs (default: 20)")
   p.add_argument("--batch-size", type=_positive(int), default=64, help="batch size (default: 64)")
   p.add_argument(

@@ -17,8 +17,8 @@ from altgrad._bench import _zoo
 
 OPTIMIZERS = {
   "sgd": optax.sgd,
-  "momentum": lambda lr: optax.sgd(lr, momentum=0.9),
-  "nesterov": lambda lr: optax.sgd(lr, momentum=0.9, nesterov=True),
+  "momentum": lambda learning_rate: optax.sgd(learning_rate, momentum=0.9),
+  "nesterov": lambda learning_rate: optax.sgd(learning_rate, momentum=0.9, nesterov=True),
   "rmsprop": optax.rmsprop,
   "adam": optax.adam,
 }
@@ -30,19 +30,35 @@ KERNEL_INITS = {
 }
 
 
-def optimizer_for(rule: str, optimizer: str, lr: float) -> optax.GradientTransformation:
-  """The optimizer after ``rule``: ``optimizer(lr)``, or ``sgd`` at the rule's own step (ER)."""
-  return optax.sgd(rules.OWN_STEP[rule]) if rule in rules.OWN_STEP else OPTIMIZERS[optimizer](lr)
+def optimizer_for(rule: str, optimizer: str, lr: float, *, tuned: bool = False) -> optax.GradientTransformation:
+  """The optimizer after ``rule``: ``optimizer(lr)``, or ``sgd`` at the rule's own step (ER);
+  ``tuned``: its learning rate in its state (``optax.inject_hyperparams``), to set per run."""
+  if rule in rules.OWN_STEP:
+    return optax.sgd(rules.OWN_STEP[rule])
+  factory = OPTIMIZERS[optimizer]
+  return optax.inject_hyperparams(factory)(learning_rate=lr) if tuned else factory(lr)
 
 
 def make_rule(
-  name: str, model, loss_fn, seed: int, data_size: int, *, registry: Mapping = rules.RULES, **options
+  name: str,
+  model,
+  loss_fn,
+  seed: int,
+  data_size: int,
+  *,
+  registry: Mapping = rules.RULES,
+  tuned: Sequence[str] = (),
+  **options,
 ) -> optax.GradientTransformationExtraArgs:
   """The rule ``registry[name]`` on ``model``; a rule that draws noise gets ``key=seed``, so runs
   of different seeds draw different noise, and one that streams statistics over the data set (ER)
-  gets ``data_size``, the number of training examples. ``options`` override both."""
+  gets ``data_size``, the number of training examples. ``options`` override both. The ``tuned``
+  options live in the rule's state (``optax.inject_hyperparams``, every other argument static),
+  to set per run."""
   factory = registry[name]
   parameters = inspect.signature(factory).parameters
+  if tuned:
+    factory = optax.inject_hyperparams(factory, static_args=tuple(p for p in parameters if p not in tuned))
   given = {k: v for k, v in {"key": seed, "data_size": data_size}.items() if k in parameters}
   return factory(model, loss_fn, **(given | options))
 

@@ -146,7 +146,32 @@ def _rule_label(record: dict) -> str:
 def _optimizer_label(record: dict) -> str:
   if record["rule"] in rules.OWN_STEP:
     return f"sgd ({rules.OWN_STEP[record['rule']]:g}), own step"
-  return f"{record['optimizer']} ({record['lr']:g})"
+  return f"{record['optimizer']} ({record['lr']:g}{', tuned' if record.get('tuning') else ''})"
+
+
+def tuning_lines(records: dict) -> list[str]:
+  """Each tuned run's grid: every point's mean validation score, the chosen one in bold."""
+  tuned = [r for r in records.values() if r.get("tuning")]
+  if not tuned:
+    return []
+  first = tuned[0]["tuning"]
+  lines = [
+    "",
+    f"Tuned runs (optimizer '(lr, tuned)'): each grid point trained from seeds {list(first['seeds'])} on the "
+    f"training data less a held-out {first['validation']:g} of it and scored by its mean final "
+    f"{first['metric']} there (the test split is never read); the best point (bold) is the run's setting, "
+    "trained from the run's own seeds and reported on the test split.",
+    "",
+  ]
+  for record in tuned:
+    tuning = record["tuning"]
+    cells = []
+    for point, mean in zip(tuning["points"], tuning["means"], strict=True):
+      label = ", ".join(f"{'lr' if k == 'learning_rate' else k} {v:g}" for k, v in point.items())
+      cell = f"{label}: {mean:.3f}"
+      cells.append(f"**{cell}**" if point == tuning["chosen"] else cell)
+    lines.append(f"- {_rule_label(record)} ({record['dataset']}, {record['model']}): {'; '.join(cells)}")
+  return lines
 
 
 def _cosines(record: dict) -> str:
@@ -238,7 +263,7 @@ def markdown(results: dict) -> str:
       f"| {r['test_loss'][-1]:.4f} | {_cosines(r)} | {1e3 * r['median_step_time']:.3f} | {_ratio(r)} "
       f"| {_step_memory(r)} |"
     )
-  return "\n".join(lines) + "\n"
+  return "\n".join(lines + tuning_lines(records)) + "\n"
 
 
 def _ratio(record: dict) -> str:

@@ -12,39 +12,29 @@ from pathlib import Path
 import numpy as np
 import optax
 
-from altgrad import _distributed, _interrupt, diagnostics, losses, train
+from altgrad import _distributed, _interrupt, diagnostics, losses, rules, train
 from altgrad import data as data_lib
 from altgrad._bench._controls import BENCH_RULES
 from altgrad._bench._environment import environment
 from altgrad._bench._experiment import build_model, loss_for, make_rule, optimizer_for
 from altgrad._bench._report import markdown, plot, reference_of, same_machine_as
-from altgrad._bench._suites import PROBE_SIZE, SUITES, Run
+from altgrad._bench._suites import PROBE_SIZE, SUITES, TUNE_SEEDS, VALIDATION, Run
 
 
 def execute(run: Run, *, data_parallel: bool = False) -> dict:
   """Trains ``run`` and returns its record: the run's settings, the per-epoch mean (and spread
-  over seeds) of accuracy and loss, step times, per-layer cosines to backprop and peak memory."""
+  over seeds) of accuracy and loss, step times, per-layer cosines to backprop and peak memory;
+  for a tuned run, first its grid on a validation split (``tuning``), then the chosen setting."""
   dataset = data_lib.load(run.dataset, **dict(run.dataset_options))
   loss_fn = loss_for(dataset) if run.loss == "auto" else getattr(losses, run.loss)
+  name, tuning = run.name, None
+  if run.tune:
+    tuning = tune_run(run, dataset, loss_fn)
+    chosen = dict(tuning.chosen)
+    lr = chosen.pop("learning_rate", run.lr)
+    run = dataclasses.replace(run, lr=lr, rule_options=tuple((dict(run.rule_options) | chosen).items()))
   built = {}
-
-  def build(seed):
-    model = build_model(
-      dataset,
-      run.model,
-      run.hidden,
-      run.activation,
-      seed,
-      run.decorrelation_lr,
-      run.decorrelation_sample,
-      run.kernel_init,
-      run.decorrelation_kappa,
-    )
-    size = len(dataset.x_train)
-    rule = make_rule(run.rule, model, loss_fn, seed, size, registry=BENCH_RULES, **dict(run.rule_options))
-    built[seed] = (model, rule)
-    return model, optax.chain(rule, optimizer_for(run.rule, run.optimizer, run.lr))
-
+  build = builder(run, dataset, loss_fn, len(dataset.x_train), built)
   seeds = [run.seed + i for i in range(run.seeds)]
   probe_batch = (dataset.x_train[:PROBE_SIZE], dataset.y_train[:PROBE_SIZE])
 
@@ -70,7 +60,57 @@ def execute(run: Run, *, data_parallel: bool = False) -> dict:
     raise ValueError(f"{run.name}: the stopping rule stops one run; give it seeds=1")
   else:
     histories = [h for _, h in train.fit_seeds(build, seeds, dataset, vectorize=run.vectorize, **common)]
-  return dataclasses.asdict(run) | summarize(histories) | {"name": run.name}
+  record = dataclasses.asdict(run) | summarize(histories) | {"name": name}
+  return record if tuning is None else record | {"tuning": tuning.as_dict()}
+
+
+def builder(run: Run, dataset, loss_fn, data_size: int, built: dict | None = None, tuned=()):
+  """``build(seed) -> (model, tx)`` of ``run`` (``data_size`` training examples, for ER); the
+  ``tuned`` hyperparameters (optimizer's ``learning_rate``, rule options) in the state."""
+
+  def build(seed):
+    model = build_model(
+      dataset,
+      run.model,
+      run.hidden,
+      run.activation,
+      seed,
+      run.decorrelation_lr,
+      run.decorrelation_sample,
+      run.kernel_init,
+      run.decorrelation_kappa,
+    )
+    options = dict(run.rule_options)
+    in_rule = tuple(k for k in tuned if k != "learning_rate")
+    rule = make_rule(run.rule, model, loss_fn, seed, data_size, registry=BENCH_RULES, tuned=in_rule, **options)
+    if built is not None:
+      built[seed] = (model, rule)
+    return model, optax.chain(rule, optimizer_for(run.rule, run.optimizer, run.lr, tuned="learning_rate" in tuned))
+
+  return build
+
+
+def tune_run(run: Run, dataset, loss_fn) -> train.Tuning:
+  """``run``'s grid tried on a validation split of ``dataset``'s training data (``lr`` is the
+  optimizer's ``learning_rate``); every point from :data:`TUNE_SEEDS`, in one program."""
+  grid = {"learning_rate" if k == "lr" else k: v for k, v in run.tune}
+  if run.rule in rules.OWN_STEP and "learning_rate" in grid:
+    raise ValueError(f"{run.name}: {run.rule} steps at its own rate; tune its options, not lr")
+  size = len(data_lib.validation_split(dataset, VALIDATION).x_train)
+  build = builder(run, dataset, loss_fn, size, tuned=tuple(grid))
+  return train.tune(
+    build,
+    grid,
+    dataset,
+    loss_fn=loss_fn,
+    epochs=run.epochs,
+    batch_size=run.batch_size,
+    seeds=TUNE_SEEDS,
+    validation=VALIDATION,
+    vectorize=run.vectorize,
+    fresh_steps=run.fresh_steps,
+    progress=False,
+  )
 
 
 def summarize(histories: list[train.History]) -> dict:

@@ -12,6 +12,12 @@ from altgrad import rules
 #: feedback and forward gradients (issue 42), in every suite that compares rules on one model.
 BASELINES = ("fa", "sign", "kp", "dfa", "drtp", "fg", "fga")
 
+#: The seeds a grid is tuned from (``Run.tune``): others than any run's reported seeds.
+TUNE_SEEDS = (1000, 1001)
+
+#: The fraction of the training data a grid is scored on.
+VALIDATION = 0.1
+
 #: How many training examples the per-layer cosine to backprop is measured on.
 PROBE_SIZE = 256
 
@@ -38,7 +44,10 @@ class Run:
 
   ``seeds`` runs are trained together (seeds ``seed``, ``seed + 1``, ...; vmapped, or in turn in
   the same program with ``vectorize=False``), each seeding the initial params, the shuffling and
-  the rule's key. With ``fresh_steps`` every epoch is that many batches freshly drawn by the
+  the rule's key. ``tune`` is a grid, ``(("lr", values), (rule option, values), ...)``: its
+  points are tried first on a validation split of the training data from :data:`TUNE_SEEDS`
+  (``altgrad.train.tune``: one program), and the best is the run's setting (``lr`` and
+  ``rule_options`` are then the grid's starting point, replaced). With ``fresh_steps`` every epoch is that many batches freshly drawn by the
   task's sampler (an evaluation interval), not a pass over the training split.
   """
 
@@ -63,6 +72,7 @@ class Run:
   vectorize: bool = True
   loss: str = "auto"
   fresh_steps: int | None = None
+  tune: tuple[tuple[str, tuple[float, ...]], ...] = ()
 
   @property
   def name(self) -> str:
@@ -76,11 +86,13 @@ class Run:
       rule += "+stop"
     if self.loss != "auto":
       rule += f"[{self.loss}]"
+    tuned = "".join(f",{k}={min(v):g}..{max(v):g}" for k, v in self.tune)
+    optimizer = f"{self.optimizer}(tuned{tuned})" if self.tune else f"{self.optimizer}({self.lr:g})"
     hidden = "-".join(map(str, self.hidden)) + (f"({self.kernel_init})" if self.kernel_init else "")
     data = ",".join(f"{k}={v}" for k, v in self.dataset_options)
     data = f"{self.dataset}({data})" if data else self.dataset
     return (
-      f"{data}/{self.model}:{hidden}/{self.activation}/b{self.batch_size}/{rule}+{self.optimizer}({self.lr:g})"
+      f"{data}/{self.model}:{hidden}/{self.activation}/b{self.batch_size}/{rule}+{optimizer}"
       f"/e{self.epochs}" + (f"x{self.fresh_steps}fresh" if self.fresh_steps else "")
       + f"/s{self.seed}" + (f"/n{self.seeds}" if self.seeds > 1 else "")
     )

@@ -1,6 +1,6 @@
 """Data loaders that need no network at run time; each returns a :class:`Dataset` of NumPy arrays."""
 
-from altgrad.data._dataset import NORMALIZATIONS, Dataset
+from altgrad.data._dataset import NORMALIZATIONS, Dataset, validation_split
 from altgrad.data._fashion import fashion_mnist, read_idx
 from altgrad.data._sequences import adding, majority, temporal_order
 from altgrad.data._tabular import breast_cancer, digits, mnist1d
@@ -38,4 +38,5 @@ __all__ = [
   "mnist1d",
   "read_idx",
   "temporal_order",
+  "validation_split",
 ]

@@ -74,3 +74,25 @@ def split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
   n_test = max(1, int(round(len(x) * test_fraction)))
   train, test = order[:-n_test], order[-n_test:]
   return x[train], y[train], x[test], y[test]
+
+
+def validation_split(data: Dataset, fraction: float = 0.1, *, seed: int = 0) -> Dataset:
+  """``data`` with a ``fraction`` of its training examples (a seeded random choice) held out as
+  its test split, the rest as its training split: the split a setting is chosen on. The
+  returned data set holds nothing of ``data``'s test split, so what is tuned on it never reads
+  that split. (A loader's normalization was fitted on the whole training split.)"""
+  if not 0 < fraction < 1:
+    raise ValueError(f"the validation fraction is in (0, 1), got {fraction!r}")
+  count = len(data.x_train)
+  held = max(1, round(fraction * count))
+  if held >= count:
+    raise ValueError(f"{data.name} has {count} training examples: too few to hold {fraction:g} of them out")
+  order = np.random.default_rng(seed).permutation(count)
+  train, valid = order[held:], order[:held]
+  return data._replace(
+    x_train=data.x_train[train],
+    y_train=data.y_train[train],
+    x_test=data.x_train[valid],
+    y_test=data.y_train[valid],
+    name=f"{data.name} (validation)",
+  )

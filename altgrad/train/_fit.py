@@ -107,6 +107,7 @@ def fit_seeds(
   vectorize: bool = True,
   fresh_steps: int | None = None,
   resume_anyway: bool = False,
+  hyperparams: Sequence[dict[str, float]] | None = None,
 ) -> list[tuple[nnx.Module, History]]:
   """Trains one run per seed in a single compiled program, ``jax.vmap`` over the runs.
 
@@ -121,16 +122,26 @@ def fit_seeds(
   optimizations off, and under ``lax.map``); nor, on jaxlib 0.10.1's CPU backend, the vmapped
   update of :func:`~altgrad.rules.consequentialism` on the bench's conv net (the ``conv`` suite
   runs it under ``lax.map``; on a GPU it runs vmapped).
+  ``hyperparams``, one dict per run, sets hyperparameters that ``optax.inject_hyperparams``
+  keeps in the optimizer state (an optimizer's ``learning_rate``, a rule's float settings) to
+  each run's own values, so a grid of them trains in the same program (:func:`tune`); a seed
+  may then repeat with other values.
   Returns ``(model, history)`` per seed; the other arguments are :func:`fit`'s.
   """
   seeds = list(seeds)
-  if not seeds or len(set(seeds)) != len(seeds):
-    raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
+  hyperparams = None if hyperparams is None else [dict(h) for h in hyperparams]
+  if hyperparams is not None and len(hyperparams) != len(seeds):
+    raise ValueError(f"hyperparams needs one dict per seed: {len(hyperparams)} for {len(seeds)} seeds")
+  runs = list(zip(seeds, map(sorted, map(dict.items, hyperparams or [{}] * len(seeds))), strict=True))
+  if not seeds or len({repr(run) for run in runs}) != len(runs):
+    raise ValueError(f"seeds must be distinct (for the same hyperparams) and at least one, got {seeds}")
   models, txs = zip(*(build(s) for s in seeds), strict=True)
   structures = {str(nnx.graphdef(m)) for m in models}
   if len(structures) != 1:
     raise ValueError("build(seed) must make the same model for every seed (only the values may differ)")
   settings = Settings(loss_fn, epochs, batch_size, progress, False, data_parallel)
   saving = Saving(checkpoint_dir, resume_anyway)
-  histories = train(list(models), list(txs), data, seeds, Runs(True, vectorize), settings, saving, probe, fresh_steps)
+  histories = train(
+    list(models), list(txs), data, seeds, Runs(True, vectorize), settings, saving, probe, fresh_steps, hyperparams
+  )
   return list(zip(models, histories, strict=True))

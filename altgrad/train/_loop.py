@@ -23,14 +23,18 @@ from altgrad.train._runs import Arrays, Batches, Runs, Settings
 from altgrad.train._stopping import BestParams
 
 
-def train(models, txs, data, seeds, runs: Runs, settings: Settings, saving: Saving, probe, fresh_steps) -> list[History]:
-  """The loop behind :func:`fit` (one run) and :func:`fit_seeds` (``runs.vmapped`` runs)."""
+def train(
+  models, txs, data, seeds, runs: Runs, settings: Settings, saving: Saving, probe, fresh_steps, hyperparams=None
+) -> list[History]:
+  """The loop behind :func:`fit` (one run) and :func:`fit_seeds` (``runs.vmapped`` runs), each
+  run's optimizer state given its ``hyperparams`` (see :func:`with_hyperparams`)."""
   check_schedule(models, txs, data, settings, saving)
   checkpoints = saving.open(models, txs, data, seeds, settings, fresh_steps)  # fails fast, before compiling
   bar = None
   try:
     params = runs.stack([nnx.state(m, nnx.Param) for m in models])
-    opt_state = runs.stack([t.init(nnx.state(m, nnx.Param)) for m, t in zip(models, txs, strict=True)])
+    states = [t.init(nnx.state(m, nnx.Param)) for m, t in zip(models, txs, strict=True)]
+    opt_state = runs.stack([with_hyperparams(s, h) for s, h in zip(states, hyperparams or [{}] * len(states), strict=True)])
     if optax.tree_utils.tree_get(opt_state, "loss") is None:
       raise TypeError("fit trains with a rule: tx must be an altgrad rule or a chain that starts with one")
     if settings.stop_on_discrepancy and optax.tree_utils.tree_get(opt_state, "discrepancy") is None:
@@ -82,6 +86,20 @@ def train(models, txs, data, seeds, runs: Runs, settings: Settings, saving: Savi
   for i, m in enumerate(models):
     nnx.update(m, runs.member(params, i), runs.member(variables, i))
   return histories
+
+
+def with_hyperparams(opt_state, hyperparams: dict[str, float]):
+  """``opt_state`` with each of ``hyperparams`` set where ``optax.inject_hyperparams`` keeps it
+  (by name): the runs of one program then differ in their values, not in their programs."""
+  for name, value in hyperparams.items():
+    current = optax.tree_utils.tree_get(opt_state, name)
+    if current is None:
+      raise ValueError(
+        f"hyperparameter {name!r} is not in the optimizer state: build what takes it with "
+        f"optax.inject_hyperparams, e.g. optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)"
+      )
+    opt_state = optax.tree_utils.tree_set(opt_state, **{name: jnp.asarray(value, jnp.asarray(current).dtype)})
+  return opt_state
 
 
 def check_schedule(models, txs, data, settings: Settings, saving: Saving) -> None:
