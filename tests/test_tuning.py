@@ -54,6 +54,14 @@ def test_a_hyperparameter_outside_the_state_is_named():
   with pytest.raises(ValueError, match="'learning_rate' is not in the optimizer state: build what takes it with optax.inject_hyperparams"):
     train.tune(plain, {"learning_rate": (0.1,)}, data.load("digits"), loss_fn=CE, epochs=1, batch_size=64, progress=False)
 
+  def twice(seed):  # consequentialism's eps and Adam's, both in the state
+    model = nn.MLP((64, 10), rngs=nnx.Rngs(seed))
+    rule = optax.inject_hyperparams(rules.consequentialism, static_args=("model", "loss_fn"))(model, CE, eps=1.0)
+    return model, optax.chain(rule, optax.inject_hyperparams(optax.adam)(learning_rate=1e-3))
+
+  with pytest.raises(ValueError, match="'eps' is in the optimizer state more than once"):
+    train.tune(twice, {"eps": (0.1,)}, data.load("digits"), loss_fn=CE, epochs=1, batch_size=64, progress=False)
+
 
 def test_a_tuned_bench_run_reports_its_grid_and_trains_the_chosen_point():
   """The bench tunes a rule option with the learning rate (node perturbation's sigma, in its

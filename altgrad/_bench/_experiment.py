@@ -32,11 +32,15 @@ KERNEL_INITS = {
 
 def optimizer_for(rule: str, optimizer: str, lr: float, *, tuned: bool = False) -> optax.GradientTransformation:
   """The optimizer after ``rule``: ``optimizer(lr)``, or ``sgd`` at the rule's own step (ER);
-  ``tuned``: its learning rate in its state (``optax.inject_hyperparams``), to set per run."""
+  ``tuned``: its learning rate, alone, in its state (``optax.inject_hyperparams``), to set per
+  run (its other settings static: Adam's ``eps`` is not consequentialism's)."""
   if rule in rules.OWN_STEP:
     return optax.sgd(rules.OWN_STEP[rule])
   factory = OPTIMIZERS[optimizer]
-  return optax.inject_hyperparams(factory)(learning_rate=lr) if tuned else factory(lr)
+  if not tuned:
+    return factory(lr)
+  static = tuple(p for p in inspect.signature(factory).parameters if p != "learning_rate")
+  return optax.inject_hyperparams(factory, static_args=static)(learning_rate=lr)
 
 
 def make_rule(

@@ -92,7 +92,13 @@ def with_hyperparams(opt_state, hyperparams: dict[str, float]):
   """``opt_state`` with each of ``hyperparams`` set where ``optax.inject_hyperparams`` keeps it
   (by name): the runs of one program then differ in their values, not in their programs."""
   for name, value in hyperparams.items():
-    current = optax.tree_utils.tree_get(opt_state, name)
+    try:
+      current = optax.tree_utils.tree_get(opt_state, name)
+    except KeyError:
+      raise ValueError(
+        f"hyperparameter {name!r} is in the optimizer state more than once: keep one in the state (name the "
+        "others in static_args= of optax.inject_hyperparams)"
+      ) from None
     if current is None:
       raise ValueError(
         f"hyperparameter {name!r} is not in the optimizer state: build what takes it with "
