@@ -32,9 +32,11 @@ class Tuning:
 
   @property
   def means(self) -> list[float]:
+    """Each point's mean score over the seeds."""
     return [float(np.mean(s)) for s in self.scores]
 
   def as_dict(self) -> dict:
+    """The tuning as plain JSON-ready data, the means included."""
     return dataclasses.asdict(self) | {"means": self.means}
 
 
