@@ -380,7 +380,9 @@ def _smoke_suite() -> list[Run]:
     if rule == "er":
       continue
     grid = (("lr", SMOKE_GRID["lr"]),) + ((SMOKE_GRID[rule],) if rule in SMOKE_GRID else ())
-    runs.append(Run("digits", (64, 32), rule, "adam", 3e-3, 3, 64, seeds=6, tune=grid))
+    # in turn: twelve vmapped runs of CW's or TP's step (batched Cholesky factors) hang XLA's CPU backend
+    in_turn = rule in ("consequentialism", "tp")
+    runs.append(Run("digits", (64, 32), rule, "adam", 3e-3, 3, 64, seeds=6, tune=grid, vectorize=not in_turn))
   full_batch = len(data_lib.load("digits").x_train)
   runs.append(Run("digits", (64, 32), "er", "sgd", 1.0, 3, 64, seeds=6))
   runs.append(Run("digits", (64, 32), "er", "sgd", 1.0, 3, full_batch, seeds=6))
