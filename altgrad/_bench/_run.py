@@ -104,7 +104,7 @@ def tune_run(run: Run, dataset, loss_fn) -> train.Tuning:
     dataset,
     loss_fn=loss_fn,
     epochs=run.epochs,
-    batch_size=run.batch_size,
+    batch_size=min(run.batch_size, size),  # a full-batch run tunes on the whole of what is left
     seeds=TUNE_SEEDS,
     validation=VALIDATION,
     vectorize=run.vectorize,
