@@ -362,7 +362,7 @@ def _conv_suite() -> list[Run]:
 #: The smoke suite's grid: every rule's learning rate (Adam), and the key option of the rules
 #: that have one, on a validation split (``Run.tune``).
 SMOKE_GRID = {
-  "lr": (1e-3, 3e-3, 1e-2),
+  "lr": (1e-3, 3e-3, 1e-2, 3e-2),
   "np": ("sigma", (1e-3, 1e-2)),
   "inp": ("sigma", (1e-3, 1e-2)),
   "anp": ("sigma", (1e-3, 1e-2)),
