@@ -439,21 +439,33 @@ def _add_bench_parser(commands) -> None:
   b.add_argument("--out", default="results", help="output directory (default: results)")
   b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
   b.add_argument("--data-parallel", action="store_true", help=DATA_PARALLEL_HELP)
+  b.add_argument(
+    "--decorrelation-kappa",
+    type=_unit_interval,
+    default=None,
+    help="run the suite's decorrelated runs with this unit-variance weight (artcogsys/decorbp's kappa; "
+    "default: each run's own, as the suite lists it); they are recorded as runs of their own",
+  )
   _add_process_options(b)
   b.set_defaults(func=bench)
 
 
 def bench(args: argparse.Namespace) -> dict:
   if args.suite == "perf":
-    if args.data_parallel:
-      raise SystemExit("altgrad bench: the perf suite times steps on one device; drop --data-parallel")
+    if args.data_parallel or args.decorrelation_kappa is not None:
+      raise SystemExit("altgrad bench: the perf suite times steps on one device, as it lists them; "
+                       "drop --data-parallel and --decorrelation-kappa")
     results = _perf.run(args.out, progress=False if args.no_progress else None)
     if _distributed.is_primary():
       print(_perf.markdown(results))
       print(f"results written to {args.out}/perf.json and .md")
     return results
   results = _bench.run_suite(
-    args.suite, args.out, progress=False if args.no_progress else None, data_parallel=args.data_parallel
+    args.suite,
+    args.out,
+    progress=False if args.no_progress else None,
+    data_parallel=args.data_parallel,
+    decorrelation_kappa=args.decorrelation_kappa,
   )
   if _distributed.is_primary():
     print(_bench.markdown(results))

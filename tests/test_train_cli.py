@@ -160,6 +160,28 @@ def test_bench_writes_json_markdown_and_plot_and_resumes(tmp_path, monkeypatch):
     _bench.run_suite("tiny", tmp_path, progress=False, data_parallel=True)
 
 
+def test_bench_runs_the_suites_decorrelated_runs_at_another_kappa(tmp_path, monkeypatch):
+  plain = _bench.Run("digits", (8,), "backprop", "adam", 1e-2, 1, 128)
+  decorrelated = _bench.Run("digits", (8,), "backprop", "adam", 1e-2, 1, 128, decorrelation_lr=1e-3)
+  monkeypatch.setitem(_bench.SUITES, "tiny", lambda: [plain, decorrelated])
+  ran = []
+
+  def execute(run, **kwargs):  # records what would train, and stops the suite after the second
+    ran.append(run)
+    if len(ran) == 2:
+      raise StopIteration
+    return {}
+
+  monkeypatch.setattr(_bench._run, "execute", execute)
+  with pytest.raises(StopIteration):
+    _cli.main(["bench", "--suite", "tiny", "--out", str(tmp_path), "--no-progress", "--decorrelation-kappa", "0.01"])
+  assert ran[0] == plain and ran[1].decorrelation_kappa == 0.01 and "kappa=0.01" in ran[1].name
+  with pytest.raises(SystemExit):
+    _cli.main(["bench", "--suite", "tiny", "--decorrelation-kappa", "1.5"])
+  with pytest.raises(SystemExit, match="perf"):
+    _cli.main(["bench", "--suite", "perf", "--decorrelation-kappa", "0.01"])
+
+
 def test_perf_times_steps_against_backprop_and_writes_json_and_markdown(tmp_path):
   from altgrad._bench import _perf
 

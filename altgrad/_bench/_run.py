@@ -19,6 +19,7 @@ from altgrad._bench._environment import environment
 from altgrad._bench._experiment import build_model, loss_for, make_rule, optimizer_for
 from altgrad._bench._report import markdown, plot, reference_of, same_machine_as
 from altgrad._bench._suites import PROBE_SIZE, SUITES, TUNE_SEEDS, VALIDATION, Run
+from altgrad.data._dataset import held_out_count
 
 
 def execute(run: Run, *, data_parallel: bool = False) -> dict:
@@ -96,7 +97,8 @@ def tune_run(run: Run, dataset, loss_fn) -> train.Tuning:
   grid = {"learning_rate" if k == "lr" else k: v for k, v in run.tune}
   if run.rule in rules.OWN_STEP and "learning_rate" in grid:
     raise ValueError(f"{run.name}: {run.rule} steps at its own rate; tune its options, not lr")
-  size = len(data_lib.validation_split(dataset, VALIDATION).x_train)
+  count = len(dataset.x_train)
+  size = count - held_out_count(count, VALIDATION, dataset.name)  # the examples it trains on
   build = builder(run, dataset, loss_fn, size, tuned=tuple(grid))
   return train.tune(
     build,
@@ -134,9 +136,15 @@ def summarize(histories: list[train.History]) -> dict:
 
 
 def run_suite(
-  suite: str, out_dir: str | Path, *, progress: bool | None = None, data_parallel: bool = False
+  suite: str,
+  out_dir: str | Path,
+  *,
+  progress: bool | None = None,
+  data_parallel: bool = False,
+  decorrelation_kappa: float | None = None,
 ) -> dict:
-  """Runs (or resumes) ``suite``, writes its JSON, markdown and plot, and returns the results."""
+  """Runs (or resumes) ``suite``, writes its JSON, markdown and plot, and returns the results;
+  ``decorrelation_kappa`` replaces the kappa of the suite's decorrelated runs."""
   if suite not in SUITES:
     raise ValueError(f"unknown suite {suite!r}; expected one of {sorted(SUITES)}")
   out_dir = Path(out_dir)
@@ -150,21 +158,7 @@ def run_suite(
       f"{path} was run with data_parallel={previous.get('data_parallel', False)}; resume it the same way "
       "or write elsewhere (--out)"
     )
-  runs = SUITES[suite]()
-  missing_references = {r.reference_key for r in runs} - {
-    r.reference_key for r in runs if r.rule == "backprop"
-  }
-  runs += [  # a backprop reference (Adam 1e-3) for every setting that has none
-    dataclasses.replace(
-      next(r for r in runs if r.reference_key == k),
-      rule="backprop",
-      rule_options=(),
-      optimizer="adam",
-      lr=1e-3,
-      stop_on_discrepancy=False,
-    )
-    for k in missing_references
-  ]
+  runs = suite_runs(suite, decorrelation_kappa)
   here = environment()
   # the runs of the file this one resumes are kept, those the suite no longer lists included
   results = {"suite": suite, "environment": here, "data_parallel": data_parallel, "runs": dict(previous.get("runs", {}))}
@@ -196,6 +190,23 @@ def run_suite(
       raise ValueError(f"{out_dir / f'{suite}.png'}: the plot failed ({type(error).__name__}: {error}); "
                        f"{path} and its markdown are written") from None
   return results
+
+
+def suite_runs(suite: str, decorrelation_kappa: float | None = None) -> list[Run]:
+  """``suite``'s runs (its decorrelated ones at ``decorrelation_kappa``, if given), and a backprop
+  reference (Adam 1e-3) for every setting that has none."""
+  runs = SUITES[suite]()
+  if decorrelation_kappa is not None:  # the layers check it
+    runs = [
+      dataclasses.replace(r, decorrelation_kappa=decorrelation_kappa) if r.decorrelation_lr is not None else r
+      for r in runs
+    ]
+  missing_references = {r.reference_key for r in runs} - {r.reference_key for r in runs if r.rule == "backprop"}
+  references = [next(r for r in runs if r.reference_key == k) for k in missing_references]
+  return runs + [
+    dataclasses.replace(r, rule="backprop", rule_options=(), optimizer="adam", lr=1e-3, stop_on_discrepancy=False)
+    for r in references
+  ]
 
 
 #: This process's bench session: step-time ratios divide by a reference of the same session.

@@ -76,17 +76,23 @@ def split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
   return x[train], y[train], x[test], y[test]
 
 
+def held_out_count(count: int, fraction: float, name: str = "the data set") -> int:
+  """How many of ``count`` training examples :func:`validation_split` holds out."""
+  if not 0 < fraction < 1:
+    raise ValueError(f"the validation fraction is in (0, 1), got {fraction!r}")
+  held = max(1, round(fraction * count))
+  if held >= count:
+    raise ValueError(f"{name} has {count} training examples: too few to hold {fraction:g} of them out")
+  return held
+
+
 def validation_split(data: Dataset, fraction: float = 0.1, *, seed: int = 0) -> Dataset:
   """``data`` with a ``fraction`` of its training examples (a seeded random choice) held out as
   its test split, the rest as its training split: the split a setting is chosen on. The
   returned data set holds nothing of ``data``'s test split, so what is tuned on it never reads
   that split. (A loader's normalization was fitted on the whole training split.)"""
-  if not 0 < fraction < 1:
-    raise ValueError(f"the validation fraction is in (0, 1), got {fraction!r}")
   count = len(data.x_train)
-  held = max(1, round(fraction * count))
-  if held >= count:
-    raise ValueError(f"{data.name} has {count} training examples: too few to hold {fraction:g} of them out")
+  held = held_out_count(count, fraction, data.name)
   order = np.random.default_rng(seed).permutation(count)
   train, valid = order[held:], order[:held]
   return data._replace(
