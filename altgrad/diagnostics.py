@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from altgrad.nn import Layer
 from altgrad.rules import BackpropState, backprop
@@ -72,8 +73,10 @@ def cosine_probe(model: Layer, loss_fn, rule, batch):
   def probe(params, opt_state):
     state = opt_state[0] if type(opt_state) is tuple else opt_state
     updates, _ = rule.update(None, state, params, batch=batch)
-    # backprop at the rule's current model variables (its decorrelation)
-    common = reference.init(params).common._replace(model_variables=state.common.model_variables)
+    # backprop at the rule's current model variables (its decorrelation), found by name as fit
+    # finds them: any transformation that keeps them, altgrad's rules or a plain gradient's
+    variables = optax.tree_utils.tree_get(state, "model_variables")
+    common = reference.init(params).common._replace(model_variables=variables)
     gradient, _ = reference.update(None, BackpropState(common), params, batch=batch)
     return layer_cosines(updates, gradient)
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import cosine, make_rule, tapped
 from flax import nnx
 
-from altgrad import _bench, data, losses, nn, rules, train
+from altgrad import _bench, data, diagnostics, losses, nn, rules, train
 from altgrad._bench import _zoo
 from altgrad.nn import SiteError
 
@@ -101,6 +101,11 @@ def test_the_bench_baseline_is_plain_jax_grad_with_the_model_state():
   chex.assert_trees_all_close(
     _comparable(state.model_variables), _comparable(nnx.state(plain, nnx.Not(nnx.Param))), atol=1e-6
   )
+  # the bench's cosine probe takes it as it takes a rule: cosine 1 to backprop at every site
+  params = nnx.state(model, nnx.Param)
+  tx = _bench.plain_gradient(model, CE)
+  cosines = diagnostics.cosine_probe(model, CE, tx, batch)(params, tx.init(params))
+  assert cosines and all(abs(float(c) - 1) < 1e-4 for c in cosines.values()), cosines
 
 
 def test_site_calls_are_taps_and_the_user_model_is_untouched():
