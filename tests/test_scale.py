@@ -14,7 +14,6 @@ from conftest import CLASSES, INPUT_SHAPES, MODELS, XLA_FLAGS, make_rule
 from flax import nnx
 
 from altgrad import data, diagnostics, losses, nn, rules, train
-from altgrad._bench._suites import BASELINES  # noqa: F401 (the four-device script imports it from here)
 from altgrad.rules._registry import OWN_STEP
 
 UNSUPPORTED = {("tp", "conv"), ("er", "conv"), ("er", "rnn"), *((r, "rnn") for r in ("fa", "sign", "kp", "dfa", "drtp"))}
@@ -205,7 +204,8 @@ DATA_PARALLEL = textwrap.dedent(
   from flax import nnx
   from conftest import MODELS, make_batch, make_rule
   from altgrad import losses, nn, rules, train
-  from test_scale import BASELINES, UNSUPPORTED, _build, _toy
+  from altgrad._bench._suites import BASELINES
+  from test_scale import UNSUPPORTED, _build, _toy
 
   assert jax.device_count() == 4, jax.devices()
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("batch",))
