@@ -35,7 +35,9 @@ def fit(
   """Trains ``model`` in place with the rule chain ``tx`` and returns the per-epoch history.
 
   Each epoch shuffles the training set (seeded by ``(seed, epoch)``), drops the last partial
-  batch, and runs all its steps as one compiled ``lax.scan``; after it the test set is evaluated,
+  batch, and runs all its steps as one compiled ``lax.scan`` (on CPU, for a model with a
+  convolution, one compiled step per batch: XLA:CPU runs convolutions several times slower
+  inside a loop, jax#12868); after it the test set is evaluated,
   in evaluation mode. The train loss of an epoch is the mean of the losses the rule logged at
   its steps (``state.common.loss``, each the loss of the step's clean pass in training mode, at
   the params the step started from): no pass is run for it. The model's other
@@ -115,7 +117,8 @@ def fit_seeds(
   the rule's key with ``seed``); every run shuffles with its own ``seed``, as :func:`fit` does,
   so run ``i`` matches ``fit(*build(seeds[i]), seed=seeds[i])`` up to float rounding. All runs
   share the first ``tx``'s ``update``: ``build`` may vary the seeds, not the rule's settings.
-  ``vectorize=False`` steps the runs one after another (``lax.map``) in the same program: slower,
+  ``vectorize=False`` steps the runs one after another (``lax.map``; written out without a loop
+  where :func:`fit` steps per batch) in the same program: slower,
   for a rule that does not vmap well. Known case: on XLA's CPU backend (jaxlib 0.10.2) the
   vmapped update of multilayer :func:`~altgrad.rules.expectation_reflection` with hidden layers
   of 128 units or more, each run with its own batch, never finishes (it runs with XLA's

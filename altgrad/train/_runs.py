@@ -31,11 +31,14 @@ class Runs:
   def stack(self, trees: Sequence[Any]) -> Any:
     return jax.tree.map(lambda *a: jnp.stack(a), *trees) if self.vmapped else trees[0]
 
-  def lift(self, f: Callable) -> Callable:
-    """``f`` of one run made a function of every run's values."""
+  def lift(self, f: Callable, unroll: bool = False) -> Callable:
+    """``f`` of one run made a function of every run's values; runs in turn are a loop, or with
+    ``unroll`` straight-line code (no loop: see :func:`~altgrad.train._loop.steps_per_batch`)."""
     if not self.vmapped:
       return f
-    return jax.vmap(f) if self.vectorize else functools.partial(map_members, f)
+    if self.vectorize:
+      return jax.vmap(f)
+    return functools.partial(unrolled_members if unroll else map_members, f)
 
   def member(self, tree: Any, i: int) -> Any:
     """Run ``i``'s part of a value that holds every run's."""
@@ -93,6 +96,13 @@ def map_members(update, *members):
   """``update`` of each run in turn (``lax.map`` over the leading axis): :func:`fit_seeds`'s
   ``vectorize=False``."""
   return jax.lax.map(lambda args: update(*args), members)
+
+
+def unrolled_members(update, *members):
+  """:func:`map_members` written out, one ``update`` per run, without a loop."""
+  count = jax.tree.leaves(members)[0].shape[0]
+  done = [update(*jax.tree.map(lambda a, i=i: a[i], members)) for i in range(count)]
+  return jax.tree.map(lambda *a: jnp.stack(a), *done)
 
 
 @dataclasses.dataclass(frozen=True)
