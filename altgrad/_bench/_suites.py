@@ -136,6 +136,13 @@ def _cw_suite(epochs: int) -> list[Run]:
   return runs
 
 
+#: The node-perturbation authors' MLP settings (their ``main.py``) but its width and schedule.
+_authors_mlp = functools.partial(
+  Run, "fashion_mnist", optimizer="adam", lr=1e-3, batch_size=1000, activation="leaky_relu", kernel_init="he_normal",
+  loss="clipped_cross_entropy",
+)
+
+
 def _np_authors_suite() -> list[Run]:
   """The node-perturbation authors' settings (SanderDalm/DANP_open_source main.py defaults) on
   Fashion-MNIST: MLP 784-1024x3-10, leaky ReLU (slope 0.2, tf.nn.leaky_relu's), He-normal kernels,
@@ -144,34 +151,11 @@ def _np_authors_suite() -> list[Run]:
   run 200), 3 seeds. Each rule with and without decorrelation. Then backprop and the baselines
   (:data:`BASELINES`) at one seed each, same settings, no decorrelation. Untuned: the authors'
   settings as they publish them (the ``np`` suite tunes every rule on a smaller form)."""
-  runs = []
-  for rule in ("backprop", *BASELINES):
-    runs.append(
-      Run(
-        "fashion_mnist", (1024, 1024, 1024), rule, "adam", 1e-3, 20, 1000,
-        activation="leaky_relu", kernel_init="he_normal", loss="clipped_cross_entropy",
-      )
-    )
+  mlp = functools.partial(_authors_mlp, hidden=(1024, 1024, 1024), epochs=20)
+  runs = [mlp(rule=rule) for rule in ("backprop", *BASELINES)]
   for rule in ("backprop", "np", "inp", "anp"):
     options = () if rule == "backprop" else (("sigma", 1e-2),)
-    for decorrelation_lr in (None, 1e-3):
-      runs.append(
-        Run(
-          "fashion_mnist",
-          (1024, 1024, 1024),
-          rule,
-          "adam",
-          1e-3,
-          20,
-          1000,
-          activation="leaky_relu",
-          kernel_init="he_normal",
-          loss="clipped_cross_entropy",
-          rule_options=options,
-          decorrelation_lr=decorrelation_lr,
-          seeds=3,
-        )
-      )
+    runs += [mlp(rule=rule, rule_options=options, decorrelation_lr=lr, seeds=3) for lr in (None, 1e-3)]
   return runs
 
 
@@ -189,10 +173,7 @@ def _np_suite() -> list[Run]:
   its tuned setting (:data:`NP_GRID`, or :data:`NP_GRID_HIGHER`; NP, INP and ANP also
   ``sigma``): backprop and each node perturbation with and without decorrelation (lr 1e-3, the
   authors'), and the baselines (:data:`BASELINES`)."""
-  mlp = functools.partial(
-    Run, "fashion_mnist", (256, 256, 256), optimizer="adam", lr=1e-3, epochs=5, batch_size=1000, seeds=5,
-    activation="leaky_relu", kernel_init="he_normal", loss="clipped_cross_entropy",
-  )
+  mlp = functools.partial(_authors_mlp, hidden=(256, 256, 256), epochs=5, seeds=5)
 
   def grid(rule, decorrelated):
     higher = decorrelated or rule in ("backprop", "fa", "sign", "fg")

@@ -38,7 +38,9 @@ class Runs:
       return f
     if self.vectorize:
       return jax.vmap(f)
-    return functools.partial(unrolled_members if unroll else map_members, f)
+    if unroll:
+      return lambda *members: self.stack([f(*self.member(members, i)) for i in range(len(jax.tree.leaves(members)[0]))])
+    return functools.partial(map_members, f)
 
   def member(self, tree: Any, i: int) -> Any:
     """Run ``i``'s part of a value that holds every run's."""
@@ -96,13 +98,6 @@ def map_members(update, *members):
   """``update`` of each run in turn (``lax.map`` over the leading axis): :func:`fit_seeds`'s
   ``vectorize=False``."""
   return jax.lax.map(lambda args: update(*args), members)
-
-
-def unrolled_members(update, *members):
-  """:func:`map_members` written out, one ``update`` per run, without a loop."""
-  count = jax.tree.leaves(members)[0].shape[0]
-  done = [update(*jax.tree.map(lambda a, i=i: a[i], members)) for i in range(count)]
-  return jax.tree.map(lambda *a: jnp.stack(a), *done)
 
 
 @dataclasses.dataclass(frozen=True)
