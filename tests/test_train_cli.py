@@ -13,7 +13,7 @@ from conftest import MODELS
 from flax import nnx
 
 from altgrad import _bench, _cli, data, losses, nn, rules, train
-from altgrad._bench import _experiment
+from altgrad._bench import _experiment, _run
 from altgrad.train import _loop
 
 
@@ -314,6 +314,9 @@ def test_bench_suites_are_well_formed():
     runs = make()
     assert len({r.name for r in runs}) == len(runs), f"{name}: two runs with one name"
     assert all(r.rule in _bench.BENCH_RULES for r in runs)
+    added = [r.reference_key for r in _run.suite_runs(name)[len(runs) :]]  # a reference per setting lacking one,
+    first = [r.reference_key for r in runs]  # in the order the suite lists the settings (not a set's)
+    assert added == sorted(added, key=first.index) and len(set(added)) == len(added)
   assert {r.rule for r in _bench.SUITES["smoke"]()} == set(rules.RULES)
   assert len(_bench.SUITES["all"]()) == sum(len(make()) for s, make in _bench.SUITES.items() if s not in ("smoke", "all"))
   conv = _bench.SUITES["conv"]()  # one conv net, every kind of rule, plain and decorrelated

@@ -201,7 +201,8 @@ def suite_runs(suite: str, decorrelation_kappa: float | None = None) -> list[Run
       dataclasses.replace(r, decorrelation_kappa=decorrelation_kappa) if r.decorrelation_lr is not None else r
       for r in runs
     ]
-  missing_references = {r.reference_key for r in runs} - {r.reference_key for r in runs if r.rule == "backprop"}
+  referenced = {r.reference_key for r in runs if r.rule == "backprop"}
+  missing_references = [k for k in dict.fromkeys(r.reference_key for r in runs) if k not in referenced]  # in suite order
   references = [next(r for r in runs if r.reference_key == k) for k in missing_references]
   return runs + [
     dataclasses.replace(r, rule="backprop", rule_options=(), optimizer="adam", lr=1e-3, stop_on_discrepancy=False)
