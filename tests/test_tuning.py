@@ -89,3 +89,43 @@ def test_compare_tune_chooses_each_rules_learning_rate_and_says_so(tmp_path, cap
   assert results["backprop"]["lr"] == tuning["chosen"]["learning_rate"] and "tuned lr" in printed
   assert f"tuned backprop: lr {results['backprop']['lr']:g}" in printed
   assert "tuning" not in results["er"]  # ER steps at its own rate
+
+
+def test_a_value_that_shapes_the_program_is_tuned_a_program_each():
+  """A layer's decorrelation rate is an attribute, not optimizer state: ``static`` hands it to
+  ``build`` and compiles once per value; each point's runs are fit_seeds' at that point."""
+  digits = data.load("digits")
+
+  def build(seed, decorrelation_lr):
+    model = nn.MLP((64, 16, 10), decorrelation_lr=decorrelation_lr, rngs=nnx.Rngs(seed))
+    return model, optax.chain(rules.backprop(model, CE), optax.inject_hyperparams(optax.sgd)(learning_rate=0.1))
+
+  grid = {"learning_rate": (0.03, 0.1), "decorrelation_lr": (1e-4, 1e-1)}
+  tuning = train.tune(build, grid, digits, loss_fn=CE, epochs=1, batch_size=64, seeds=(7, 8), static=("decorrelation_lr",), progress=False)
+  assert tuning.compilations == 2 and len(tuning.points) == 4 and tuning.points[1] == {"learning_rate": 0.03, "decorrelation_lr": 0.1}
+  split = data.validation_split(digits, 0.1)
+  alone = train.fit_seeds(
+    lambda seed: build(seed, 0.1), [7, 8], split, loss_fn=CE, epochs=1, batch_size=64, progress=False, hyperparams=[{"learning_rate": 0.03}] * 2
+  )
+  np.testing.assert_allclose(tuning.scores[1], [h.test_accuracy[-1] for _, h in alone], atol=1e-6)
+  assert tuning.scores[0] != tuning.scores[1]  # the rate reached the layers
+  with pytest.raises(ValueError, match=r"static names values of the grid \(\['decorrelation_lr', 'learning_rate'\]\), got \['width'\]"):
+    train.tune(build, grid, digits, loss_fn=CE, epochs=1, batch_size=64, static=("width",), progress=False)
+
+
+def test_a_bench_run_tunes_its_decorrelation_rate_and_is_paired_with_backprop_tuned_on_the_same_grid():
+  from altgrad._bench import _report
+
+  grid = (("lr", (1e-3, 1e-2)), ("decorrelation_lr", (1e-4, 1e-2)))
+  run = Run("digits", (16,), "backprop", "adam", 1e-3, 1, 64, seeds=2, decorrelation_lr=1e-3, tune=grid)
+  record = _run.execute(run)
+  tuning = record["tuning"]
+  assert tuning["compilations"] == 2 and record["decorrelation_lr"] == tuning["chosen"]["decorrelation_lr"]
+  assert record["lr"] == tuning["chosen"]["learning_rate"] and record["name"] == run.name
+  assert "decorrelation lr" in _report._rule_label(record) and _report._rule_label(record).endswith(", tuned")
+  other = dict(record, rule="anp", decorrelation_lr=1e-4 if record["decorrelation_lr"] == 1e-2 else 1e-2)
+  assert _report.reference_of(other, {"bp": record}) is record  # each at its own choice from one grid
+  untuned = dict(other, tuning=None)
+  assert _report.reference_of(untuned, {"bp": record}) is None
+  with pytest.raises(ValueError, match="tuning decorrelation_lr needs a decorrelated run"):
+    _run.execute(Run("digits", (16,), "backprop", "adam", 1e-3, 1, 64, seeds=2, tune=grid))

@@ -17,9 +17,17 @@ from altgrad._bench._suites import PROBE_SIZE, REFERENCE_FIELDS, SUITES, Run
 
 
 def _key(record: dict) -> str:
-  """The record's :data:`REFERENCE_FIELDS`; a field newer than the record reads as its default."""
+  """The record's :data:`REFERENCE_FIELDS`; a field newer than the record reads as its default,
+  a tuned one as its grid (tuned runs compare at the settings each chose from the same grid)."""
   defaults = {field.name: field.default for field in dataclasses.fields(Run)}
-  return json.dumps([record.get(field, defaults.get(field)) for field in REFERENCE_FIELDS])  # tuples and lists alike
+  grid = _tuned_grid(record)
+  values = [grid[field] if field in grid else record.get(field, defaults.get(field)) for field in REFERENCE_FIELDS]
+  return json.dumps(values)  # tuples and lists alike
+
+
+def _tuned_grid(record: dict) -> dict:
+  """The grid ``record`` was tuned over (empty if untuned)."""
+  return (record.get("tuning") or {}).get("grid", {})
 
 
 def reference_of(record: dict, records: dict) -> dict | None:
@@ -129,7 +137,8 @@ def _rule_label(record: dict) -> str:
   options = ", ".join(f"{k}={v}" for k, v in record["rule_options"])
   rule = f"{record['rule']} ({options})" if options else record["rule"]
   if record.get("decorrelation_lr") is not None:
-    rule = f"d{rule}, decorrelation lr {record['decorrelation_lr']:g}"
+    tuned = ", tuned" if "decorrelation_lr" in _tuned_grid(record) else ""
+    rule = f"d{rule}, decorrelation lr {record['decorrelation_lr']:g}{tuned}"
     if record.get("decorrelation_sample", 1.0) != 1.0:
       rule += f" on {record['decorrelation_sample']:g} of the batch"
     if record.get("decorrelation_kappa", 0.0):

@@ -18,7 +18,7 @@ from altgrad._bench._controls import BENCH_RULES
 from altgrad._bench._environment import environment
 from altgrad._bench._experiment import build_model, loss_for, make_rule, optimizer_for
 from altgrad._bench._report import markdown, plot, reference_of, same_machine_as
-from altgrad._bench._suites import PROBE_SIZE, SUITES, TUNE_SEEDS, VALIDATION, Run
+from altgrad._bench._suites import PROBE_SIZE, SUITES, TUNE_SEEDS, TUNED_FIELDS, VALIDATION, Run
 from altgrad.data._dataset import held_out_count
 
 
@@ -32,8 +32,8 @@ def execute(run: Run, *, data_parallel: bool = False) -> dict:
   if run.tune:
     tuning = tune_run(run, dataset, loss_fn)
     chosen = dict(tuning.chosen)
-    lr = chosen.pop("learning_rate", run.lr)
-    run = dataclasses.replace(run, lr=lr, rule_options=tuple((dict(run.rule_options) | chosen).items()))
+    fields = {"lr": chosen.pop("learning_rate", run.lr)} | {k: chosen.pop(k) for k in TUNED_FIELDS if k in chosen}
+    run = dataclasses.replace(run, **fields, rule_options=tuple((dict(run.rule_options) | chosen).items()))
   built = {}
   build = builder(run, dataset, loss_fn, len(dataset.x_train), built)
   seeds = [run.seed + i for i in range(run.seeds)]
@@ -66,20 +66,22 @@ def execute(run: Run, *, data_parallel: bool = False) -> dict:
 
 
 def builder(run: Run, dataset, loss_fn, data_size: int, built: dict | None = None, tuned=()):
-  """``build(seed) -> (model, tx)`` of ``run`` (``data_size`` training examples, for ER); the
-  ``tuned`` hyperparameters (optimizer's ``learning_rate``, rule options) in the state."""
+  """``build(seed, **fields) -> (model, tx)`` of ``run`` (``data_size`` training examples, for
+  ER), with ``fields`` of :data:`TUNED_FIELDS` replaced; the ``tuned`` hyperparameters
+  (optimizer's ``learning_rate``, rule options) in the state."""
 
-  def build(seed):
+  def build(seed, **fields):  # fields: the tuned values of TUNED_FIELDS
+    setting = dataclasses.replace(run, **fields)
     model = build_model(
       dataset,
-      run.model,
-      run.hidden,
-      run.activation,
+      setting.model,
+      setting.hidden,
+      setting.activation,
       seed,
-      run.decorrelation_lr,
-      run.decorrelation_sample,
-      run.kernel_init,
-      run.decorrelation_kappa,
+      setting.decorrelation_lr,
+      setting.decorrelation_sample,
+      setting.kernel_init,
+      setting.decorrelation_kappa,
     )
     options = dict(run.rule_options)
     in_rule = tuple(k for k in tuned if k != "learning_rate")
@@ -93,13 +95,17 @@ def builder(run: Run, dataset, loss_fn, data_size: int, built: dict | None = Non
 
 def tune_run(run: Run, dataset, loss_fn) -> train.Tuning:
   """``run``'s grid tried on a validation split of ``dataset``'s training data (``lr`` is the
-  optimizer's ``learning_rate``); every point from :data:`TUNE_SEEDS`, in one program."""
+  optimizer's ``learning_rate``); every point from :data:`TUNE_SEEDS`, in one program (one per
+  value of :data:`TUNED_FIELDS`)."""
   grid = {"learning_rate" if k == "lr" else k: v for k, v in run.tune}
   if run.rule in rules.OWN_STEP and "learning_rate" in grid:
     raise ValueError(f"{run.name}: {run.rule} steps at its own rate; tune its options, not lr")
+  if "decorrelation_lr" in grid and run.decorrelation_lr is None:
+    raise ValueError(f"{run.name}: tuning decorrelation_lr needs a decorrelated run (give it a decorrelation_lr)")
+  static = tuple(k for k in grid if k in TUNED_FIELDS)
   count = len(dataset.x_train)
   size = count - held_out_count(count, VALIDATION, dataset.name)  # the examples it trains on
-  build = builder(run, dataset, loss_fn, size, tuned=tuple(grid))
+  build = builder(run, dataset, loss_fn, size, tuned=tuple(k for k in grid if k not in static))
   return train.tune(
     build,
     grid,
@@ -109,6 +115,7 @@ def tune_run(run: Run, dataset, loss_fn) -> train.Tuning:
     batch_size=min(run.batch_size, size),  # a full-batch run tunes on the whole of what is left
     seeds=TUNE_SEEDS,
     validation=VALIDATION,
+    static=static,
     vectorize=run.vectorize,
     fresh_steps=run.fresh_steps,
     progress=False,

@@ -15,6 +15,10 @@ BASELINES = ("fa", "sign", "kp", "dfa", "drtp", "fg", "fga")
 #: The seeds a grid is tuned from (``Run.tune``): others than any run's reported seeds.
 TUNE_SEEDS = (1000, 1001)
 
+#: The fields of :class:`Run` a grid may tune (``Run.tune``) besides ``lr`` and the rule's
+#: options: each value builds its own program (a layer attribute, not optimizer state).
+TUNED_FIELDS = ("decorrelation_lr",)
+
 #: The fraction of the training data a grid is scored on.
 VALIDATION = 0.1
 
@@ -47,7 +51,8 @@ class Run:
   the rule's key. ``tune`` is a grid, ``(("lr", values), (rule option, values), ...)``: its
   points are tried first on a validation split of the training data from :data:`TUNE_SEEDS`
   (``altgrad.train.tune``: one program), and the best is the run's setting (``lr`` and
-  ``rule_options`` are then the grid's starting point, replaced). With ``fresh_steps`` every epoch is that many batches freshly drawn by the
+  ``rule_options`` are then the grid's starting point, replaced; so is ``decorrelation_lr``,
+  which a decorrelated run may tune too, a program per value). With ``fresh_steps`` every epoch is that many batches freshly drawn by the
   task's sampler (an evaluation interval), not a pass over the training split.
   """
 
@@ -391,8 +396,8 @@ def _conv_suite() -> list[Run]:
   return runs
 
 
-#: The smoke suite's grid: every rule's learning rate (Adam), and the key option of the rules
-#: that have one, on a validation split (``Run.tune``).
+#: The smoke suite's grid: every rule's learning rate (Adam), the key option of the rules that
+#: have one and the decorrelated runs' rate, on a validation split (``Run.tune``).
 SMOKE_GRID = {
   "lr": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
   "np": ("sigma", (1e-3, 1e-2)),
@@ -400,13 +405,15 @@ SMOKE_GRID = {
   "anp": ("sigma", (1e-3, 1e-2)),
   "consequentialism": ("eps", (0.1, 1.0)),
   "tp": ("reg", (0.1, 1.0)),  # not lr_target: Adam divides its scale out
+  "decorrelation_lr": ("decorrelation_lr", (1e-4, 1e-3, 1e-2)),
 }
 
 
 def _smoke_suite() -> list[Run]:
   """Every rule on digits, each at its tuned setting (:data:`SMOKE_GRID`, Adam), six seeds each
-  (paired with backprop's), in a few minutes on 2 CPU cores; ER (its own step, untuned) also
-  sweeps the full training set, as its reference does."""
+  (paired with backprop's), in a few minutes on 2 CPU cores; decorrelated backprop and DANP
+  with their decorrelation rate tuned as well; ER (its own step, untuned) also sweeps the full
+  training set, as its reference does."""
   runs = []
   for rule in rules.RULES:
     if rule == "er":
@@ -415,6 +422,9 @@ def _smoke_suite() -> list[Run]:
     # in turn: twelve vmapped runs of CW's or TP's step (batched Cholesky factors) hang XLA's CPU backend
     in_turn = rule in ("consequentialism", "tp")
     runs.append(Run("digits", (64, 32), rule, "adam", 3e-3, 3, 64, seeds=6, tune=grid, vectorize=not in_turn))
+  for rule in ("backprop", "anp"):  # decorrelated, its rate tuned too (a program per rate)
+    grid = (("lr", SMOKE_GRID["lr"]), SMOKE_GRID["decorrelation_lr"]) + ((SMOKE_GRID[rule],) if rule in SMOKE_GRID else ())
+    runs.append(Run("digits", (64, 32), rule, "adam", 3e-3, 3, 64, seeds=6, decorrelation_lr=1e-3, tune=grid))
   full_batch = len(data_lib.load("digits").x_train)
   runs.append(Run("digits", (64, 32), "er", "sgd", 1.0, 3, 64, seeds=6))
   runs.append(Run("digits", (64, 32), "er", "sgd", 1.0, 3, full_batch, seeds=6))
