@@ -209,3 +209,31 @@ def test_errors_are_the_gradient_of_the_mean_loss_per_token_or_per_batch():
     back = pure.errors(params, x, y, loss_fn)
     assert float(back.loss) == pytest.approx(want, rel=1e-6)
     chex.assert_trees_all_close(pure.updates_from_errors(params, back.taps, back.errors), grad, atol=1e-6)
+
+
+def test_sign_symmetry_with_random_magnitudes_is_fa_at_those_magnitudes_times_the_signs():
+  """frSF: ``B = |M| sign(W)`` with ``M`` drawn as FA's ``B`` once (in the state); brSF: a new
+  ``M`` every step, alike on every device. Each equals FA given that ``B``; the readout is
+  backprop's; a magnitude without sign symmetry is refused."""
+  model, batch = _case("mlp")
+  params = nnx.state(model, nnx.Param)
+  fa = rules.feedback_alignment(model, CE, key=3)
+  fa_state = fa.init(params)
+  fixed = rules.feedback_alignment(model, CE, feedback="sign", magnitude="fixed_random", key=3)
+  state = fixed.init(params)
+  chex.assert_trees_all_close(nnx.as_pure(state.feedback), jax.tree.map(jnp.abs, nnx.as_pure(fa_state.feedback)))
+  signed = jax.tree.map(lambda m, w: m * jnp.sign(w), state.feedback, nn._crossing.site_params(params, _sites(model)))
+  expected, _ = _update(fa, params, batch, fa_state._replace(feedback=signed))
+  got, after = _update(fixed, params, batch, state)
+  chex.assert_trees_all_close(nnx.as_pure(got), nnx.as_pure(expected), atol=1e-6)
+  chex.assert_trees_all_close(nnx.as_pure(after.feedback), nnx.as_pure(state.feedback))  # fixed
+  batchwise = rules.feedback_alignment(model, CE, feedback="sign", magnitude="batch_random", key=3)
+  state = batchwise.init(params)
+  first, state = _update(batchwise, params, batch, state)
+  second, _ = _update(batchwise, params, batch, state)
+  grad, _ = _update(rules.backprop(model, CE), params, batch)
+  for update in (first, second):  # the readout is backprop's; the layers below differ from step to step
+    np.testing.assert_allclose(update["layers"][2]["kernel"][...], grad["layers"][2]["kernel"][...], atol=1e-6)
+  assert not np.allclose(first["layers"][0]["kernel"][...], second["layers"][0]["kernel"][...])
+  with pytest.raises(ValueError, match="magnitude='batch_random' is sign symmetry's: give it with feedback='sign', not 'random'"):
+    rules.feedback_alignment(model, CE, magnitude="batch_random")

@@ -5,7 +5,9 @@ feedback weights ``B`` instead of the site's own ``W``.
   error backpropagation for deep learning", Nature Communications 7, 13276 (2016): a fixed random
   ``B`` per site.
 - ``"sign"``: Liao, Leibo and Poggio, "How important is weight symmetry in backpropagation?",
-  AAAI 2016 (arXiv:1510.05067): ``B = sign(W)`` at every step (biotorch's uSF).
+  AAAI 2016 (arXiv:1510.05067): ``B = M * sign(W)`` at every step, with the paper's magnitudes
+  ``M`` (biotorch's names): ``1`` (uSF), fixed random (frSF) or redrawn every batch (brSF); a
+  random ``M`` is the absolute value of FA's draw, as biotorch's later layers take it.
 - ``"kolen_pollack"``: Akrout, Wilson, Humphreys, Lillicrap and Tweed, "Deep learning without
   weight transport", NeurIPS 2019 (arXiv:1904.05391): ``B`` receives ``W``'s update, and both
   decay, so that ``B`` aligns with ``W``.
@@ -35,13 +37,16 @@ Array = jax.Array
 
 Feedback = Literal["random", "sign", "kolen_pollack", "symmetric"]
 FEEDBACKS = get_args(Feedback)
+Magnitude = Literal["unit", "fixed_random", "batch_random"]
+MAGNITUDES = get_args(Magnitude)
 
 
 class FeedbackAlignmentState(NamedTuple):
   """The state of :func:`feedback_alignment`."""
 
   common: Common
-  feedback: Any  # B for the site modules' params, shaped like them ("random", "kolen_pollack"; else empty)
+  feedback: Any  # B for the site modules' params, shaped like them ("random", "kolen_pollack", and
+  # "sign" with fixed random magnitudes, |B|; else empty)
 
 
 def feedback_weights(model: nnx.Module, key: Array) -> nnx.State:
@@ -65,6 +70,7 @@ def feedback_alignment(
   loss_fn: LossFn,
   *,
   feedback: Feedback = "random",
+  magnitude: Magnitude = "unit",
   feedback_lr: float | Array | optax.Schedule = 1e-2,
   weight_decay: float | Array | optax.Schedule = 1e-4,
   apply: ApplyFn | None = None,
@@ -85,11 +91,14 @@ def feedback_alignment(
       site for the whole recurrence) are refused at the first update; ``nnx.RNN``'s cells work.
     loss_fn: ``loss_fn(outputs, targets)``, as for :func:`altgrad.rules.backprop`.
     feedback: ``"random"`` (FA: ``B`` drawn once at ``init`` from the rule's key, at the layer's
-      own init scale: :func:`feedback_weights`), ``"sign"`` (``sign(W)``),
+      own init scale: :func:`feedback_weights`), ``"sign"`` (``M * sign(W)``, see ``magnitude``),
       ``"kolen_pollack"`` (``B`` drawn as for FA, then ``B <- B - feedback_lr (g_W + weight_decay
       B)`` after every step, with ``weight_decay W`` added to the sites' pseudo-gradients: with
       ``optax.sgd(feedback_lr)`` after the rule, ``B`` receives exactly ``W``'s update) or
       ``"symmetric"`` (``B = W``: backprop).
+    magnitude: sign symmetry's ``M``: ``"unit"`` (``1``, uSF), ``"fixed_random"`` (``|B|`` for
+      a ``B`` drawn as FA's at ``init``, frSF) or ``"batch_random"`` (drawn so at every step from
+      the rule's key, alike on every device, brSF); only with ``feedback="sign"``.
     feedback_lr, weight_decay: Kolen-Pollack's step of ``B`` and its decay of both ``B`` and
       ``W`` (numbers, arrays or optax schedules); unused otherwise.
     apply, unpack, key: see :func:`altgrad.rules.backprop`.
@@ -100,23 +109,32 @@ def feedback_alignment(
   rule = Rule("feedback_alignment", model, loss_fn, apply=apply, unpack=unpack, key=key)
   check_crossable(model, "feedback_alignment")
   check_choice(feedback, "feedback", FEEDBACKS)
+  check_choice(magnitude, "magnitude", MAGNITUDES)
+  if magnitude != "unit" and feedback != "sign":
+    raise ValueError(f"magnitude={magnitude!r} is sign symmetry's: give it with feedback='sign', not {feedback!r}")
   for name, value in (("feedback_lr", feedback_lr), ("weight_decay", weight_decay)):
     check_number(value, name, schedule=True)
   sites = [path for path, _ in site_modules(model)]
   learned = feedback in ("random", "kolen_pollack")
+  drawn_at_init = learned or magnitude == "fixed_random"
 
   def init_fn(params):
     common = rule.common(params)
-    drawn = feedback_weights(model, jax.random.fold_in(common.key, 1)) if learned else nnx.State({})
-    return FeedbackAlignmentState(common, drawn)
+    drawn = feedback_weights(model, jax.random.fold_in(common.key, 1)) if drawn_at_init else nnx.State({})
+    return FeedbackAlignmentState(common, drawn if learned else jax.tree.map(jnp.abs, drawn))
 
   def step_fn(state, params, inputs, targets):
-    step = rule.begin(state.common, inputs, targets)
+    step = rule.begin(state.common, inputs, targets, noise_keys=int(magnitude == "batch_random"))
     if learned:
       weights = state.feedback
     else:  # the sites' own params now (those frozen by wrt= included)
-      own = site_params(nnx.state(step.model.bind(params), nnx.Param), sites)
-      weights = jax.tree.map(jnp.sign, own) if feedback == "sign" else own
+      weights = site_params(nnx.state(step.model.bind(params), nnx.Param), sites)
+    if feedback == "sign":
+      weights = jax.tree.map(jnp.sign, weights)
+    if magnitude != "unit":
+      drawn = feedback_weights(model, step.shared_keys[0]) if magnitude == "batch_random" else None
+      magnitudes = state.feedback if drawn is None else jax.tree.map(jnp.abs, drawn)
+      weights = jax.tree.map(jnp.multiply, magnitudes, weights)
     back = step.model.errors(params, inputs, targets, rule.loss_fn, backward=through(weights))
     updates = optax.tree.add(step.model.updates_from_errors(params, back.taps, back.errors), back.residual)
     new_feedback = state.feedback
