@@ -398,21 +398,23 @@ def _smoke_suite() -> list[Run]:
   (paired with backprop's), in a few minutes on 2 CPU cores; decorrelated backprop and DANP
   with their decorrelation rate tuned as well; ER (its own step, untuned) also sweeps the full
   training set, as its reference does."""
+  def grid(rule, *extra):  # the learning rate, then extra, then the rule's key option
+    return (("lr", SMOKE_GRID["lr"]), *extra) + ((SMOKE_GRID[rule],) if rule in SMOKE_GRID else ())
+
   runs = []
   for rule in rules.RULES:
     if rule == "er":
       continue
-    grid = (("lr", SMOKE_GRID["lr"]),) + ((SMOKE_GRID[rule],) if rule in SMOKE_GRID else ())
     # in turn: twelve vmapped runs of CW's or TP's step (batched Cholesky factors) hang XLA's CPU backend
     in_turn = rule in ("consequentialism", "tp")
-    runs.append(Run("digits", (64, 32), rule, "adam", 3e-3, 3, 64, seeds=6, tune=grid, vectorize=not in_turn))
+    runs.append(Run("digits", (64, 32), rule, "adam", 3e-3, 3, 64, seeds=6, tune=grid(rule), vectorize=not in_turn))
   for rule in ("backprop", "anp"):  # decorrelated, its rate tuned too (a program per rate)
-    grid = (("lr", SMOKE_GRID["lr"]), SMOKE_GRID["decorrelation_lr"]) + ((SMOKE_GRID[rule],) if rule in SMOKE_GRID else ())
-    runs.append(Run("digits", (64, 32), rule, "adam", 3e-3, 3, 64, seeds=6, decorrelation_lr=1e-3, tune=grid))
+    tune = grid(rule, SMOKE_GRID["decorrelation_lr"])
+    runs.append(Run("digits", (64, 32), rule, "adam", 3e-3, 3, 64, seeds=6, decorrelation_lr=1e-3, tune=tune))
   full_batch = len(data_lib.load("digits").x_train)
   runs.append(Run("digits", (64, 32), "er", "sgd", 1.0, 3, 64, seeds=6))
   runs.append(Run("digits", (64, 32), "er", "sgd", 1.0, 3, full_batch, seeds=6))
-  runs.append(Run("digits", (64, 32), "backprop", "adam", 3e-3, 30, full_batch, seeds=6, tune=(("lr", SMOKE_GRID["lr"]),)))
+  runs.append(Run("digits", (64, 32), "backprop", "adam", 3e-3, 30, full_batch, seeds=6, tune=grid("backprop")))
   return runs
 
 

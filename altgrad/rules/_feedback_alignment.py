@@ -131,10 +131,10 @@ def feedback_alignment(
       weights = site_params(nnx.state(step.model.bind(params), nnx.Param), sites)
     if feedback == "sign":
       weights = jax.tree.map(jnp.sign, weights)
-    if magnitude != "unit":
-      drawn = feedback_weights(model, step.shared_keys[0]) if magnitude == "batch_random" else None
-      magnitudes = state.feedback if drawn is None else jax.tree.map(jnp.abs, drawn)
-      weights = jax.tree.map(jnp.multiply, magnitudes, weights)
+    if magnitude == "fixed_random":
+      weights = jax.tree.map(jnp.multiply, state.feedback, weights)
+    elif magnitude == "batch_random":
+      weights = jax.tree.map(lambda m, w: jnp.abs(m) * w, feedback_weights(model, step.shared_keys[0]), weights)
     back = step.model.errors(params, inputs, targets, rule.loss_fn, backward=through(weights))
     updates = optax.tree.add(step.model.updates_from_errors(params, back.taps, back.errors), back.residual)
     new_feedback = state.feedback
